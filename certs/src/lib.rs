@@ -1,0 +1,32 @@
+//! pinhole-certs: the identity layer of Pinhole.
+//!
+//! What it is for: the gateway's certificate authority and the certificates it issues
+//! ([`ca`]); the technician's password-protected PKCS#12 bundle that carries the gateway's
+//! addresses and key pin ([`bundle`], [`gateway_info`]); key pins ([`pin`]); and the one TLS
+//! profile with the verifiers of the three programs ([`tls`]).
+//!
+//! Depends on: rustls with the aws-lc-rs provider (the only crypto provider of the workspace),
+//! rcgen, x509-parser, p12-keystore. It does no network I/O and starts no runtime; the only
+//! files it touches are the ones a caller names (the TOFU pin file).
+//!
+//! Must not depend on: tokio or any other Pinhole crate; everything else builds on this one.
+//! Anything that weakens verification lives in [`danger`], which only tests can enable.
+
+pub mod bundle;
+pub mod ca;
+#[cfg(feature = "danger")]
+pub mod danger;
+pub mod fsutil;
+pub mod gateway_info;
+pub mod pin;
+pub mod tls;
+pub mod x509;
+
+pub use bundle::{Bundle, BundleError, Protection};
+pub use ca::{CertificateAuthority, Identity, IssueError, PeerIdentity, Role, Validity};
+pub use gateway_info::{GatewayAddress, GatewayInfo, GatewayInfoError};
+pub use pin::{Pin, PinError};
+pub use tls::{
+    ALPN, GatewayClientVerifier, KeyRefused, PinnedServerVerifier, RevocationList, TlsError,
+    TofuError, TofuOutcome, TofuServerVerifier, TofuStore,
+};
