@@ -105,10 +105,18 @@ impl Bundle {
         let peer = PeerIdentity::from_certificate(identity.certificate())
             .map_err(|e| BundleError::NotTechnician(e.to_string()))?;
         if peer.role != crate::ca::Role::Technician {
-            return Err(BundleError::NotTechnician(format!("it names a {}", peer.role)));
+            return Err(BundleError::NotTechnician(format!(
+                "it names a {}",
+                peer.role
+            )));
         }
         let gateway = GatewayInfo::from_certificate(identity.certificate())?;
-        Ok(Self { identity, ca, gateway, peer })
+        Ok(Self {
+            identity,
+            ca,
+            gateway,
+            peer,
+        })
     }
 
     /// Decrypts and checks a PKCS#12 file: exactly one key, its certificate, the CA that issued
@@ -151,7 +159,11 @@ impl Bundle {
     }
 
     /// Encrypts the bundle as PKCS#12.
-    pub fn to_pkcs12(&self, password: &str, protection: Protection) -> Result<Vec<u8>, BundleError> {
+    pub fn to_pkcs12(
+        &self,
+        password: &str,
+        protection: Protection,
+    ) -> Result<Vec<u8>, BundleError> {
         let export = |e: p12_keystore::error::Error| BundleError::Export(e.to_string());
         let key = PrivateKey::from_der(self.identity.key_pkcs8()).map_err(export)?;
         let leaf = Certificate::from_der(self.identity.certificate()).map_err(export)?;
@@ -163,7 +175,11 @@ impl Bundle {
         let mut store = KeyStore::new();
         store.add_entry(
             &self.peer.name,
-            KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(key_id.as_bytes().to_vec(), key, [leaf, ca])),
+            KeyStoreEntry::PrivateKeyChain(PrivateKeyChain::new(
+                key_id.as_bytes().to_vec(),
+                key,
+                [leaf, ca],
+            )),
         );
         let writer = store.writer(password);
         let writer = match protection {
@@ -210,8 +226,16 @@ mod tests {
 
     fn bundle() -> Bundle {
         let ca = CertificateAuthority::generate("acme").expect("ca");
-        let info = GatewayInfo::new(vec!["gw.example.com:443".parse().expect("a")], Pin::of_spki(b"k")).expect("i");
-        Bundle::new(ca.issue_technician("alice", &info, Validity::days_from_now(30)).expect("tech")).expect("bundle")
+        let info = GatewayInfo::new(
+            vec!["gw.example.com:443".parse().expect("a")],
+            Pin::of_spki(b"k"),
+        )
+        .expect("i");
+        Bundle::new(
+            ca.issue_technician("alice", &info, Validity::days_from_now(30))
+                .expect("tech"),
+        )
+        .expect("bundle")
     }
 
     #[test]
@@ -230,22 +254,40 @@ mod tests {
 
     #[test]
     fn wrong_password_is_named() {
-        let p12 = bundle().to_pkcs12("right", Protection::Modern).expect("export");
-        assert!(matches!(Bundle::from_pkcs12(&p12, "wrong"), Err(BundleError::WrongPassword)));
-        let p12 = bundle().to_pkcs12("right", Protection::Legacy).expect("export");
-        assert!(matches!(Bundle::from_pkcs12(&p12, "wrong"), Err(BundleError::WrongPassword)));
+        let p12 = bundle()
+            .to_pkcs12("right", Protection::Modern)
+            .expect("export");
+        assert!(matches!(
+            Bundle::from_pkcs12(&p12, "wrong"),
+            Err(BundleError::WrongPassword)
+        ));
+        let p12 = bundle()
+            .to_pkcs12("right", Protection::Legacy)
+            .expect("export");
+        assert!(matches!(
+            Bundle::from_pkcs12(&p12, "wrong"),
+            Err(BundleError::WrongPassword)
+        ));
     }
 
     #[test]
     fn truncated_and_garbage_are_malformed() {
-        let p12 = bundle().to_pkcs12("pw", Protection::Modern).expect("export");
+        let p12 = bundle()
+            .to_pkcs12("pw", Protection::Modern)
+            .expect("export");
         for cut in [0, 1, 10, p12.len() / 2, p12.len() - 1] {
             let err = Bundle::from_pkcs12(&p12[..cut], "pw").expect_err("truncated");
             assert!(matches!(err, BundleError::Malformed(_)), "cut {cut}: {err}");
         }
-        assert!(matches!(Bundle::from_pkcs12(b"not a pkcs12 file", "pw"), Err(BundleError::Malformed(_))));
+        assert!(matches!(
+            Bundle::from_pkcs12(b"not a pkcs12 file", "pw"),
+            Err(BundleError::Malformed(_))
+        ));
         let huge = vec![0u8; MAX_BUNDLE_LEN + 1];
-        assert!(matches!(Bundle::from_pkcs12(&huge, "pw"), Err(BundleError::TooLarge(_))));
+        assert!(matches!(
+            Bundle::from_pkcs12(&huge, "pw"),
+            Err(BundleError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -128,6 +128,19 @@ impl Identity {
         Self { key_pkcs8, chain }
     }
 
+    /// An identity from a stored key (PKCS#8 DER) and its chain, leaf first. `None` if the
+    /// chain is empty or the key does not belong to the leaf.
+    pub fn from_parts(
+        key_pkcs8: Zeroizing<Vec<u8>>,
+        chain: Vec<CertificateDer<'static>>,
+    ) -> Option<Self> {
+        let leaf = chain.first()?;
+        let key = KeyPair::try_from(key_pkcs8.as_slice()).ok()?;
+        let spki = x509::spki_der(leaf).ok()?;
+        (spki == rcgen::PublicKeyData::subject_public_key_info(&key))
+            .then(|| Self::new(key_pkcs8, chain))
+    }
+
     /// The private key, PKCS#8 DER.
     pub fn key_pkcs8(&self) -> &[u8] {
         &self.key_pkcs8
@@ -180,8 +193,11 @@ impl PeerIdentity {
     pub fn from_certificate(der: &[u8]) -> Result<Self, IssueError> {
         let bad = |what: &str| IssueError::BadCa(format!("peer certificate: {what}"));
         let cert = x509::parse(der).map_err(|e| bad(&e.to_string()))?;
-        let ou = x509::subject_attr(&cert, &x509_parser::oid_registry::OID_X509_ORGANIZATIONAL_UNIT)
-            .ok_or_else(|| bad("no organizational unit"))?;
+        let ou = x509::subject_attr(
+            &cert,
+            &x509_parser::oid_registry::OID_X509_ORGANIZATIONAL_UNIT,
+        )
+        .ok_or_else(|| bad("no organizational unit"))?;
         let role = Role::from_ou(&ou).ok_or_else(|| bad("unknown role"))?;
         let name = x509::subject_attr(&cert, &x509_parser::oid_registry::OID_X509_COMMON_NAME)
             .ok_or_else(|| bad("no common name"))?;
@@ -201,7 +217,11 @@ pub fn check_name(name: &str) -> Result<(), IssueError> {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'));
-    if ok { Ok(()) } else { Err(IssueError::BadName(name.to_owned())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(IssueError::BadName(name.to_owned()))
+    }
 }
 
 fn random_serial() -> SerialNumber {
@@ -222,7 +242,12 @@ fn subject(role: Role, name: &str) -> DistinguishedName {
     dn
 }
 
-fn leaf_params(role: Role, name: &str, validity: Validity, eku: ExtendedKeyUsagePurpose) -> Result<CertificateParams, IssueError> {
+fn leaf_params(
+    role: Role,
+    name: &str,
+    validity: Validity,
+    eku: ExtendedKeyUsagePurpose,
+) -> Result<CertificateParams, IssueError> {
     let validity = validity.check()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = subject(role, name);
@@ -248,7 +273,9 @@ pub struct CertificateAuthority {
 
 impl fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertificateAuthority").field("key", &"<redacted>").finish()
+        f.debug_struct("CertificateAuthority")
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -283,9 +310,12 @@ impl CertificateAuthority {
         let cert = CertificateDer::from(der);
         let spki = x509::spki_der(&cert).map_err(|e| IssueError::BadCa(e.to_string()))?;
         if spki != rcgen::PublicKeyData::subject_public_key_info(&key) {
-            return Err(IssueError::BadCa("the key does not belong to the certificate".into()));
+            return Err(IssueError::BadCa(
+                "the key does not belong to the certificate".into(),
+            ));
         }
-        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| IssueError::BadCa(e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert, key).map_err(|e| IssueError::BadCa(e.to_string()))?;
         Ok(Self { cert, issuer })
     }
 
@@ -313,14 +343,28 @@ impl CertificateAuthority {
 
     /// The gateway's server certificate for its public names (DNS names or IP addresses), with
     /// a new key.
-    pub fn issue_server(&self, names: &[String], validity: Validity) -> Result<Identity, IssueError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        validity: Validity,
+    ) -> Result<Identity, IssueError> {
         let key = generate_key()?;
         self.issue_server_for_key(&key, names, validity)
     }
 
     /// The gateway's server certificate for an existing key (a renewal keeps the pin).
-    pub fn issue_server_for_key(&self, key: &KeyPair, names: &[String], validity: Validity) -> Result<Identity, IssueError> {
-        let mut params = leaf_params(Role::Gateway, "pinhole-gateway", validity, ExtendedKeyUsagePurpose::ServerAuth)?;
+    pub fn issue_server_for_key(
+        &self,
+        key: &KeyPair,
+        names: &[String],
+        validity: Validity,
+    ) -> Result<Identity, IssueError> {
+        let mut params = leaf_params(
+            Role::Gateway,
+            "pinhole-gateway",
+            validity,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
         params.subject_alt_names = names
             .iter()
             .map(|n| match n.parse::<IpAddr>() {
@@ -338,25 +382,49 @@ impl CertificateAuthority {
     }
 
     /// A technician certificate with a new key; it carries where the gateway is and its pin.
-    pub fn issue_technician(&self, account: &str, gateway: &GatewayInfo, validity: Validity) -> Result<Identity, IssueError> {
+    pub fn issue_technician(
+        &self,
+        account: &str,
+        gateway: &GatewayInfo,
+        validity: Validity,
+    ) -> Result<Identity, IssueError> {
         check_name(account)?;
         let key = generate_key()?;
-        let mut params = leaf_params(Role::Technician, account, validity, ExtendedKeyUsagePurpose::ClientAuth)?;
+        let mut params = leaf_params(
+            Role::Technician,
+            account,
+            validity,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         // Non-critical: software that does not know the extension must still accept the
         // certificate (RFC 5280 4.2).
         params
             .custom_extensions
-            .push(CustomExtension::from_oid_content(crate::gateway_info::OID, gateway.to_extension_value()));
+            .push(CustomExtension::from_oid_content(
+                crate::gateway_info::OID,
+                gateway.to_extension_value(),
+            ));
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(self.identity(&key, cert))
     }
 
     /// A site certificate for the site's own public key (DER SubjectPublicKeyInfo): the site's
     /// private key never leaves the site.
-    pub fn issue_site(&self, site: &str, spki_der: &[u8], validity: Validity) -> Result<CertificateDer<'static>, IssueError> {
+    pub fn issue_site(
+        &self,
+        site: &str,
+        spki_der: &[u8],
+        validity: Validity,
+    ) -> Result<CertificateDer<'static>, IssueError> {
         check_name(site)?;
-        let public = SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| IssueError::BadPublicKey(e.to_string()))?;
-        let params = leaf_params(Role::Site, site, validity, ExtendedKeyUsagePurpose::ClientAuth)?;
+        let public = SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| IssueError::BadPublicKey(e.to_string()))?;
+        let params = leaf_params(
+            Role::Site,
+            site,
+            validity,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         Ok(params.signed_by(&public, &self.issuer)?.der().clone())
     }
 }
@@ -394,7 +462,11 @@ mod tests {
     use crate::pin::Pin;
 
     fn info() -> GatewayInfo {
-        GatewayInfo::new(vec!["gw.example.com:443".parse().expect("addr")], Pin::of_spki(b"k")).expect("info")
+        GatewayInfo::new(
+            vec!["gw.example.com:443".parse().expect("addr")],
+            Pin::of_spki(b"k"),
+        )
+        .expect("info")
     }
 
     #[test]
@@ -402,7 +474,9 @@ mod tests {
         let ca = CertificateAuthority::generate("acme").expect("ca");
         let again = CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).expect("reload");
         assert_eq!(again.certificate(), ca.certificate());
-        let tech = again.issue_technician("alice", &info(), Validity::days_from_now(1)).expect("issue");
+        let tech = again
+            .issue_technician("alice", &info(), Validity::days_from_now(1))
+            .expect("issue");
         let leaf = x509::parse(tech.certificate()).expect("parse");
         let ca_cert = x509::parse(ca.certificate()).expect("parse ca");
         assert_eq!(leaf.issuer(), ca_cert.subject());
@@ -413,28 +487,56 @@ mod tests {
     fn ca_refuses_a_foreign_key() {
         let a = CertificateAuthority::generate("a").expect("a");
         let b = CertificateAuthority::generate("b").expect("b");
-        assert!(matches!(CertificateAuthority::from_pem(&a.cert_pem(), &b.key_pem()), Err(IssueError::BadCa(_))));
+        assert!(matches!(
+            CertificateAuthority::from_pem(&a.cert_pem(), &b.key_pem()),
+            Err(IssueError::BadCa(_))
+        ));
     }
 
     #[test]
     fn ca_certificate_is_a_constrained_ca() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
         let cert = x509::parse(ca.certificate()).expect("parse");
-        let bc = cert.basic_constraints().expect("ok").expect("present").value;
+        let bc = cert
+            .basic_constraints()
+            .expect("ok")
+            .expect("present")
+            .value;
         assert!(bc.ca);
         assert_eq!(bc.path_len_constraint, Some(0));
-        assert_eq!(cert.public_key().algorithm.algorithm, x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY);
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
     }
 
     #[test]
     fn technician_certificate_has_eku_serial_validity_and_extension() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
-        let a = ca.issue_technician("alice", &info(), Validity::days_from_now(DEFAULT_TECHNICIAN_DAYS)).expect("a");
-        let b = ca.issue_technician("alice", &info(), Validity::days_from_now(DEFAULT_TECHNICIAN_DAYS)).expect("b");
+        let a = ca
+            .issue_technician(
+                "alice",
+                &info(),
+                Validity::days_from_now(DEFAULT_TECHNICIAN_DAYS),
+            )
+            .expect("a");
+        let b = ca
+            .issue_technician(
+                "alice",
+                &info(),
+                Validity::days_from_now(DEFAULT_TECHNICIAN_DAYS),
+            )
+            .expect("b");
         let cert = x509::parse(a.certificate()).expect("parse");
-        let eku = cert.extended_key_usage().expect("ok").expect("present").value;
+        let eku = cert
+            .extended_key_usage()
+            .expect("ok")
+            .expect("present")
+            .value;
         assert!(eku.client_auth && !eku.server_auth);
-        let days = (cert.validity().not_after.to_datetime() - cert.validity().not_before.to_datetime()).whole_days();
+        let days = (cert.validity().not_after.to_datetime()
+            - cert.validity().not_before.to_datetime())
+        .whole_days();
         assert_eq!(days, DEFAULT_TECHNICIAN_DAYS);
         let ext = cert
             .extensions()
@@ -442,7 +544,10 @@ mod tests {
             .find(|e| e.oid.to_id_string() == crate::gateway_info::OID_DOTTED)
             .expect("gateway extension");
         assert!(!ext.critical);
-        assert_eq!(GatewayInfo::from_certificate(a.certificate()).expect("info"), info());
+        assert_eq!(
+            GatewayInfo::from_certificate(a.certificate()).expect("info"),
+            info()
+        );
         let peer = PeerIdentity::from_certificate(a.certificate()).expect("peer");
         assert_eq!((peer.role, peer.name.as_str()), (Role::Technician, "alice"));
         let other = PeerIdentity::from_certificate(b.certificate()).expect("peer");
@@ -454,39 +559,86 @@ mod tests {
     fn server_certificate_names_dns_and_ip() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
         let id = ca
-            .issue_server(&["gw.example.com".into(), "192.0.2.7".into()], Validity::days_from_now(SERVER_DAYS))
+            .issue_server(
+                &["gw.example.com".into(), "192.0.2.7".into()],
+                Validity::days_from_now(SERVER_DAYS),
+            )
             .expect("server");
         let cert = x509::parse(id.certificate()).expect("parse");
-        let san = cert.subject_alternative_name().expect("ok").expect("present").value;
+        let san = cert
+            .subject_alternative_name()
+            .expect("ok")
+            .expect("present")
+            .value;
         use x509_parser::extensions::GeneralName;
-        let dns: Vec<&str> = san.general_names.iter().filter_map(|n| match n { GeneralName::DNSName(d) => Some(*d), _ => None }).collect();
-        let ips: Vec<&[u8]> = san.general_names.iter().filter_map(|n| match n { GeneralName::IPAddress(ip) => Some(*ip), _ => None }).collect();
+        let dns: Vec<&str> = san
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        let ips: Vec<&[u8]> = san
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::IPAddress(ip) => Some(*ip),
+                _ => None,
+            })
+            .collect();
         assert_eq!(dns, ["gw.example.com"]);
         assert_eq!(ips, [&[192u8, 0, 2, 7][..]]);
-        assert!(cert.extended_key_usage().expect("ok").expect("present").value.server_auth);
-        assert!(ca.issue_server(&["bad name".into()], Validity::days_from_now(1)).is_err());
+        assert!(
+            cert.extended_key_usage()
+                .expect("ok")
+                .expect("present")
+                .value
+                .server_auth
+        );
+        assert!(
+            ca.issue_server(&["bad name".into()], Validity::days_from_now(1))
+                .is_err()
+        );
     }
 
     #[test]
     fn site_certificate_is_for_the_sites_own_key() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
         let (_key, spki) = generate_site_key().expect("key");
-        let cert = ca.issue_site("plant-a", &spki, Validity::days_from_now(SERVER_DAYS)).expect("site");
+        let cert = ca
+            .issue_site("plant-a", &spki, Validity::days_from_now(SERVER_DAYS))
+            .expect("site");
         assert_eq!(x509::spki_der(&cert).expect("spki"), spki);
         let peer = PeerIdentity::from_certificate(&cert).expect("peer");
         assert_eq!((peer.role, peer.name.as_str()), (Role::Site, "plant-a"));
-        assert!(matches!(ca.issue_site("plant-a", b"junk", Validity::days_from_now(1)), Err(IssueError::BadPublicKey(_))));
+        assert!(matches!(
+            ca.issue_site("plant-a", b"junk", Validity::days_from_now(1)),
+            Err(IssueError::BadPublicKey(_))
+        ));
     }
 
     #[test]
     fn bad_names_and_validity_are_refused() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
         for bad in ["", "a b", "x/y", "ä", &"a".repeat(65)] {
-            assert!(matches!(ca.issue_technician(bad, &info(), Validity::days_from_now(1)), Err(IssueError::BadName(_))), "{bad}");
+            assert!(
+                matches!(
+                    ca.issue_technician(bad, &info(), Validity::days_from_now(1)),
+                    Err(IssueError::BadName(_))
+                ),
+                "{bad}"
+            );
         }
         let v = Validity::days_from_now(1);
-        let backwards = Validity { not_before: v.not_after, not_after: v.not_before };
-        assert!(matches!(ca.issue_technician("bob", &info(), backwards), Err(IssueError::BadValidity)));
+        let backwards = Validity {
+            not_before: v.not_after,
+            not_after: v.not_before,
+        };
+        assert!(matches!(
+            ca.issue_technician("bob", &info(), backwards),
+            Err(IssueError::BadValidity)
+        ));
     }
 
     #[test]

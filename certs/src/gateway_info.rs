@@ -78,7 +78,9 @@ pub(crate) fn valid_dns_name(host: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -95,7 +97,8 @@ impl FromStr for GatewayAddress {
             let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
             if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
                 (ip.to_string(), port)
-            } else if valid_dns_name(host) && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            } else if valid_dns_name(host) && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            {
                 (host.to_ascii_lowercase(), port)
             } else {
                 return Err(bad());
@@ -168,7 +171,10 @@ impl GatewayInfo {
         let pin = pin
             .strip_prefix("pin=")
             .ok_or(GatewayInfoError::Malformed("missing `pin=`"))?;
-        let addresses = gw.split(',').map(str::parse).collect::<Result<Vec<_>, _>>()?;
+        let addresses = gw
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()?;
         Self::new(addresses, pin.parse()?)
     }
 
@@ -238,7 +244,10 @@ mod tests {
     #[test]
     fn text_round_trip() {
         let info = GatewayInfo::new(
-            vec!["gw.example.com:443".parse().expect("a"), "gw.example.com:11444".parse().expect("b")],
+            vec![
+                "gw.example.com:443".parse().expect("a"),
+                "gw.example.com:11444".parse().expect("b"),
+            ],
             Pin::of_spki(b"k"),
         )
         .expect("info");

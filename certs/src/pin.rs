@@ -77,7 +77,10 @@ impl FromStr for Pin {
     type Err = PinError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let digits = s.trim().strip_prefix(PREFIX).ok_or(PinError::MissingPrefix)?;
+        let digits = s
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or(PinError::MissingPrefix)?;
         if digits.len() != PIN_LEN * 2 {
             return Err(PinError::BadDigest);
         }
@@ -127,6 +130,9 @@ mod tests {
 
     #[test]
     fn garbage_certificate_has_no_pin() {
-        assert_eq!(Pin::of_certificate(b"garbage"), Err(PinError::BadCertificate));
+        assert_eq!(
+            Pin::of_certificate(b"garbage"),
+            Err(PinError::BadCertificate)
+        );
     }
 }

@@ -21,9 +21,12 @@ use std::sync::{Arc, Mutex};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+};
 
 use crate::ca::Identity;
 use crate::fsutil;
@@ -75,7 +78,9 @@ pub enum KeyRefused {
 pub fn key_refused(err: &io::Error) -> Option<KeyRefused> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = err.get_ref().map(|e| e as _);
     while let Some(e) = source {
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = e.downcast_ref::<rustls::Error>() {
+        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
+            e.downcast_ref::<rustls::Error>()
+        {
             return other.0.downcast_ref::<KeyRefused>().cloned();
         }
         source = e.source();
@@ -89,11 +94,14 @@ fn refuse(reason: KeyRefused) -> rustls::Error {
 
 /// The pin of an end-entity certificate that is within its validity period at `now`.
 fn current_key_pin(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<Pin, rustls::Error> {
-    let cert = x509::parse(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let cert = x509::parse(end_entity)
+        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
     let validity = cert.validity();
     if now < validity.not_before.timestamp() {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidYet));
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ));
     }
     if now > validity.not_after.timestamp() {
         return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
@@ -107,12 +115,32 @@ fn current_key_pin(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<Pin
 struct Signatures(Arc<CryptoProvider>);
 
 impl Signatures {
-    fn tls12(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
-    fn tls13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn schemes(&self) -> Vec<SignatureScheme> {
@@ -129,7 +157,10 @@ pub struct PinnedServerVerifier {
 
 impl PinnedServerVerifier {
     pub fn new(pin: Pin) -> Arc<Self> {
-        Arc::new(Self { pin, signatures: Signatures(provider()) })
+        Arc::new(Self {
+            pin,
+            signatures: Signatures(provider()),
+        })
     }
 }
 
@@ -144,16 +175,29 @@ impl ServerCertVerifier for PinnedServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = current_key_pin(end_entity, now)?;
         if seen != self.pin {
-            return Err(refuse(KeyRefused::PinMismatch { expected: self.pin, seen }));
+            return Err(refuse(KeyRefused::PinMismatch {
+                expected: self.pin,
+                seen,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signatures.tls12(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signatures.tls13(message, cert, dss)
     }
 
@@ -197,7 +241,10 @@ pub struct TofuStore {
 
 impl TofuStore {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), lock: Arc::new(Mutex::new(())) }
+        Self {
+            path: path.into(),
+            lock: Arc::new(Mutex::new(())),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -207,9 +254,16 @@ impl TofuStore {
     /// The pinned key, or `None` before the first successful connection.
     pub fn pinned(&self) -> Result<Option<Pin>, TofuError> {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => text.trim().parse().map(Some).map_err(|_| TofuError::Damaged(self.path.clone())),
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| TofuError::Damaged(self.path.clone())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(TofuError::Read { path: self.path.clone(), source }),
+            Err(source) => Err(TofuError::Read {
+                path: self.path.clone(),
+                source,
+            }),
         }
     }
 
@@ -223,8 +277,12 @@ impl TofuStore {
             Some(expected) if expected == seen => Ok(TofuOutcome::Matched(seen)),
             Some(expected) => Err(KeyRefused::PinMismatch { expected, seen }.into()),
             None => {
-                fsutil::write_private_atomic(&self.path, format!("{seen}\n").as_bytes())
-                    .map_err(|source| TofuError::Write { path: self.path.clone(), source })?;
+                fsutil::write_private_atomic(&self.path, format!("{seen}\n").as_bytes()).map_err(
+                    |source| TofuError::Write {
+                        path: self.path.clone(),
+                        source,
+                    },
+                )?;
                 Ok(TofuOutcome::Recorded(seen))
             }
         }
@@ -235,7 +293,10 @@ impl TofuStore {
         match std::fs::remove_file(&self.path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(TofuError::Write { path: self.path.clone(), source }),
+            Err(source) => Err(TofuError::Write {
+                path: self.path.clone(),
+                source,
+            }),
         }
     }
 }
@@ -252,7 +313,10 @@ pub struct TofuServerVerifier {
 
 impl TofuServerVerifier {
     pub fn new(store: TofuStore) -> Arc<Self> {
-        Arc::new(Self { store, signatures: Signatures(provider()) })
+        Arc::new(Self {
+            store,
+            signatures: Signatures(provider()),
+        })
     }
 }
 
@@ -275,11 +339,21 @@ impl ServerCertVerifier for TofuServerVerifier {
         }
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signatures.tls12(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.signatures.tls13(message, cert, dss)
     }
 
@@ -302,10 +376,16 @@ pub struct GatewayClientVerifier {
 }
 
 impl GatewayClientVerifier {
-    pub fn new(ca: &CertificateDer<'static>, revoked: Arc<dyn RevocationList>) -> Result<Arc<Self>, TlsError> {
+    pub fn new(
+        ca: &CertificateDer<'static>,
+        revoked: Arc<dyn RevocationList>,
+    ) -> Result<Arc<Self>, TlsError> {
         let mut roots = RootCertStore::empty();
-        roots.add(ca.clone()).map_err(|e| TlsError::BadCa(e.to_string()))?;
-        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
+        roots
+            .add(ca.clone())
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
         Ok(Arc::new(Self { inner, revoked }))
     }
 }
@@ -315,20 +395,38 @@ impl ClientCertVerifier for GatewayClientVerifier {
         self.inner.root_hint_subjects()
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        let cert = x509::parse(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let cert = x509::parse(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if self.revoked.is_revoked(cert.raw_serial()) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 
@@ -343,7 +441,10 @@ impl ClientCertVerifier for GatewayClientVerifier {
 
 /// A client configuration with Pinhole's profile, the given server verifier and a client
 /// certificate.
-pub fn client_config(identity: &Identity, verifier: Arc<dyn ServerCertVerifier>) -> Result<ClientConfig, TlsError> {
+pub fn client_config(
+    identity: &Identity,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<ClientConfig, TlsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -354,7 +455,10 @@ pub fn client_config(identity: &Identity, verifier: Arc<dyn ServerCertVerifier>)
 }
 
 /// The gateway's server configuration: its certificate, and the client verifier.
-pub fn server_config(identity: &Identity, verifier: Arc<dyn ClientCertVerifier>) -> Result<ServerConfig, TlsError> {
+pub fn server_config(
+    identity: &Identity,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<ServerConfig, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -371,11 +475,36 @@ mod tests {
     #[test]
     fn profile_is_tls13_aes_gcm_with_pq_first() {
         let p = provider();
-        assert!(p.cipher_suites.iter().all(|s| s.version() == &rustls::version::TLS13));
-        let names: Vec<String> = p.cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
-        assert!(names.iter().all(|n| n.contains("AES_") && n.contains("GCM")), "{names:?}");
-        let groups: Vec<String> = p.kx_groups.iter().map(|g| format!("{:?}", g.name())).collect();
-        assert_eq!(groups, ["X25519MLKEM768", "secp256r1MLKEM768", "secp256r1", "secp384r1"]);
+        assert!(
+            p.cipher_suites
+                .iter()
+                .all(|s| s.version() == &rustls::version::TLS13)
+        );
+        let names: Vec<String> = p
+            .cipher_suites
+            .iter()
+            .map(|s| format!("{:?}", s.suite()))
+            .collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| n.contains("AES_") && n.contains("GCM")),
+            "{names:?}"
+        );
+        let groups: Vec<String> = p
+            .kx_groups
+            .iter()
+            .map(|g| format!("{:?}", g.name()))
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                "X25519MLKEM768",
+                "secp256r1MLKEM768",
+                "secp256r1",
+                "secp384r1"
+            ]
+        );
     }
 
     #[test]
@@ -383,15 +512,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let store = TofuStore::new(dir.path().join("gateway.pin"));
         let ca = CertificateAuthority::generate("acme").expect("ca");
-        let a = ca.issue_server(&["gw".into()], Validity::days_from_now(1)).expect("a");
-        let b = ca.issue_server(&["gw".into()], Validity::days_from_now(1)).expect("b");
+        let a = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("a");
+        let b = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("b");
         assert_eq!(store.pinned().expect("read"), None);
         let pin_a = Pin::of_certificate(a.certificate()).expect("pin");
-        assert_eq!(store.confirm(a.certificate()).expect("first"), TofuOutcome::Recorded(pin_a));
-        assert_eq!(store.confirm(a.certificate()).expect("again"), TofuOutcome::Matched(pin_a));
-        assert!(matches!(store.confirm(b.certificate()), Err(TofuError::Refused(KeyRefused::PinMismatch { .. }))));
+        assert_eq!(
+            store.confirm(a.certificate()).expect("first"),
+            TofuOutcome::Recorded(pin_a)
+        );
+        assert_eq!(
+            store.confirm(a.certificate()).expect("again"),
+            TofuOutcome::Matched(pin_a)
+        );
+        assert!(matches!(
+            store.confirm(b.certificate()),
+            Err(TofuError::Refused(KeyRefused::PinMismatch { .. }))
+        ));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(store.path()).expect("meta").permissions().mode();
+        let mode = std::fs::metadata(store.path())
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(store.forget().expect("forget"));
         assert!(!store.forget().expect("forget again"));
@@ -406,27 +551,49 @@ mod tests {
         let store = TofuStore::new(&path);
         assert!(matches!(store.pinned(), Err(TofuError::Damaged(_))));
         let ca = CertificateAuthority::generate("acme").expect("ca");
-        let a = ca.issue_server(&["gw".into()], Validity::days_from_now(1)).expect("a");
+        let a = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("a");
         assert!(store.confirm(a.certificate()).is_err());
         let verifier = TofuServerVerifier::new(store);
         let name = ServerName::try_from("gw").expect("name");
         let err = verifier
             .verify_server_cert(a.certificate(), &[], &name, &[], UnixTime::now())
             .expect_err("damaged pin refuses");
-        assert!(matches!(err, rustls::Error::InvalidCertificate(CertificateError::Other(_))));
+        assert!(matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::Other(_))
+        ));
     }
 
     #[test]
     fn pinned_verifier_checks_key_and_validity() {
         let ca = CertificateAuthority::generate("acme").expect("ca");
-        let a = ca.issue_server(&["gw".into()], Validity::days_from_now(1)).expect("a");
-        let b = ca.issue_server(&["gw".into()], Validity::days_from_now(1)).expect("b");
+        let a = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("a");
+        let b = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("b");
         let v = PinnedServerVerifier::new(Pin::of_certificate(a.certificate()).expect("pin"));
         let name = ServerName::try_from("anything").expect("name");
-        assert!(v.verify_server_cert(a.certificate(), &[], &name, &[], UnixTime::now()).is_ok());
-        assert!(v.verify_server_cert(b.certificate(), &[], &name, &[], UnixTime::now()).is_err());
-        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(UnixTime::now().as_secs() + 3 * 86_400));
-        let err = v.verify_server_cert(a.certificate(), &[], &name, &[], later).expect_err("expired");
-        assert_eq!(err, rustls::Error::InvalidCertificate(CertificateError::Expired));
+        assert!(
+            v.verify_server_cert(a.certificate(), &[], &name, &[], UnixTime::now())
+                .is_ok()
+        );
+        assert!(
+            v.verify_server_cert(b.certificate(), &[], &name, &[], UnixTime::now())
+                .is_err()
+        );
+        let later = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            UnixTime::now().as_secs() + 3 * 86_400,
+        ));
+        let err = v
+            .verify_server_cert(a.certificate(), &[], &name, &[], later)
+            .expect_err("expired");
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::Expired)
+        );
     }
 }

@@ -27,7 +27,10 @@ pub fn spki_der(der: &[u8]) -> Result<Vec<u8>, ParseError> {
 }
 
 /// The first value of an attribute type in a certificate's subject, if it is a string.
-pub(crate) fn subject_attr(cert: &X509Certificate<'_>, oid: &x509_parser::oid_registry::Oid<'_>) -> Option<String> {
+pub(crate) fn subject_attr(
+    cert: &X509Certificate<'_>,
+    oid: &x509_parser::oid_registry::Oid<'_>,
+) -> Option<String> {
     cert.subject()
         .iter_attributes()
         .find(|a| a.attr_type() == oid)
@@ -75,7 +78,9 @@ pub(crate) fn parse_der_utf8_string(der: &[u8]) -> Option<&str> {
         if len_bytes[0] == 0 {
             return None; // not minimal: DER forbids it
         }
-        let len = len_bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        let len = len_bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
         if len < 0x80 {
             return None; // long form for a short length: not DER
         }
@@ -96,7 +101,11 @@ mod tests {
         for n in [0usize, 1, 127, 128, 255, 256, 70_000] {
             let text = "x".repeat(n);
             let der = der_utf8_string(&text);
-            assert_eq!(parse_der_utf8_string(&der), Some(text.as_str()), "length {n}");
+            assert_eq!(
+                parse_der_utf8_string(&der),
+                Some(text.as_str()),
+                "length {n}"
+            );
         }
     }
 
