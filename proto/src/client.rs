@@ -1,0 +1,151 @@
+//! The technician client's side of its link to the gateway.
+
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use crate::agent::Agent;
+use crate::frame::PROTOCOL_VERSION;
+use crate::link::{CloseReason, Input, Link};
+use crate::message::{Message, Role, SiteView};
+
+/// The client's heartbeat: frequent enough that a dead gateway is noticed within a minute
+/// (3 × 15 s) even when no TCP reset arrives.
+pub const CLIENT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    LoggedIn { account: String, tunnel_ip: Option<Ipv4Addr>, sites: Vec<SiteView> },
+    Inventory(Vec<SiteView>),
+    SessionOpened { session: u32, key: String, agent: Agent },
+    SessionRefused { session: u32, reason: String },
+    SessionClosed { session: u32, reason: String },
+    Data { session: u32, datagram: Vec<u8> },
+    Closed(CloseReason),
+}
+
+/// Sans-IO technician link; see [`crate::link`] for the calling contract.
+#[derive(Debug)]
+pub struct ClientCore {
+    link: Link,
+    logged_in: bool,
+    events: VecDeque<ClientEvent>,
+}
+
+impl ClientCore {
+    /// A new link; the `hello` is queued at once.
+    pub fn new(now: Instant, software: &str, heartbeat: Duration) -> Self {
+        let mut link = Link::new(now, heartbeat);
+        link.send(
+            &Message::Hello {
+                role: Role::Technician,
+                version: PROTOCOL_VERSION,
+                software: software.to_owned(),
+                heartbeat_secs: u32::try_from(link.heartbeat().as_secs()).unwrap_or(u32::MAX),
+                boot_id: None,
+                agents: Vec::new(),
+            },
+            now,
+        );
+        Self { link, logged_in: false, events: VecDeque::new() }
+    }
+
+    pub fn is_logged_in(&self) -> bool {
+        self.logged_in && self.link.closed().is_none()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.link.closed().is_some()
+    }
+
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        self.link.push_input(bytes, now);
+        while let Some(input) = self.link.next_input() {
+            match input {
+                Input::Failed(reason) => self.events.push_back(ClientEvent::Closed(reason)),
+                Input::Data { session, datagram } => self.events.push_back(ClientEvent::Data { session, datagram }),
+                Input::Message(m) => self.on_message(m),
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, what: String) {
+        let reason = CloseReason::Protocol(what);
+        self.link.close(reason.clone());
+        self.events.push_back(ClientEvent::Closed(reason));
+    }
+
+    fn on_message(&mut self, m: Message) {
+        match (self.logged_in, m) {
+            (false, Message::Welcome { name, tunnel_ip, inventory }) => {
+                self.logged_in = true;
+                self.events.push_back(ClientEvent::LoggedIn { account: name, tunnel_ip, sites: inventory.unwrap_or_default() });
+            }
+            (_, Message::Error { code, text }) => {
+                let reason = CloseReason::Error { code, text };
+                self.link.close(reason.clone());
+                self.events.push_back(ClientEvent::Closed(reason));
+            }
+            (true, Message::Inventory { sites } | Message::InventoryUpdate { sites }) => {
+                self.events.push_back(ClientEvent::Inventory(sites));
+            }
+            (true, Message::SessionOpened { session, key, agent }) => {
+                self.events.push_back(ClientEvent::SessionOpened { session, key, agent });
+            }
+            (true, Message::SessionRefused { session, reason }) => {
+                self.events.push_back(ClientEvent::SessionRefused { session, reason });
+            }
+            (true, Message::SessionClose { session, reason }) => {
+                self.events.push_back(ClientEvent::SessionClosed { session, reason });
+            }
+            (logged_in, other) => {
+                self.protocol_error(format!("unexpected `{}` (logged in: {logged_in})", other.kind()));
+            }
+        }
+    }
+
+    /// Asks for the current inventory.
+    pub fn list(&mut self, now: Instant) {
+        self.link.send(&Message::List, now);
+    }
+
+    /// Asks the gateway to open a session.
+    pub fn open_session(&mut self, session: u32, site: &str, agent: &str, key: &str, now: Instant) {
+        self.link.send(
+            &Message::SessionOpen { session, site: site.into(), agent: agent.into(), key: key.into(), tunnel_ip: None },
+            now,
+        );
+    }
+
+    pub fn close_session(&mut self, session: u32, reason: &str, now: Instant) {
+        self.link.send(&Message::SessionClose { session, reason: reason.into() }, now);
+    }
+
+    pub fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
+        self.link.send_data(session, datagram, now);
+    }
+
+    /// Logs out; the link closes once the `logout` is transmitted.
+    pub fn logout(&mut self, now: Instant) {
+        self.link.send(&Message::Logout, now);
+        self.link.close(CloseReason::Local);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.link.poll_transmit()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.link.poll_timeout()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.link.handle_timeout(now) {
+            self.events.push_back(ClientEvent::Closed(CloseReason::Timeout));
+        }
+    }
+}

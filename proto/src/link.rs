@@ -1,0 +1,163 @@
+//! The part every role shares: framing, the outgoing buffer and the heartbeat clock.
+//!
+//! Sans-IO contract (the same for [`crate::ClientCore`], [`crate::SiteCore`] and
+//! [`crate::GatewayCore`]): feed received bytes with `handle_input(bytes, now)`; after any call,
+//! drain `poll_transmit()` (bytes to write, in order) and `poll_event()`; sleep until
+//! `poll_timeout()` and then call `handle_timeout(now)`. Nothing here reads a clock, touches a
+//! socket or blocks; `now` always comes from the caller, so tests drive a virtual clock.
+
+use std::time::{Duration, Instant};
+
+use crate::frame::{self, Frame, FrameDecoder};
+use crate::message::{ErrorCode, Message};
+
+/// A link is dead after this many heartbeat intervals without a byte from the peer.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Bounds on the heartbeat interval a peer may ask for: below one second the control traffic
+/// is noise; above an hour a dead site goes unnoticed for half a shift.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// Why a link ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer sent an `error` message.
+    Error { code: ErrorCode, text: String },
+    /// The peer broke the protocol (bad frame, bad message, wrong order).
+    Protocol(String),
+    /// Nothing heard from the peer for [`MISSED_HEARTBEATS`] intervals.
+    Timeout,
+    /// This side ended the link (logout, refusal sent, enrollment done).
+    Local,
+}
+
+#[derive(Debug)]
+pub(crate) struct Link {
+    decoder: FrameDecoder,
+    transmit: Vec<u8>,
+    heartbeat: Duration,
+    last_sent: Instant,
+    last_received: Instant,
+    closed: Option<CloseReason>,
+}
+
+/// Clamps a requested heartbeat interval to the allowed range.
+pub fn clamp_heartbeat(d: Duration) -> Duration {
+    d.clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
+impl Link {
+    pub(crate) fn new(now: Instant, heartbeat: Duration) -> Self {
+        Self {
+            decoder: FrameDecoder::new(),
+            transmit: Vec::new(),
+            heartbeat: clamp_heartbeat(heartbeat),
+            last_sent: now,
+            last_received: now,
+            closed: None,
+        }
+    }
+
+    pub(crate) fn set_heartbeat(&mut self, d: Duration) {
+        self.heartbeat = clamp_heartbeat(d);
+    }
+
+    pub(crate) fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
+    pub(crate) fn send(&mut self, msg: &Message, now: Instant) {
+        if self.closed.is_none() {
+            frame::encode_control(&msg.to_json(), &mut self.transmit);
+            self.last_sent = now;
+        }
+    }
+
+    pub(crate) fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
+        if self.closed.is_none() && datagram.len() + 4 <= frame::MAX_PAYLOAD {
+            frame::encode_data(session, datagram, &mut self.transmit);
+            self.last_sent = now;
+        }
+    }
+
+    /// Ends the link; what was queued before is still transmitted.
+    pub(crate) fn close(&mut self, reason: CloseReason) {
+        if self.closed.is_none() {
+            self.closed = Some(reason);
+        }
+    }
+
+    pub(crate) fn closed(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    pub(crate) fn push_input(&mut self, bytes: &[u8], now: Instant) {
+        if self.closed.is_none() && !bytes.is_empty() {
+            self.last_received = now;
+            self.decoder.push(bytes);
+        }
+    }
+
+    /// The next received message or datagram. A framing or JSON error closes the link.
+    pub(crate) fn next_input(&mut self) -> Option<Input> {
+        if self.closed.is_some() {
+            return None;
+        }
+        match self.decoder.next_frame() {
+            Ok(None) => None,
+            Ok(Some(Frame::Data { session, datagram })) => Some(Input::Data { session, datagram }),
+            Ok(Some(Frame::Control(json))) => match Message::from_json(&json) {
+                Ok(Message::Heartbeat) => self.next_input(),
+                Ok(m) => Some(Input::Message(m)),
+                Err(e) => {
+                    let reason = CloseReason::Protocol(format!("malformed message: {e}"));
+                    self.close(reason.clone());
+                    Some(Input::Failed(reason))
+                }
+            },
+            Err(e) => {
+                let reason = CloseReason::Protocol(e.to_string());
+                self.close(reason.clone());
+                Some(Input::Failed(reason))
+            }
+        }
+    }
+
+    pub(crate) fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (!self.transmit.is_empty()).then(|| std::mem::take(&mut self.transmit))
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        Some((self.last_sent + self.heartbeat).min(self.dead_at()))
+    }
+
+    fn dead_at(&self) -> Instant {
+        self.last_received + self.heartbeat * MISSED_HEARTBEATS
+    }
+
+    /// Sends a heartbeat when due; returns true when the peer has been silent too long (the
+    /// link is then closed with [`CloseReason::Timeout`]).
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        if now >= self.dead_at() {
+            self.close(CloseReason::Timeout);
+            return true;
+        }
+        if now >= self.last_sent + self.heartbeat {
+            self.send(&Message::Heartbeat, now);
+        }
+        false
+    }
+}
+
+pub(crate) enum Input {
+    Message(Message),
+    Data { session: u32, datagram: Vec<u8> },
+    Failed(CloseReason),
+}

@@ -1,0 +1,206 @@
+//! Control messages: one JSON object per control frame, tagged by `"type"`.
+//!
+//! | type              | direction              | meaning |
+//! |-------------------|------------------------|---------|
+//! | `hello`           | client/site → gateway  | first message: role, protocol version, software, heartbeat interval; a site adds boot id and agents |
+//! | `enroll`          | site → gateway         | first message of an unauthenticated site: one-time token, site name, the site's public key |
+//! | `enrolled`        | gateway → site         | the site's certificate and the CA certificate; the connection then closes |
+//! | `welcome`         | gateway → client/site  | login accepted: account or site name; for a technician the tunnel address and inventory |
+//! | `list`            | client → gateway       | asks for the current inventory |
+//! | `inventory`       | gateway → client       | the sites and agents the account may use (answer to `list`) |
+//! | `inventory_update`| gateway → client       | the inventory changed (a site went on- or offline, a grant changed) |
+//! | `agents`          | site → gateway         | the site's agents changed (config reload) |
+//! | `heartbeat`       | both ways              | sent after `heartbeat_secs` of silence; 3 missed intervals end the link |
+//! | `session_open`    | client → gateway → site| open a session to `site/agent` with the client's WireGuard key |
+//! | `session_opened`  | site → gateway → client| the site's WireGuard key and the agent (device address, ports) |
+//! | `session_refused` | gateway/site → client  | with a reason a technician can read |
+//! | `session_close`   | any                    | the session ends, with a reason |
+//! | `logout`          | client → gateway       | the technician logs out; the gateway closes the link |
+//! | `error`           | gateway → peer         | a code and a text; the connection closes after it |
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Agent;
+
+/// Who speaks on a link, as declared in `hello` (and checked against the certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Technician,
+    Site,
+}
+
+/// A site as a technician sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteView {
+    pub name: String,
+    pub domain: String,
+    pub online: bool,
+    pub agents: Vec<Agent>,
+}
+
+/// Why the gateway ends a link or refuses something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The account is closed; the client must not reconnect.
+    AccountClosed,
+    /// The peer's protocol version is not supported.
+    Version,
+    /// A message that is not valid here.
+    Protocol,
+    /// The enrollment token is unknown, used or expired.
+    TokenRefused,
+    /// The site name is already enrolled.
+    SiteExists,
+    /// The site is not (or no longer) known to the gateway.
+    UnknownSite,
+    /// The same site or account connected again; this older link is replaced.
+    Replaced,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The gateway could not record the event (audit), so it refuses the action.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    Hello {
+        role: Role,
+        version: u8,
+        software: String,
+        heartbeat_secs: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        agents: Vec<Agent>,
+    },
+    Enroll {
+        token: String,
+        site: String,
+        /// DER SubjectPublicKeyInfo, hex.
+        public_key: String,
+    },
+    Enrolled {
+        /// DER, hex.
+        certificate: String,
+        /// DER, hex.
+        ca: String,
+    },
+    Welcome {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tunnel_ip: Option<Ipv4Addr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        inventory: Option<Vec<SiteView>>,
+    },
+    List,
+    Inventory {
+        sites: Vec<SiteView>,
+    },
+    InventoryUpdate {
+        sites: Vec<SiteView>,
+    },
+    Agents {
+        agents: Vec<Agent>,
+    },
+    Heartbeat,
+    SessionOpen {
+        session: u32,
+        site: String,
+        agent: String,
+        /// The client's WireGuard public key, base64.
+        key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tunnel_ip: Option<Ipv4Addr>,
+    },
+    SessionOpened {
+        session: u32,
+        /// The site's WireGuard public key, base64.
+        key: String,
+        agent: Agent,
+    },
+    SessionRefused {
+        session: u32,
+        reason: String,
+    },
+    SessionClose {
+        session: u32,
+        reason: String,
+    },
+    Logout,
+    Error {
+        code: ErrorCode,
+        text: String,
+    },
+}
+
+impl Message {
+    /// The JSON payload of a control frame.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing these plain data types cannot fail: no maps with non-string keys, no
+        // custom serializers.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The `type` tag, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Enroll { .. } => "enroll",
+            Message::Enrolled { .. } => "enrolled",
+            Message::Welcome { .. } => "welcome",
+            Message::List => "list",
+            Message::Inventory { .. } => "inventory",
+            Message::InventoryUpdate { .. } => "inventory_update",
+            Message::Agents { .. } => "agents",
+            Message::Heartbeat => "heartbeat",
+            Message::SessionOpen { .. } => "session_open",
+            Message::SessionOpened { .. } => "session_opened",
+            Message::SessionRefused { .. } => "session_refused",
+            Message::SessionClose { .. } => "session_close",
+            Message::Logout => "logout",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::AgentType;
+
+    #[test]
+    fn json_shape_is_stable() {
+        let m = Message::Hello {
+            role: Role::Site,
+            version: 1,
+            software: "0.1.0".into(),
+            heartbeat_secs: 600,
+            boot_id: Some("b".into()),
+            agents: vec![Agent::new("plc", AgentType::SiemensS7, "192.168.0.10".parse().expect("ip"), [])],
+        };
+        let json = String::from_utf8(m.to_json()).expect("utf8");
+        assert!(json.starts_with(r#"{"type":"hello","role":"site","version":1"#), "{json}");
+        assert!(json.contains(r#""type":"siemens-s7""#), "{json}");
+        assert!(json.contains(r#"{"transport":"tcp","port":102}"#), "{json}");
+        assert_eq!(Message::from_json(json.as_bytes()).expect("parse"), m);
+        assert_eq!(Message::Heartbeat.to_json(), br#"{"type":"heartbeat"}"#);
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_refused() {
+        assert!(Message::from_json(br#"{"type":"error","code":"protocol","text":"t","x":1}"#).is_err());
+        assert!(Message::from_json(br#"{"type":"error","code":"nonsense","text":"t"}"#).is_err());
+        assert!(Message::from_json(br#"{"type":"launch_missiles"}"#).is_err());
+        assert!(Message::from_json(b"not json").is_err());
+    }
+}
