@@ -24,11 +24,17 @@ pub struct Port {
 
 impl Port {
     pub const fn tcp(port: u16) -> Self {
-        Self { transport: Transport::Tcp, port }
+        Self {
+            transport: Transport::Tcp,
+            port,
+        }
     }
 
     pub const fn udp(port: u16) -> Self {
-        Self { transport: Transport::Udp, port }
+        Self {
+            transport: Transport::Udp,
+            port,
+        }
     }
 }
 
@@ -141,10 +147,13 @@ impl FromStr for AgentType {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
-            format!("unknown agent type `{s}` (one of: {})", names.join(", "))
-        })
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown agent type `{s}` (one of: {})", names.join(", "))
+            })
     }
 }
 
@@ -162,15 +171,29 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with its type's preset ports plus `extra`.
-    pub fn new(name: impl Into<String>, kind: AgentType, address: IpAddr, extra: impl IntoIterator<Item = Port>) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        kind: AgentType,
+        address: IpAddr,
+        extra: impl IntoIterator<Item = Port>,
+    ) -> Self {
         let mut ports: BTreeSet<Port> = kind.preset().iter().copied().collect();
         ports.extend(extra);
-        Self { name: name.into(), kind, address, ports }
+        Self {
+            name: name.into(),
+            kind,
+            address,
+            ports,
+        }
     }
 
     /// The ports as text: `tcp/80,tcp/443`.
     pub fn ports_text(&self) -> String {
-        self.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+        self.ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -180,11 +203,24 @@ mod tests {
 
     #[test]
     fn presets_match_the_design() {
-        let a = Agent::new("plc", AgentType::SiemensS7, "192.168.0.10".parse().expect("ip"), []);
+        let a = Agent::new(
+            "plc",
+            AgentType::SiemensS7,
+            "192.168.0.10".parse().expect("ip"),
+            [],
+        );
         assert_eq!(a.ports_text(), "tcp/102");
-        let e = Agent::new("d", AgentType::EthernetIp, "10.0.0.1".parse().expect("ip"), [Port::udp(161)]);
+        let e = Agent::new(
+            "d",
+            AgentType::EthernetIp,
+            "10.0.0.1".parse().expect("ip"),
+            [Port::udp(161)],
+        );
         assert_eq!(e.ports_text(), "tcp/44818,udp/161,udp/2222");
-        assert_eq!(Agent::new("r", AgentType::Rdp, "10.0.0.1".parse().expect("ip"), []).ports_text(), "tcp/3389,udp/3389");
+        assert_eq!(
+            Agent::new("r", AgentType::Rdp, "10.0.0.1".parse().expect("ip"), []).ports_text(),
+            "tcp/3389,udp/3389"
+        );
         for t in AgentType::ALL {
             assert_eq!(t.name().parse::<AgentType>(), Ok(t));
         }
@@ -194,7 +230,15 @@ mod tests {
     fn ports_parse_strictly() {
         assert_eq!("tcp/8080".parse::<Port>(), Ok(Port::tcp(8080)));
         assert_eq!("udp/161".parse::<Port>(), Ok(Port::udp(161)));
-        for bad in ["tcp/0", "tcp/65536", "sctp/1", "8080", "tcp/", "tcp/-1", "TCP/80"] {
+        for bad in [
+            "tcp/0",
+            "tcp/65536",
+            "sctp/1",
+            "8080",
+            "tcp/",
+            "tcp/-1",
+            "TCP/80",
+        ] {
             assert!(bad.parse::<Port>().is_err(), "{bad}");
         }
     }

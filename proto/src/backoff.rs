@@ -30,7 +30,9 @@ impl Backoff {
     /// The delay before the next attempt. `random` is any u32; the delay is drawn from
     /// [base/2, base], with base = INITIAL × 2^attempt, capped at [`CAP`].
     pub fn next_delay(&mut self, random: u32) -> Duration {
-        let base = INITIAL.saturating_mul(1u32 << self.attempt.min(16)).min(CAP);
+        let base = INITIAL
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(CAP);
         self.attempt = self.attempt.saturating_add(1);
         let half = base / 2;
         let spread = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);

@@ -15,12 +15,29 @@ pub const CLIENT_HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    LoggedIn { account: String, tunnel_ip: Option<Ipv4Addr>, sites: Vec<SiteView> },
+    LoggedIn {
+        account: String,
+        tunnel_ip: Option<Ipv4Addr>,
+        sites: Vec<SiteView>,
+    },
     Inventory(Vec<SiteView>),
-    SessionOpened { session: u32, key: String, agent: Agent },
-    SessionRefused { session: u32, reason: String },
-    SessionClosed { session: u32, reason: String },
-    Data { session: u32, datagram: Vec<u8> },
+    SessionOpened {
+        session: u32,
+        key: String,
+        agent: Agent,
+    },
+    SessionRefused {
+        session: u32,
+        reason: String,
+    },
+    SessionClosed {
+        session: u32,
+        reason: String,
+    },
+    Data {
+        session: u32,
+        datagram: Vec<u8>,
+    },
     Closed(CloseReason),
 }
 
@@ -47,7 +64,11 @@ impl ClientCore {
             },
             now,
         );
-        Self { link, logged_in: false, events: VecDeque::new() }
+        Self {
+            link,
+            logged_in: false,
+            events: VecDeque::new(),
+        }
     }
 
     pub fn is_logged_in(&self) -> bool {
@@ -63,7 +84,9 @@ impl ClientCore {
         while let Some(input) = self.link.next_input() {
             match input {
                 Input::Failed(reason) => self.events.push_back(ClientEvent::Closed(reason)),
-                Input::Data { session, datagram } => self.events.push_back(ClientEvent::Data { session, datagram }),
+                Input::Data { session, datagram } => self
+                    .events
+                    .push_back(ClientEvent::Data { session, datagram }),
                 Input::Message(m) => self.on_message(m),
             }
         }
@@ -77,9 +100,20 @@ impl ClientCore {
 
     fn on_message(&mut self, m: Message) {
         match (self.logged_in, m) {
-            (false, Message::Welcome { name, tunnel_ip, inventory }) => {
+            (
+                false,
+                Message::Welcome {
+                    name,
+                    tunnel_ip,
+                    inventory,
+                },
+            ) => {
                 self.logged_in = true;
-                self.events.push_back(ClientEvent::LoggedIn { account: name, tunnel_ip, sites: inventory.unwrap_or_default() });
+                self.events.push_back(ClientEvent::LoggedIn {
+                    account: name,
+                    tunnel_ip,
+                    sites: inventory.unwrap_or_default(),
+                });
             }
             (_, Message::Error { code, text }) => {
                 let reason = CloseReason::Error { code, text };
@@ -89,17 +123,33 @@ impl ClientCore {
             (true, Message::Inventory { sites } | Message::InventoryUpdate { sites }) => {
                 self.events.push_back(ClientEvent::Inventory(sites));
             }
-            (true, Message::SessionOpened { session, key, agent }) => {
-                self.events.push_back(ClientEvent::SessionOpened { session, key, agent });
+            (
+                true,
+                Message::SessionOpened {
+                    session,
+                    key,
+                    agent,
+                },
+            ) => {
+                self.events.push_back(ClientEvent::SessionOpened {
+                    session,
+                    key,
+                    agent,
+                });
             }
             (true, Message::SessionRefused { session, reason }) => {
-                self.events.push_back(ClientEvent::SessionRefused { session, reason });
+                self.events
+                    .push_back(ClientEvent::SessionRefused { session, reason });
             }
             (true, Message::SessionClose { session, reason }) => {
-                self.events.push_back(ClientEvent::SessionClosed { session, reason });
+                self.events
+                    .push_back(ClientEvent::SessionClosed { session, reason });
             }
             (logged_in, other) => {
-                self.protocol_error(format!("unexpected `{}` (logged in: {logged_in})", other.kind()));
+                self.protocol_error(format!(
+                    "unexpected `{}` (logged in: {logged_in})",
+                    other.kind()
+                ));
             }
         }
     }
@@ -112,13 +162,25 @@ impl ClientCore {
     /// Asks the gateway to open a session.
     pub fn open_session(&mut self, session: u32, site: &str, agent: &str, key: &str, now: Instant) {
         self.link.send(
-            &Message::SessionOpen { session, site: site.into(), agent: agent.into(), key: key.into(), tunnel_ip: None },
+            &Message::SessionOpen {
+                session,
+                site: site.into(),
+                agent: agent.into(),
+                key: key.into(),
+                tunnel_ip: None,
+            },
             now,
         );
     }
 
     pub fn close_session(&mut self, session: u32, reason: &str, now: Instant) {
-        self.link.send(&Message::SessionClose { session, reason: reason.into() }, now);
+        self.link.send(
+            &Message::SessionClose {
+                session,
+                reason: reason.into(),
+            },
+            now,
+        );
     }
 
     pub fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
@@ -145,7 +207,8 @@ impl ClientCore {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.link.handle_timeout(now) {
-            self.events.push_back(ClientEvent::Closed(CloseReason::Timeout));
+            self.events
+                .push_back(ClientEvent::Closed(CloseReason::Timeout));
         }
     }
 }

@@ -134,10 +134,10 @@ impl FrameDecoder {
 pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     let Some(head) = buf.get(..HEADER_LEN) else {
         // Check what we can already: a bad first byte fails fast.
-        if let Some(&v) = buf.first() {
-            if v != PROTOCOL_VERSION {
-                return Err(FrameError::Version(v));
-            }
+        if let Some(&v) = buf.first()
+            && v != PROTOCOL_VERSION
+        {
+            return Err(FrameError::Version(v));
         }
         return Ok(None);
     };
@@ -158,8 +158,13 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     let frame = if kind == KIND_CONTROL {
         Frame::Control(payload.to_vec())
     } else {
-        let (id, datagram) = payload.split_first_chunk::<4>().ok_or(FrameError::ShortData)?;
-        Frame::Data { session: u32::from_be_bytes(*id), datagram: datagram.to_vec() }
+        let (id, datagram) = payload
+            .split_first_chunk::<4>()
+            .ok_or(FrameError::ShortData)?;
+        Frame::Data {
+            session: u32::from_be_bytes(*id),
+            datagram: datagram.to_vec(),
+        }
     };
     Ok(Some((frame, HEADER_LEN + len)))
 }
@@ -176,8 +181,17 @@ mod tests {
         encode_data(7, b"wireguard", &mut out);
         let mut d = FrameDecoder::new();
         d.push(&out);
-        assert_eq!(d.next_frame(), Ok(Some(Frame::Control(b"{\"type\":\"heartbeat\"}".to_vec()))));
-        assert_eq!(d.next_frame(), Ok(Some(Frame::Data { session: 7, datagram: b"wireguard".to_vec() })));
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Frame::Control(b"{\"type\":\"heartbeat\"}".to_vec())))
+        );
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Frame::Data {
+                session: 7,
+                datagram: b"wireguard".to_vec()
+            }))
+        );
         assert_eq!(d.next_frame(), Ok(None));
         assert_eq!(d.buffered(), 0);
     }
@@ -197,7 +211,10 @@ mod tests {
     fn bad_version_kind_and_short_data() {
         assert_eq!(parse(&[9]), Err(FrameError::Version(9)));
         assert_eq!(parse(&[1, 3, 0, 0, 0, 0]), Err(FrameError::Kind(3)));
-        assert_eq!(parse(&[1, KIND_DATA, 0, 0, 0, 2, 0, 0]), Err(FrameError::ShortData));
+        assert_eq!(
+            parse(&[1, KIND_DATA, 0, 0, 0, 2, 0, 0]),
+            Err(FrameError::ShortData)
+        );
         assert_eq!(parse(&[1, KIND_CONTROL, 0, 0]), Ok(None));
     }
 

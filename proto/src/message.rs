@@ -186,10 +186,18 @@ mod tests {
             software: "0.1.0".into(),
             heartbeat_secs: 600,
             boot_id: Some("b".into()),
-            agents: vec![Agent::new("plc", AgentType::SiemensS7, "192.168.0.10".parse().expect("ip"), [])],
+            agents: vec![Agent::new(
+                "plc",
+                AgentType::SiemensS7,
+                "192.168.0.10".parse().expect("ip"),
+                [],
+            )],
         };
         let json = String::from_utf8(m.to_json()).expect("utf8");
-        assert!(json.starts_with(r#"{"type":"hello","role":"site","version":1"#), "{json}");
+        assert!(
+            json.starts_with(r#"{"type":"hello","role":"site","version":1"#),
+            "{json}"
+        );
         assert!(json.contains(r#""type":"siemens-s7""#), "{json}");
         assert!(json.contains(r#"{"transport":"tcp","port":102}"#), "{json}");
         assert_eq!(Message::from_json(json.as_bytes()).expect("parse"), m);
@@ -198,7 +206,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_types_are_refused() {
-        assert!(Message::from_json(br#"{"type":"error","code":"protocol","text":"t","x":1}"#).is_err());
+        assert!(
+            Message::from_json(br#"{"type":"error","code":"protocol","text":"t","x":1}"#).is_err()
+        );
         assert!(Message::from_json(br#"{"type":"error","code":"nonsense","text":"t"}"#).is_err());
         assert!(Message::from_json(br#"{"type":"launch_missiles"}"#).is_err());
         assert!(Message::from_json(b"not json").is_err());

@@ -12,12 +12,26 @@ use crate::message::{Message, Role};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SiteEvent {
     /// Enrollment succeeded: certificate and CA, DER.
-    Enrolled { certificate: Vec<u8>, ca: Vec<u8> },
+    Enrolled {
+        certificate: Vec<u8>,
+        ca: Vec<u8>,
+    },
     /// The gateway accepted the site's `hello`.
     Welcomed,
-    SessionOpen { session: u32, agent: String, key: String, tunnel_ip: Option<Ipv4Addr> },
-    SessionClose { session: u32, reason: String },
-    Data { session: u32, datagram: Vec<u8> },
+    SessionOpen {
+        session: u32,
+        agent: String,
+        key: String,
+        tunnel_ip: Option<Ipv4Addr>,
+    },
+    SessionClose {
+        session: u32,
+        reason: String,
+    },
+    Data {
+        session: u32,
+        datagram: Vec<u8>,
+    },
     Closed(CloseReason),
 }
 
@@ -54,17 +68,31 @@ impl SiteCore {
             },
             now,
         );
-        Self { link, enrolling: false, welcomed: false, events: VecDeque::new() }
+        Self {
+            link,
+            enrolling: false,
+            welcomed: false,
+            events: VecDeque::new(),
+        }
     }
 
     /// An enrollment link: sends the token, the name and the site's public key (DER SPKI).
     pub fn enroll(now: Instant, token: &str, site: &str, public_key: &[u8]) -> Self {
         let mut link = Link::new(now, Duration::from_secs(30));
         link.send(
-            &Message::Enroll { token: token.into(), site: site.into(), public_key: hex::encode(public_key) },
+            &Message::Enroll {
+                token: token.into(),
+                site: site.into(),
+                public_key: hex::encode(public_key),
+            },
             now,
         );
-        Self { link, enrolling: true, welcomed: false, events: VecDeque::new() }
+        Self {
+            link,
+            enrolling: true,
+            welcomed: false,
+            events: VecDeque::new(),
+        }
     }
 
     pub fn is_welcomed(&self) -> bool {
@@ -80,7 +108,9 @@ impl SiteCore {
         while let Some(input) = self.link.next_input() {
             match input {
                 Input::Failed(reason) => self.events.push_back(SiteEvent::Closed(reason)),
-                Input::Data { session, datagram } => self.events.push_back(SiteEvent::Data { session, datagram }),
+                Input::Data { session, datagram } => {
+                    self.events.push_back(SiteEvent::Data { session, datagram })
+                }
                 Input::Message(m) => self.on_message(m),
             }
         }
@@ -97,7 +127,8 @@ impl SiteCore {
             Message::Enrolled { certificate, ca } if self.enrolling => {
                 match (hex::decode(&certificate), hex::decode(&ca)) {
                     (Ok(certificate), Ok(ca)) => {
-                        self.events.push_back(SiteEvent::Enrolled { certificate, ca });
+                        self.events
+                            .push_back(SiteEvent::Enrolled { certificate, ca });
                         self.link.close(CloseReason::Local);
                     }
                     _ => self.close(CloseReason::Protocol("enrolled: bad hex".into())),
@@ -107,13 +138,28 @@ impl SiteCore {
                 self.welcomed = true;
                 self.events.push_back(SiteEvent::Welcomed);
             }
-            Message::SessionOpen { session, agent, key, tunnel_ip, .. } if self.welcomed => {
-                self.events.push_back(SiteEvent::SessionOpen { session, agent, key, tunnel_ip });
+            Message::SessionOpen {
+                session,
+                agent,
+                key,
+                tunnel_ip,
+                ..
+            } if self.welcomed => {
+                self.events.push_back(SiteEvent::SessionOpen {
+                    session,
+                    agent,
+                    key,
+                    tunnel_ip,
+                });
             }
             Message::SessionClose { session, reason } if self.welcomed => {
-                self.events.push_back(SiteEvent::SessionClose { session, reason });
+                self.events
+                    .push_back(SiteEvent::SessionClose { session, reason });
             }
-            other => self.close(CloseReason::Protocol(format!("unexpected `{}`", other.kind()))),
+            other => self.close(CloseReason::Protocol(format!(
+                "unexpected `{}`",
+                other.kind()
+            ))),
         }
     }
 
@@ -123,15 +169,34 @@ impl SiteCore {
     }
 
     pub fn session_opened(&mut self, session: u32, key: &str, agent: Agent, now: Instant) {
-        self.link.send(&Message::SessionOpened { session, key: key.into(), agent }, now);
+        self.link.send(
+            &Message::SessionOpened {
+                session,
+                key: key.into(),
+                agent,
+            },
+            now,
+        );
     }
 
     pub fn session_refused(&mut self, session: u32, reason: &str, now: Instant) {
-        self.link.send(&Message::SessionRefused { session, reason: reason.into() }, now);
+        self.link.send(
+            &Message::SessionRefused {
+                session,
+                reason: reason.into(),
+            },
+            now,
+        );
     }
 
     pub fn close_session(&mut self, session: u32, reason: &str, now: Instant) {
-        self.link.send(&Message::SessionClose { session, reason: reason.into() }, now);
+        self.link.send(
+            &Message::SessionClose {
+                session,
+                reason: reason.into(),
+            },
+            now,
+        );
     }
 
     pub fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
@@ -152,7 +217,8 @@ impl SiteCore {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.link.handle_timeout(now) {
-            self.events.push_back(SiteEvent::Closed(CloseReason::Timeout));
+            self.events
+                .push_back(SiteEvent::Closed(CloseReason::Timeout));
         }
     }
 }
