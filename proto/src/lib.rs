@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod client;
+pub mod duration;
 pub mod frame;
 pub mod gateway;
 pub mod link;
