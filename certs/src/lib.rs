@@ -27,6 +27,6 @@ pub use ca::{CertificateAuthority, Identity, IssueError, PeerIdentity, Role, Val
 pub use gateway_info::{GatewayAddress, GatewayInfo, GatewayInfoError};
 pub use pin::{Pin, PinError};
 pub use tls::{
-    ALPN, GatewayClientVerifier, KeyRefused, PinnedServerVerifier, RevocationList, TlsError,
-    TofuError, TofuOutcome, TofuServerVerifier, TofuStore,
+    ALPN, Anonymous, GatewayClientVerifier, KeyRefused, PinnedServerVerifier, RevocationList,
+    TlsError, TofuError, TofuOutcome, TofuServerVerifier, TofuStore,
 };

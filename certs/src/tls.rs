@@ -373,20 +373,40 @@ pub trait RevocationList: Send + Sync + fmt::Debug {
 pub struct GatewayClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     revoked: Arc<dyn RevocationList>,
+    anonymous: Anonymous,
+}
+
+/// Whether a peer may complete the handshake without a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Every peer must present a valid certificate.
+    Refuse,
+    /// A peer without a certificate is let through to enroll, and may do nothing else (the
+    /// gateway's protocol core enforces that). A certificate that is presented is still
+    /// verified in full: a bad one is refused, never downgraded to anonymous.
+    AllowEnrollment,
 }
 
 impl GatewayClientVerifier {
     pub fn new(
         ca: &CertificateDer<'static>,
         revoked: Arc<dyn RevocationList>,
+        anonymous: Anonymous,
     ) -> Result<Arc<Self>, TlsError> {
         let mut roots = RootCertStore::empty();
         roots
             .add(ca.clone())
             .map_err(|e| TlsError::BadCa(e.to_string()))?;
-        let inner =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build()?;
-        Ok(Arc::new(Self { inner, revoked }))
+        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+        let inner = match anonymous {
+            Anonymous::Refuse => builder.build()?,
+            Anonymous::AllowEnrollment => builder.allow_unauthenticated().build()?,
+        };
+        Ok(Arc::new(Self {
+            inner,
+            revoked,
+            anonymous,
+        }))
     }
 }
 
@@ -435,7 +455,7 @@ impl ClientCertVerifier for GatewayClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.anonymous == Anonymous::Refuse
     }
 }
 

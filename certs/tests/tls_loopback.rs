@@ -42,7 +42,12 @@ async fn serve_once(
     ca: &CertificateAuthority,
     revoked: Arc<Revoked>,
 ) -> ServerSide {
-    let verifier = GatewayClientVerifier::new(ca.certificate(), revoked).expect("verifier");
+    let verifier = GatewayClientVerifier::new(
+        ca.certificate(),
+        revoked,
+        pinhole_certs::tls::Anonymous::Refuse,
+    )
+    .expect("verifier");
     let config = tls::server_config(server, verifier).expect("server config");
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tcp, _) = listener.accept().await.expect("accept");

@@ -61,7 +61,15 @@ fn put(buf: &mut Vec<u8>, field: &[u8]) {
     buf.extend_from_slice(field);
 }
 
-fn row_hash(id: i64, time: &str, actor: &str, object: &str, event: &str, description: &str, prev: &[u8]) -> Vec<u8> {
+fn row_hash(
+    id: i64,
+    time: &str,
+    actor: &str,
+    object: &str,
+    event: &str,
+    description: &str,
+    prev: &[u8],
+) -> Vec<u8> {
     let mut buf = Vec::with_capacity(128 + description.len());
     put(&mut buf, b"pinhole-audit-v1");
     put(&mut buf, &id.to_be_bytes());
@@ -69,7 +77,9 @@ fn row_hash(id: i64, time: &str, actor: &str, object: &str, event: &str, descrip
         put(&mut buf, f.as_bytes());
     }
     put(&mut buf, prev);
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &buf).as_ref().to_vec()
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &buf)
+        .as_ref()
+        .to_vec()
 }
 
 pub(crate) const SCHEMA: &str = "
@@ -90,9 +100,19 @@ BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ";
 
 /// Appends one event inside `tx`. The caller commits (or rolls back) with its change.
-pub fn append(tx: &Transaction<'_>, actor: &Actor, object: &str, event: &str, description: &str) -> rusqlite::Result<i64> {
+pub fn append(
+    tx: &Transaction<'_>,
+    actor: &Actor,
+    object: &str,
+    event: &str,
+    description: &str,
+) -> rusqlite::Result<i64> {
     let last: Option<(i64, Vec<u8>)> = tx
-        .query_row("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
     let (id, prev) = match last {
         Some((id, hash)) => (id + 1, hash),
@@ -111,14 +131,21 @@ pub fn append(tx: &Transaction<'_>, actor: &Actor, object: &str, event: &str, de
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    Intact { rows: i64 },
+    Intact {
+        rows: i64,
+    },
     /// The first row whose content, position or link is wrong.
-    Broken { row: i64, why: String },
+    Broken {
+        row: i64,
+        why: String,
+    },
 }
 
 /// Recomputes the chain from the first row.
 pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
-    let mut stmt = conn.prepare("SELECT id, time, actor, object, event, description, prev, hash FROM audit ORDER BY id")?;
+    let mut stmt = conn.prepare(
+        "SELECT id, time, actor, object, event, description, prev, hash FROM audit ORDER BY id",
+    )?;
     let mut rows = stmt.query([])?;
     let mut expected_prev = GENESIS.to_vec();
     let mut expected_id = 1i64;
@@ -128,19 +155,27 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
         let prev: Vec<u8> = r.get(6)?;
         let hash: Vec<u8> = r.get(7)?;
         if id != expected_id {
-            return Ok(Verdict::Broken { row: expected_id, why: format!("row {expected_id} is missing (next row is {id})") });
+            return Ok(Verdict::Broken {
+                row: expected_id,
+                why: format!("row {expected_id} is missing (next row is {id})"),
+            });
         }
         if prev != expected_prev {
             return Ok(Verdict::Broken { row: id, why: "its link to the previous row does not match (rows deleted, inserted or reordered)".into() });
         }
         let [time, actor, object, event, description] = &fields;
         if row_hash(id, time, actor, object, event, description, &prev) != hash {
-            return Ok(Verdict::Broken { row: id, why: "its content does not match its hash (edited)".into() });
+            return Ok(Verdict::Broken {
+                row: id,
+                why: "its content does not match its hash (edited)".into(),
+            });
         }
         expected_prev = hash;
         expected_id += 1;
     }
-    Ok(Verdict::Intact { rows: expected_id - 1 })
+    Ok(Verdict::Intact {
+        rows: expected_id - 1,
+    })
 }
 
 /// Rows with `time >= since` (RFC 3339 text compares in time order for UTC), oldest first.
@@ -184,7 +219,14 @@ mod tests {
     fn add(c: &mut Connection, n: usize) {
         for i in 0..n {
             let tx = c.transaction().expect("tx");
-            append(&tx, &Actor::Admin("root".into()), &format!("obj{i}"), "test", &format!("event {i}")).expect("append");
+            append(
+                &tx,
+                &Actor::Admin("root".into()),
+                &format!("obj{i}"),
+                "test",
+                &format!("event {i}"),
+            )
+            .expect("append");
             tx.commit().expect("commit");
         }
     }
@@ -192,7 +234,8 @@ mod tests {
     /// Rewrites rows through a connection without the triggers, as an attacker with the file
     /// would.
     fn tamper(c: &Connection, sql: &str) {
-        c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;").expect("drop");
+        c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+            .expect("drop");
         c.execute_batch(sql).expect("tamper");
     }
 
@@ -208,8 +251,14 @@ mod tests {
     fn edit_is_detected_at_its_row() {
         let mut c = db();
         add(&mut c, 5);
-        tamper(&c, "UPDATE audit SET description = 'nothing happened' WHERE id = 3");
-        assert!(matches!(verify(&c).expect("v"), Verdict::Broken { row: 3, .. }));
+        tamper(
+            &c,
+            "UPDATE audit SET description = 'nothing happened' WHERE id = 3",
+        );
+        assert!(matches!(
+            verify(&c).expect("v"),
+            Verdict::Broken { row: 3, .. }
+        ));
     }
 
     #[test]
@@ -217,20 +266,35 @@ mod tests {
         let mut c = db();
         add(&mut c, 5);
         tamper(&c, "DELETE FROM audit WHERE id = 2");
-        assert!(matches!(verify(&c).expect("v"), Verdict::Broken { row: 2, .. }));
+        assert!(matches!(
+            verify(&c).expect("v"),
+            Verdict::Broken { row: 2, .. }
+        ));
         let mut c = db();
         add(&mut c, 5);
         // Delete and renumber: the link catches it.
-        tamper(&c, "DELETE FROM audit WHERE id = 2; UPDATE audit SET id = id - 1 WHERE id > 2;");
-        assert!(matches!(verify(&c).expect("v"), Verdict::Broken { row: 2, .. }));
+        tamper(
+            &c,
+            "DELETE FROM audit WHERE id = 2; UPDATE audit SET id = id - 1 WHERE id > 2;",
+        );
+        assert!(matches!(
+            verify(&c).expect("v"),
+            Verdict::Broken { row: 2, .. }
+        ));
     }
 
     #[test]
     fn reorder_is_detected() {
         let mut c = db();
         add(&mut c, 4);
-        tamper(&c, "UPDATE audit SET id = 100 WHERE id = 2; UPDATE audit SET id = 2 WHERE id = 3; UPDATE audit SET id = 3 WHERE id = 100;");
-        assert!(matches!(verify(&c).expect("v"), Verdict::Broken { row: 2, .. }));
+        tamper(
+            &c,
+            "UPDATE audit SET id = 100 WHERE id = 2; UPDATE audit SET id = 2 WHERE id = 3; UPDATE audit SET id = 3 WHERE id = 100;",
+        );
+        assert!(matches!(
+            verify(&c).expect("v"),
+            Verdict::Broken { row: 2, .. }
+        ));
     }
 
     #[test]
@@ -243,7 +307,10 @@ mod tests {
 
     #[test]
     fn field_boundaries_matter() {
-        assert_ne!(row_hash(1, "t", "ab", "c", "e", "d", &GENESIS), row_hash(1, "t", "a", "bc", "e", "d", &GENESIS));
+        assert_ne!(
+            row_hash(1, "t", "ab", "c", "e", "d", &GENESIS),
+            row_hash(1, "t", "a", "bc", "e", "d", &GENESIS)
+        );
     }
 
     #[test]

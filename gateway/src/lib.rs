@@ -10,5 +10,6 @@
 //! device or a route.
 
 pub mod audit;
+pub mod server;
 pub mod state;
 pub mod store;

@@ -1,13 +1,416 @@
-//! `pinhole-gateway`: see the crate documentation.
+//! `pinhole-gateway`: the gateway server and its administration commands.
+//!
+//! Every administration command works on the state directory, whether the server runs or
+//! not; a running server applies the change within a quarter of a second (see
+//! `pinhole_gateway::server`).
+#![allow(clippy::print_stdout)] // a CLI prints for its user
 
-use clap::Parser;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS;
+use pinhole_certs::fsutil::write_private_atomic;
+use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection, Validity};
+use pinhole_gateway::audit::{self, Actor, Verdict};
+use pinhole_gateway::state::{StateDir, generate_password};
+use pinhole_gateway::store::DomainPath;
+use zeroize::Zeroizing;
 
 /// Pinhole gateway: the relay server, registry and audit log.
+///
+/// The gateway is the only Pinhole component with an open port. Technicians (with a PKCS#12
+/// bundle this command creates) and sites (enrolled with a one-time token) connect to it with
+/// mutual TLS.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(version, about, long_about)]
+struct Cli {
+    /// State directory: keys, certificates, database and audit log.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_STATE",
+        default_value = "/var/lib/pinhole-gateway"
+    )]
+    state: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the gateway server is not built yet; see README.md for the project status")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the CA, the server key and certificate, the database and the first portal admin.
+    Init {
+        /// An address technicians and sites dial (HOST:PORT), in the order to try; repeat for
+        /// several (e.g. gw.example.com:443 and gw.example.com:11444).
+        #[arg(long = "public-address", required = true)]
+        public_addresses: Vec<GatewayAddress>,
+    },
+    /// Run the server until SIGTERM.
+    Serve {
+        /// Address to listen on; repeat for several.
+        #[arg(long = "listen", default_values = ["0.0.0.0:443", "0.0.0.0:11444"])]
+        listen: Vec<SocketAddr>,
+    },
+    /// Domains: the tree that sites belong to and grants name.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Enrollment tokens for sites.
+    #[command(subcommand, name = "site-token")]
+    SiteToken(TokenCmd),
+    /// Technician accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Give an account access to a domain and everything below it.
+    Grant { account: String, domain: DomainPath },
+    /// Take a domain grant away from an account.
+    Ungrant { account: String, domain: DomainPath },
+    /// List the enrolled sites.
+    Sites {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the accounts.
+    Accounts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum DomainCmd {
+    /// Create a domain (and its missing parents), e.g. `acme.plant-a`.
+    Create { domain: DomainPath },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Print a one-time enrollment token for a site in DOMAIN.
+    Create {
+        domain: DomainPath,
+        /// How long the token stays valid (s, m, h or d).
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCmd {
+    /// Create a technician account and write its PKCS#12 bundle.
+    Create {
+        name: String,
+        /// Where to write the bundle (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the bundle password from this file (first line); otherwise a strong one-time
+        /// password is generated and printed once.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Encrypt the bundle with 3DES and a SHA-1 MAC, for old platforms.
+        #[arg(long)]
+        legacy: bool,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = DEFAULT_TECHNICIAN_DAYS)]
+        days: i64,
+    },
+    /// Close an account: revoke its certificate and end its live connections.
+    Close { name: String },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Print the events, oldest first.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only events at or after this UTC time (RFC 3339, e.g. 2026-11-27T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Check the hash chain; names the first bad row.
+    Verify,
+    /// Write every event to standard output.
+    Export {
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    pinhole_proto::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// The operator running the CLI, for the audit log.
+fn operator() -> Actor {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "root".into());
+    Actor::Admin(format!("cli:{user}"))
+}
+
+fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    );
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        bail!(
+            "{} is empty: the first line must hold the password",
+            path.display()
+        );
+    }
+    Ok(Zeroizing::new(line.to_owned()))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pinhole-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let state = StateDir::new(&cli.state);
+    match cli.command {
+        Command::Init { public_addresses } => {
+            let init = state.init(&public_addresses)?;
+            println!("initialized {}", state.root().display());
+            println!("server pin: {}", init.pin);
+            println!("portal administrator: {}", init.admin);
+            println!(
+                "one-time password (shown once, change it at first login): {}",
+                init.admin_password.as_str()
+            );
+        }
+        Command::Serve { listen } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            runtime.block_on(pinhole_gateway::server::serve(&state, &listen))?;
+        }
+        Command::Domain(DomainCmd::Create { domain }) => {
+            let created = state.store()?.create_domain(&operator(), &domain)?;
+            println!("created {}", created.join(", "));
+        }
+        Command::SiteToken(TokenCmd::Create { domain, ttl }) => {
+            let (token, expires) = state.store()?.create_token(&operator(), &domain, ttl)?;
+            eprintln!("one-time enrollment token for a site in {domain}, valid until {expires}:");
+            println!("{token}");
+        }
+        Command::Account(AccountCmd::Create {
+            name,
+            out,
+            password_file,
+            legacy,
+            days,
+        }) => {
+            create_account(&state, &name, &out, password_file.as_ref(), legacy, days)?;
+        }
+        Command::Account(AccountCmd::Close { name }) => {
+            state.store()?.close_account(&operator(), &name)?;
+            println!("closed account {name}: certificate revoked, live connections ended");
+        }
+        Command::Grant { account, domain } => {
+            state
+                .store()?
+                .set_grant(&operator(), &account, &domain, true)?;
+            println!("granted {domain} to {account}");
+        }
+        Command::Ungrant { account, domain } => {
+            state
+                .store()?
+                .set_grant(&operator(), &account, &domain, false)?;
+            println!("removed {domain} from {account}");
+        }
+        Command::Sites { json } => {
+            let sites = state.store()?.sites()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sites)?);
+            } else {
+                println!(
+                    "{:<20} {:<24} {:<8} {:<21} AGENTS",
+                    "SITE", "DOMAIN", "ONLINE", "LAST SEEN"
+                );
+                for s in sites {
+                    let agents: Vec<String> = s
+                        .agents
+                        .iter()
+                        .map(|a| format!("{} ({} {})", a.name, a.address, a.ports_text()))
+                        .collect();
+                    println!(
+                        "{:<20} {:<24} {:<8} {:<21} {}",
+                        s.name,
+                        s.domain,
+                        if s.online { "yes" } else { "no" },
+                        s.last_seen.unwrap_or_else(|| "-".into()),
+                        if agents.is_empty() {
+                            "-".into()
+                        } else {
+                            agents.join(", ")
+                        }
+                    );
+                }
+            }
+        }
+        Command::Accounts { json } => {
+            let accounts = state.store()?.accounts()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&accounts)?);
+            } else {
+                println!("{:<20} {:<8} {:<16} GRANTS", "ACCOUNT", "STATE", "TUNNEL");
+                for a in accounts {
+                    println!(
+                        "{:<20} {:<8} {:<16} {}",
+                        a.name,
+                        if a.closed.is_some() { "closed" } else { "open" },
+                        a.tunnel_ip,
+                        if a.grants.is_empty() {
+                            "-".into()
+                        } else {
+                            a.grants.join(", ")
+                        }
+                    );
+                }
+            }
+        }
+        Command::Audit(cmd) => return audit_cmd(&state, cmd),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn create_account(
+    state: &StateDir,
+    name: &str,
+    out: &PathBuf,
+    password_file: Option<&PathBuf>,
+    legacy: bool,
+    days: i64,
+) -> anyhow::Result<()> {
+    if days < 1 {
+        bail!("--days must be at least 1");
+    }
+    if out.exists() {
+        bail!("{} exists; refusing to overwrite a bundle", out.display());
+    }
+    let (password, generated) = match password_file {
+        Some(p) => (read_password_file(p)?, false),
+        None => (generate_password(), true),
+    };
+    let loaded = state.load()?;
+    let mut store = state.store()?;
+    if store.account(name)?.is_some() {
+        bail!("account {name} already exists");
+    }
+    let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
+    let identity = loaded
+        .ca
+        .issue_technician(name, &info, Validity::days_from_now(days))?;
+    let serial = PeerIdentity::from_certificate(identity.certificate())?.serial;
+    let bundle = Bundle::new(identity)?;
+    let protection = if legacy {
+        Protection::Legacy
+    } else {
+        Protection::Modern
+    };
+    let p12 = bundle.to_pkcs12(&password, protection)?;
+    // The bundle is written before the account is recorded: a failed write leaves no account
+    // without a bundle; a failed record removes the bundle again.
+    write_private_atomic(out, &p12).with_context(|| format!("writing {}", out.display()))?;
+    let ip = match store.create_account(&operator(), name, &serial, days) {
+        Ok(ip) => ip,
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            return Err(e.into());
+        }
+    };
+    println!(
+        "created account {name} (tunnel address {ip}); bundle written to {}",
+        out.display()
+    );
+    if generated {
+        println!("bundle password (shown once): {}", password.as_str());
+    }
+    let mut stdout = std::io::stdout();
+    stdout.flush()?;
+    Ok(())
+}
+
+fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::ExitCode> {
+    let store = state.store()?;
+    match cmd {
+        AuditCmd::List { json, since } => {
+            if let Some(s) = &since {
+                time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                    .with_context(|| {
+                        format!("--since {s}: expected RFC 3339 like 2026-11-27T10:00:00Z")
+                    })?;
+            }
+            for r in audit::list(store.conn(), since.as_deref())? {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{:>5} {} {:<28} {:<24} {}",
+                        r.id, r.time, r.event, r.actor, r.description
+                    );
+                }
+            }
+        }
+        AuditCmd::Verify => match audit::verify(store.conn())? {
+            Verdict::Intact { rows } => println!("audit log intact: {rows} rows verified"),
+            Verdict::Broken { row, why } => {
+                println!("audit log TAMPERED: first bad row is {row}: {why}");
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        },
+        AuditCmd::Export { format } => {
+            let rows = audit::list(store.conn(), None)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            if matches!(format, ExportFormat::Csv) {
+                writeln!(out, "id,time,actor,object,event,description,hash")?;
+            }
+            for r in rows {
+                match format {
+                    ExportFormat::Jsonl => writeln!(out, "{}", serde_json::to_string(&r)?)?,
+                    ExportFormat::Csv => writeln!(
+                        out,
+                        "{},{},{},{},{},{},{}",
+                        r.id,
+                        audit::csv_field(&r.time),
+                        audit::csv_field(&r.actor),
+                        audit::csv_field(&r.object),
+                        audit::csv_field(&r.event),
+                        audit::csv_field(&r.description),
+                        hex::encode(&r.hash)
+                    )?,
+                }
+            }
+            out.flush()?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -102,7 +102,10 @@ pub fn now_rfc3339() -> String {
 pub fn rfc3339(t: OffsetDateTime) -> String {
     // Second precision keeps the text sortable and readable; formatting a UTC time in RFC 3339
     // cannot fail for years 0..=9999.
-    t.replace_nanosecond(0).unwrap_or(t).format(&Rfc3339).unwrap_or_default()
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 /// A domain path: lower-case labels joined by dots (`acme.plant-a.line-3`).
@@ -116,7 +119,11 @@ impl FromStr for DomainPath {
         let ok = !s.is_empty()
             && s.len() <= 200
             && s.split('.').all(|l| {
-                !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                !l.is_empty()
+                    && l.len() <= 63
+                    && !l.starts_with('-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             });
         if ok {
             Ok(Self(s.to_owned()))
@@ -175,7 +182,9 @@ pub struct AccountRow {
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref().to_vec()
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -186,7 +195,10 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 fn tunnel_ip(id: i64) -> Result<Ipv4Addr> {
-    let id = u32::try_from(id).ok().filter(|i| *i < TUNNEL_SIZE - 2).ok_or_else(|| StoreError::Invalid("tunnel address space exhausted".into()))?;
+    let id = u32::try_from(id)
+        .ok()
+        .filter(|i| *i < TUNNEL_SIZE - 2)
+        .ok_or_else(|| StoreError::Invalid("tunnel address space exhausted".into()))?;
     Ok(Ipv4Addr::from(TUNNEL_BASE + id))
 }
 
@@ -217,15 +229,25 @@ impl Store {
     /// Changes when another connection (the CLI) commits: the server polls it to act on
     /// administrative changes at once.
     pub fn data_version(&self) -> Result<i64> {
-        Ok(self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
     fn tx(&mut self) -> Result<Transaction<'_>> {
-        Ok(self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+        Ok(self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
     }
 
     /// Records an event that changes nothing else (login, logout, refusal).
-    pub fn record(&mut self, actor: &Actor, object: &str, event: &str, description: &str) -> Result<()> {
+    pub fn record(
+        &mut self,
+        actor: &Actor,
+        object: &str,
+        event: &str,
+        description: &str,
+    ) -> Result<()> {
         let tx = self.tx()?;
         audit::append(&tx, actor, object, event, description)?;
         tx.commit()?;
@@ -237,8 +259,18 @@ impl Store {
         let now = now_rfc3339();
         let mut created = Vec::new();
         for d in path.lineage() {
-            if tx.execute("INSERT OR IGNORE INTO domains (name, created) VALUES (?1, ?2)", params![d, now])? == 1 {
-                audit::append(&tx, actor, &format!("domain:{d}"), "domain created", &format!("domain {d} created"))?;
+            if tx.execute(
+                "INSERT OR IGNORE INTO domains (name, created) VALUES (?1, ?2)",
+                params![d, now],
+            )? == 1
+            {
+                audit::append(
+                    &tx,
+                    actor,
+                    &format!("domain:{d}"),
+                    "domain created",
+                    &format!("domain {d} created"),
+                )?;
                 created.push(d);
             }
         }
@@ -250,25 +282,46 @@ impl Store {
     }
 
     fn domain_exists(tx: &Connection, d: &str) -> Result<bool> {
-        Ok(tx.query_row("SELECT 1 FROM domains WHERE name = ?1", [d], |_| Ok(())).optional()?.is_some())
+        Ok(tx
+            .query_row("SELECT 1 FROM domains WHERE name = ?1", [d], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     /// A one-time enrollment token for a site in `domain`, valid for `ttl`.
-    pub fn create_token(&mut self, actor: &Actor, domain: &DomainPath, ttl: Duration) -> Result<(String, String)> {
+    pub fn create_token(
+        &mut self,
+        actor: &Actor,
+        domain: &DomainPath,
+        ttl: Duration,
+    ) -> Result<(String, String)> {
         let tx = self.tx()?;
         if !Self::domain_exists(&tx, domain.as_str())? {
-            return Err(StoreError::NotFound(format!("domain {domain} (create it with `domain create {domain}`)")));
+            return Err(StoreError::NotFound(format!(
+                "domain {domain} (create it with `domain create {domain}`)"
+            )));
         }
         let token = hex::encode(random_bytes::<TOKEN_BYTES>());
         let now = OffsetDateTime::now_utc();
         let expires = rfc3339(now + ttl);
         tx.execute(
             "INSERT INTO tokens (hash, domain, created, expires) VALUES (?1, ?2, ?3, ?4)",
-            params![sha256(token.as_bytes()), domain.as_str(), rfc3339(now), expires],
+            params![
+                sha256(token.as_bytes()),
+                domain.as_str(),
+                rfc3339(now),
+                expires
+            ],
         )?;
         // The token itself never reaches the log: only a short fingerprint of its hash.
         let fp = &hex::encode(sha256(token.as_bytes()))[..12];
-        audit::append(&tx, actor, &format!("domain:{domain}"), "enrollment token created", &format!("token {fp}… valid until {expires}"))?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("domain:{domain}"),
+            "enrollment token created",
+            &format!("token {fp}… valid until {expires}"),
+        )?;
         tx.commit()?;
         Ok((token, expires))
     }
@@ -286,45 +339,103 @@ impl Store {
         let actor = Actor::Site(site.to_owned());
         let row: Option<(String, String, Option<String>)> = self
             .conn
-            .query_row("SELECT domain, expires, used FROM tokens WHERE hash = ?1", [&hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row(
+                "SELECT domain, expires, used FROM tokens WHERE hash = ?1",
+                [&hash],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?;
         let refusal = match &row {
             None => Some("unknown token"),
             Some((_, _, Some(_))) => Some("token already used"),
-            Some((_, expires, None)) if expires.as_str() < now_rfc3339().as_str() => Some("token expired"),
+            Some((_, expires, None)) if expires.as_str() < now_rfc3339().as_str() => {
+                Some("token expired")
+            }
             Some(_) => None,
         };
-        let exists = self.conn.query_row("SELECT 1 FROM sites WHERE name = ?1", [site], |_| Ok(())).optional()?.is_some();
+        let exists = self
+            .conn
+            .query_row("SELECT 1 FROM sites WHERE name = ?1", [site], |_| Ok(()))
+            .optional()?
+            .is_some();
         let refusal = refusal.or(exists.then_some("a site with this name is already enrolled"));
         if let Some(why) = refusal {
-            self.record(&actor, &format!("site:{site}"), "enrollment token refused", &format!("token {fp}…: {why}"))?;
+            self.record(
+                &actor,
+                &format!("site:{site}"),
+                "enrollment token refused",
+                &format!("token {fp}…: {why}"),
+            )?;
             return Err(StoreError::TokenRefused(why));
         }
-        let Some((domain, _, _)) = row else { return Err(StoreError::TokenRefused("unknown token")) };
+        let Some((domain, _, _)) = row else {
+            return Err(StoreError::TokenRefused("unknown token"));
+        };
         pinhole_certs::ca::check_name(site).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let (cert, serial) = issue().map_err(StoreError::Invalid)?;
         let tx = self.tx()?;
         let now = now_rfc3339();
         // Consume the token only if nobody else did meanwhile.
-        if tx.execute("UPDATE tokens SET used = ?1 WHERE hash = ?2 AND used IS NULL", params![now, hash])? != 1 {
+        if tx.execute(
+            "UPDATE tokens SET used = ?1 WHERE hash = ?2 AND used IS NULL",
+            params![now, hash],
+        )? != 1
+        {
             return Err(StoreError::TokenRefused("token already used"));
         }
-        tx.execute("INSERT INTO sites (name, domain, enrolled, serial) VALUES (?1, ?2, ?3, ?4)", params![site, domain, now, serial])?;
-        audit::append(&tx, &actor, &format!("domain:{domain}"), "enrollment token used", &format!("token {fp}… used by site {site}"))?;
-        audit::append(&tx, &actor, &format!("site:{site}"), "site enrolled", &format!("site {site} enrolled in domain {domain}"))?;
+        tx.execute(
+            "INSERT INTO sites (name, domain, enrolled, serial) VALUES (?1, ?2, ?3, ?4)",
+            params![site, domain, now, serial],
+        )?;
+        audit::append(
+            &tx,
+            &actor,
+            &format!("domain:{domain}"),
+            "enrollment token used",
+            &format!("token {fp}… used by site {site}"),
+        )?;
+        audit::append(
+            &tx,
+            &actor,
+            &format!("site:{site}"),
+            "site enrolled",
+            &format!("site {site} enrolled in domain {domain}"),
+        )?;
         tx.commit()?;
         Ok(cert)
     }
 
     /// Stores a new account with its certificate serial; returns its tunnel address.
-    pub fn create_account(&mut self, actor: &Actor, name: &str, serial: &[u8], days: i64) -> Result<Ipv4Addr> {
+    pub fn create_account(
+        &mut self,
+        actor: &Actor,
+        name: &str,
+        serial: &[u8],
+        days: i64,
+    ) -> Result<Ipv4Addr> {
         let tx = self.tx()?;
-        if tx.query_row("SELECT 1 FROM accounts WHERE name = ?1", [name], |_| Ok(())).optional()?.is_some() {
+        if tx
+            .query_row("SELECT 1 FROM accounts WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some()
+        {
             return Err(StoreError::Exists(format!("account {name}")));
         }
-        tx.execute("INSERT INTO accounts (name, created, serial) VALUES (?1, ?2, ?3)", params![name, now_rfc3339(), serial])?;
+        tx.execute(
+            "INSERT INTO accounts (name, created, serial) VALUES (?1, ?2, ?3)",
+            params![name, now_rfc3339(), serial],
+        )?;
         let ip = tunnel_ip(tx.last_insert_rowid())?;
-        audit::append(&tx, actor, &format!("account:{name}"), "account created", &format!("account {name} created; certificate {} valid {days} days; tunnel address {ip}", hex::encode(serial)))?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("account:{name}"),
+            "account created",
+            &format!(
+                "account {name} created; certificate {} valid {days} days; tunnel address {ip}",
+                hex::encode(serial)
+            ),
+        )?;
         tx.commit()?;
         Ok(ip)
     }
@@ -332,41 +443,91 @@ impl Store {
     pub fn close_account(&mut self, actor: &Actor, name: &str) -> Result<()> {
         let tx = self.tx()?;
         let row: Option<(Vec<u8>, Option<String>)> = tx
-            .query_row("SELECT serial, closed FROM accounts WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT serial, closed FROM accounts WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        let (serial, closed) = row.ok_or_else(|| StoreError::NotFound(format!("account {name}")))?;
+        let (serial, closed) =
+            row.ok_or_else(|| StoreError::NotFound(format!("account {name}")))?;
         if closed.is_some() {
-            return Err(StoreError::Invalid(format!("account {name} is already closed")));
+            return Err(StoreError::Invalid(format!(
+                "account {name} is already closed"
+            )));
         }
         let now = now_rfc3339();
-        tx.execute("UPDATE accounts SET closed = ?1 WHERE name = ?2", params![now, name])?;
-        tx.execute("INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)", params![serial, now])?;
-        audit::append(&tx, actor, &format!("account:{name}"), "account closed", &format!("account {name} closed; certificate {} revoked", hex::encode(&serial)))?;
+        tx.execute(
+            "UPDATE accounts SET closed = ?1 WHERE name = ?2",
+            params![now, name],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)",
+            params![serial, now],
+        )?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("account:{name}"),
+            "account closed",
+            &format!(
+                "account {name} closed; certificate {} revoked",
+                hex::encode(&serial)
+            ),
+        )?;
         tx.commit()?;
         Ok(())
     }
 
-    pub fn set_grant(&mut self, actor: &Actor, account: &str, domain: &DomainPath, granted: bool) -> Result<()> {
+    pub fn set_grant(
+        &mut self,
+        actor: &Actor,
+        account: &str,
+        domain: &DomainPath,
+        granted: bool,
+    ) -> Result<()> {
         let tx = self.tx()?;
-        if tx.query_row("SELECT 1 FROM accounts WHERE name = ?1", [account], |_| Ok(())).optional()?.is_none() {
+        if tx
+            .query_row("SELECT 1 FROM accounts WHERE name = ?1", [account], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_none()
+        {
             return Err(StoreError::NotFound(format!("account {account}")));
         }
         if !Self::domain_exists(&tx, domain.as_str())? {
             return Err(StoreError::NotFound(format!("domain {domain}")));
         }
         let changed = if granted {
-            tx.execute("INSERT OR IGNORE INTO grants (account, domain) VALUES (?1, ?2)", params![account, domain.as_str()])?
+            tx.execute(
+                "INSERT OR IGNORE INTO grants (account, domain) VALUES (?1, ?2)",
+                params![account, domain.as_str()],
+            )?
         } else {
-            tx.execute("DELETE FROM grants WHERE account = ?1 AND domain = ?2", params![account, domain.as_str()])?
+            tx.execute(
+                "DELETE FROM grants WHERE account = ?1 AND domain = ?2",
+                params![account, domain.as_str()],
+            )?
         };
         if changed == 0 {
             return Err(StoreError::Invalid(format!(
                 "account {account} {} domain {domain}",
-                if granted { "already has" } else { "has no grant for" }
+                if granted {
+                    "already has"
+                } else {
+                    "has no grant for"
+                }
             )));
         }
         let what = if granted { "granted" } else { "ungranted" };
-        audit::append(&tx, actor, &format!("account:{account}"), "grant changed", &format!("account {account} {what} domain {domain}"))?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("account:{account}"),
+            "grant changed",
+            &format!("account {account} {what} domain {domain}"),
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -382,14 +543,30 @@ impl Store {
         )?;
         let rows = stmt.query_map([], |r| {
             let grants: Option<String> = r.get(5)?;
-            Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, grants))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                grants,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
             let (id, name, created, closed, serial, grants) = row?;
-            let mut grants: Vec<String> = grants.map(|g| g.split(',').map(str::to_owned).collect()).unwrap_or_default();
+            let mut grants: Vec<String> = grants
+                .map(|g| g.split(',').map(str::to_owned).collect())
+                .unwrap_or_default();
             grants.sort();
-            out.push(AccountRow { name, created, closed, tunnel_ip: tunnel_ip(id)?, grants, serial });
+            out.push(AccountRow {
+                name,
+                created,
+                closed,
+                tunnel_ip: tunnel_ip(id)?,
+                grants,
+                serial,
+            });
         }
         Ok(out)
     }
@@ -416,15 +593,26 @@ impl Store {
 
     /// The sites an account may see: those in a granted domain or below it.
     pub fn inventory(&self, account: &str) -> Result<Vec<SiteView>> {
-        let Some(acct) = self.account(account)? else { return Ok(Vec::new()) };
+        let Some(acct) = self.account(account)? else {
+            return Ok(Vec::new());
+        };
         if acct.closed.is_some() {
             return Ok(Vec::new());
         }
         Ok(self
             .sites()?
             .into_iter()
-            .filter(|s| acct.grants.iter().any(|g| s.domain == *g || s.domain.starts_with(&format!("{g}."))))
-            .map(|s| SiteView { name: s.name, domain: s.domain, online: s.online, agents: s.agents })
+            .filter(|s| {
+                acct.grants
+                    .iter()
+                    .any(|g| s.domain == *g || s.domain.starts_with(&format!("{g}.")))
+            })
+            .map(|s| SiteView {
+                name: s.name,
+                domain: s.domain,
+                online: s.online,
+                agents: s.agents,
+            })
             .collect())
     }
 
@@ -436,14 +624,30 @@ impl Store {
 
     /// The certificate serial a site must present.
     pub fn site_serial(&self, site: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self.conn.query_row("SELECT serial FROM sites WHERE name = ?1", [site], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn
+            .query_row("SELECT serial FROM sites WHERE name = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()?)
     }
 
     /// A site said hello: online, and audit what changed since its last visit.
-    pub fn site_connected(&mut self, site: &str, software: &str, boot_id: &str, agents: &[Agent], from: &str) -> Result<()> {
+    pub fn site_connected(
+        &mut self,
+        site: &str,
+        software: &str,
+        boot_id: &str,
+        agents: &[Agent],
+        from: &str,
+    ) -> Result<()> {
         let tx = self.tx()?;
         let (old_sw, old_boot, old_agents): (Option<String>, Option<String>, String) = tx
-            .query_row("SELECT software, boot_id, agents FROM sites WHERE name = ?1", [site], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row(
+                "SELECT software, boot_id, agents FROM sites WHERE name = ?1",
+                [site],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("site {site}")))?;
         let actor = Actor::Site(site.to_owned());
@@ -453,15 +657,39 @@ impl Store {
             "UPDATE sites SET online = 1, last_seen = ?1, software = ?2, boot_id = ?3, agents = ?4 WHERE name = ?5",
             params![now_rfc3339(), software, boot_id, new_agents, site],
         )?;
-        audit::append(&tx, &actor, &object, "site connected", &format!("site {site} connected from {from}"))?;
+        audit::append(
+            &tx,
+            &actor,
+            &object,
+            "site connected",
+            &format!("site {site} connected from {from}"),
+        )?;
         if let Some(old) = old_boot.filter(|b| b != boot_id) {
-            audit::append(&tx, &actor, &object, "site rebooted", &format!("boot id changed from {old} to {boot_id}"))?;
+            audit::append(
+                &tx,
+                &actor,
+                &object,
+                "site rebooted",
+                &format!("boot id changed from {old} to {boot_id}"),
+            )?;
         }
         if let Some(old) = old_sw.filter(|s| s != software) {
-            audit::append(&tx, &actor, &object, "site software changed", &format!("software version changed from {old} to {software}"))?;
+            audit::append(
+                &tx,
+                &actor,
+                &object,
+                "site software changed",
+                &format!("software version changed from {old} to {software}"),
+            )?;
         }
         if old_agents != new_agents {
-            audit::append(&tx, &actor, &object, "site agents changed", &format!("old: {old_agents}; new: {new_agents}"))?;
+            audit::append(
+                &tx,
+                &actor,
+                &object,
+                "site agents changed",
+                &format!("old: {old_agents}; new: {new_agents}"),
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -469,25 +697,46 @@ impl Store {
 
     pub fn site_agents(&mut self, site: &str, agents: &[Agent]) -> Result<()> {
         let tx = self.tx()?;
-        let old: String = tx.query_row("SELECT agents FROM sites WHERE name = ?1", [site], |r| r.get(0))?;
+        let old: String =
+            tx.query_row("SELECT agents FROM sites WHERE name = ?1", [site], |r| {
+                r.get(0)
+            })?;
         let new = serde_json::to_string(agents).unwrap_or_else(|_| "[]".into());
         if old != new {
-            tx.execute("UPDATE sites SET agents = ?1 WHERE name = ?2", params![new, site])?;
-            audit::append(&tx, &Actor::Site(site.into()), &format!("site:{site}"), "site agents changed", &format!("old: {old}; new: {new}"))?;
+            tx.execute(
+                "UPDATE sites SET agents = ?1 WHERE name = ?2",
+                params![new, site],
+            )?;
+            audit::append(
+                &tx,
+                &Actor::Site(site.into()),
+                &format!("site:{site}"),
+                "site agents changed",
+                &format!("old: {old}; new: {new}"),
+            )?;
         }
         tx.commit()?;
         Ok(())
     }
 
     pub fn site_seen(&mut self, site: &str) -> Result<()> {
-        self.conn.execute("UPDATE sites SET last_seen = ?1 WHERE name = ?2", params![now_rfc3339(), site])?;
+        self.conn.execute(
+            "UPDATE sites SET last_seen = ?1 WHERE name = ?2",
+            params![now_rfc3339(), site],
+        )?;
         Ok(())
     }
 
     pub fn site_disconnected(&mut self, site: &str, event: &str, description: &str) -> Result<()> {
         let tx = self.tx()?;
         tx.execute("UPDATE sites SET online = 0 WHERE name = ?1", [site])?;
-        audit::append(&tx, &Actor::Site(site.into()), &format!("site:{site}"), event, description)?;
+        audit::append(
+            &tx,
+            &Actor::Site(site.into()),
+            &format!("site:{site}"),
+            event,
+            description,
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -504,7 +753,13 @@ impl Store {
             "INSERT INTO admins (name, password, must_change, created) VALUES (?1, ?2, 1, ?3)",
             params![name, password_hash, now_rfc3339()],
         )?;
-        audit::append(&tx, &Actor::System, &format!("admin:{name}"), "admin created", &format!("portal administrator {name} created with a one-time password"))?;
+        audit::append(
+            &tx,
+            &Actor::System,
+            &format!("admin:{name}"),
+            "admin created",
+            &format!("portal administrator {name} created with a one-time password"),
+        )?;
         tx.commit()?;
         Ok(())
     }
@@ -529,8 +784,14 @@ mod tests {
     #[test]
     fn domains_create_their_ancestors_and_refuse_bad_names() {
         let (_d, mut s) = store();
-        assert_eq!(s.create_domain(&ADMIN, &d("acme.plant-a")).expect("create"), ["acme", "acme.plant-a"]);
-        assert!(matches!(s.create_domain(&ADMIN, &d("acme.plant-a")), Err(StoreError::Exists(_))));
+        assert_eq!(
+            s.create_domain(&ADMIN, &d("acme.plant-a")).expect("create"),
+            ["acme", "acme.plant-a"]
+        );
+        assert!(matches!(
+            s.create_domain(&ADMIN, &d("acme.plant-a")),
+            Err(StoreError::Exists(_))
+        ));
         for bad in ["", "Acme", "a..b", "-x", "a b", "a/b"] {
             assert!(bad.parse::<DomainPath>().is_err(), "{bad}");
         }
@@ -542,15 +803,28 @@ mod tests {
         s.create_domain(&ADMIN, &d("acme.plant-a")).expect("a");
         s.create_domain(&ADMIN, &d("zeta")).expect("z");
         for (site, dom) in [("pa", "acme.plant-a"), ("z1", "zeta")] {
-            let (tok, _) = s.create_token(&ADMIN, &d(dom), Duration::from_secs(60)).expect("token");
-            s.enroll(&tok, site, || Ok((vec![1], vec![site.len() as u8]))).expect("enroll");
+            let (tok, _) = s
+                .create_token(&ADMIN, &d(dom), Duration::from_secs(60))
+                .expect("token");
+            s.enroll(&tok, site, || Ok((vec![1], vec![site.len() as u8])))
+                .expect("enroll");
         }
         s.create_account(&ADMIN, "alice", &[9], 365).expect("alice");
-        assert!(s.inventory("alice").expect("inv").is_empty(), "no grant, nothing visible");
-        s.set_grant(&ADMIN, "alice", &d("acme"), true).expect("grant");
-        let inv: Vec<String> = s.inventory("alice").expect("inv").into_iter().map(|v| v.name).collect();
+        assert!(
+            s.inventory("alice").expect("inv").is_empty(),
+            "no grant, nothing visible"
+        );
+        s.set_grant(&ADMIN, "alice", &d("acme"), true)
+            .expect("grant");
+        let inv: Vec<String> = s
+            .inventory("alice")
+            .expect("inv")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         assert_eq!(inv, ["pa"]);
-        s.set_grant(&ADMIN, "alice", &d("acme"), false).expect("ungrant");
+        s.set_grant(&ADMIN, "alice", &d("acme"), false)
+            .expect("ungrant");
         assert!(s.inventory("alice").expect("inv").is_empty());
     }
 
@@ -558,33 +832,85 @@ mod tests {
     fn tokens_are_one_time_and_expire() {
         let (_d, mut s) = store();
         s.create_domain(&ADMIN, &d("acme")).expect("a");
-        let (tok, _) = s.create_token(&ADMIN, &d("acme"), Duration::from_secs(60)).expect("token");
-        s.enroll(&tok, "site-1", || Ok((vec![1], vec![1]))).expect("first use");
-        assert!(matches!(s.enroll(&tok, "site-2", || Ok((vec![1], vec![2]))), Err(StoreError::TokenRefused("token already used"))));
-        assert!(matches!(s.enroll("bogus", "site-3", || Ok((vec![1], vec![3]))), Err(StoreError::TokenRefused("unknown token"))));
-        let (tok, _) = s.create_token(&ADMIN, &d("acme"), Duration::from_secs(1)).expect("token");
-        s.conn.execute("UPDATE tokens SET expires = '2000-01-01T00:00:00Z'", []).expect("age");
-        assert!(matches!(s.enroll(&tok, "site-4", || Ok((vec![1], vec![4]))), Err(StoreError::TokenRefused("token expired"))));
-        let events: Vec<String> = audit::list(s.conn(), None).expect("audit").into_iter().map(|r| r.event).collect();
-        assert_eq!(events.iter().filter(|e| *e == "enrollment token refused").count(), 3);
-        assert!(matches!(audit::verify(s.conn()).expect("verify"), audit::Verdict::Intact { .. }));
+        let (tok, _) = s
+            .create_token(&ADMIN, &d("acme"), Duration::from_secs(60))
+            .expect("token");
+        s.enroll(&tok, "site-1", || Ok((vec![1], vec![1])))
+            .expect("first use");
+        assert!(matches!(
+            s.enroll(&tok, "site-2", || Ok((vec![1], vec![2]))),
+            Err(StoreError::TokenRefused("token already used"))
+        ));
+        assert!(matches!(
+            s.enroll("bogus", "site-3", || Ok((vec![1], vec![3]))),
+            Err(StoreError::TokenRefused("unknown token"))
+        ));
+        let (tok, _) = s
+            .create_token(&ADMIN, &d("acme"), Duration::from_secs(1))
+            .expect("token");
+        s.conn
+            .execute("UPDATE tokens SET expires = '2000-01-01T00:00:00Z'", [])
+            .expect("age");
+        assert!(matches!(
+            s.enroll(&tok, "site-4", || Ok((vec![1], vec![4]))),
+            Err(StoreError::TokenRefused("token expired"))
+        ));
+        let events: Vec<String> = audit::list(s.conn(), None)
+            .expect("audit")
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| *e == "enrollment token refused")
+                .count(),
+            3
+        );
+        assert!(matches!(
+            audit::verify(s.conn()).expect("verify"),
+            audit::Verdict::Intact { .. }
+        ));
         // The token itself is in no audit row.
-        assert!(audit::list(s.conn(), None).expect("audit").iter().all(|r| !r.description.contains(&tok)));
+        assert!(
+            audit::list(s.conn(), None)
+                .expect("audit")
+                .iter()
+                .all(|r| !r.description.contains(&tok))
+        );
     }
 
     #[test]
     fn closing_revokes_and_hides_everything() {
         let (_d, mut s) = store();
         s.create_domain(&ADMIN, &d("acme")).expect("a");
-        let ip = s.create_account(&ADMIN, "alice", &[7, 7], 365).expect("alice");
+        let ip = s
+            .create_account(&ADMIN, "alice", &[7, 7], 365)
+            .expect("alice");
         assert_eq!(ip, Ipv4Addr::new(100, 64, 0, 2));
-        assert_eq!(s.create_account(&ADMIN, "bob", &[8], 365).expect("bob"), Ipv4Addr::new(100, 64, 0, 3));
-        s.set_grant(&ADMIN, "alice", &d("acme"), true).expect("grant");
+        assert_eq!(
+            s.create_account(&ADMIN, "bob", &[8], 365).expect("bob"),
+            Ipv4Addr::new(100, 64, 0, 3)
+        );
+        s.set_grant(&ADMIN, "alice", &d("acme"), true)
+            .expect("grant");
         s.close_account(&ADMIN, "alice").expect("close");
         assert!(s.revoked().expect("revoked").contains(&vec![7, 7]));
-        assert!(s.account("alice").expect("a").expect("exists").closed.is_some());
-        assert!(matches!(s.close_account(&ADMIN, "alice"), Err(StoreError::Invalid(_))));
-        assert!(matches!(s.create_account(&ADMIN, "alice", &[1], 365), Err(StoreError::Exists(_))));
+        assert!(
+            s.account("alice")
+                .expect("a")
+                .expect("exists")
+                .closed
+                .is_some()
+        );
+        assert!(matches!(
+            s.close_account(&ADMIN, "alice"),
+            Err(StoreError::Invalid(_))
+        ));
+        assert!(matches!(
+            s.create_account(&ADMIN, "alice", &[1], 365),
+            Err(StoreError::Exists(_))
+        ));
     }
 
     #[test]
@@ -593,7 +919,10 @@ mod tests {
         // Simulate a failing audit write: make inserts into audit abort.
         s.conn.execute_batch("CREATE TRIGGER fail BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;").expect("trigger");
         assert!(s.create_domain(&ADMIN, &d("acme")).is_err());
-        let n: i64 = s.conn.query_row("SELECT count(*) FROM domains", [], |r| r.get(0)).expect("count");
+        let n: i64 = s
+            .conn
+            .query_row("SELECT count(*) FROM domains", [], |r| r.get(0))
+            .expect("count");
         assert_eq!(n, 0, "the domain was not created without its audit record");
     }
 }

@@ -37,7 +37,17 @@ mod tests {
         assert_eq!(parse("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse("7d"), Ok(Duration::from_secs(604_800)));
-        for bad in ["", "10", "m", "0s", "1.5h", "-1h", "10 m", "1y", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "10",
+            "m",
+            "0s",
+            "1.5h",
+            "-1h",
+            "10 m",
+            "1y",
+            "99999999999999999999d",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }
