@@ -436,6 +436,12 @@ pub fn generate_site_key() -> Result<(Zeroizing<Vec<u8>>, Vec<u8>), IssueError> 
     Ok((Zeroizing::new(key.serialize_der()), spki))
 }
 
+/// The SubjectPublicKeyInfo (DER) of a PKCS#8 DER private key.
+pub fn spki_of_pkcs8(key_pkcs8: &[u8]) -> Result<Vec<u8>, IssueError> {
+    let key = KeyPair::try_from(key_pkcs8).map_err(|e| IssueError::BadPublicKey(e.to_string()))?;
+    Ok(rcgen::PublicKeyData::subject_public_key_info(&key))
+}
+
 /// Loads a PKCS#8 PEM key (any algorithm rcgen signs with).
 pub fn key_from_pem(pem: &str) -> Result<KeyPair, IssueError> {
     KeyPair::from_pem(pem).map_err(|e| IssueError::BadCa(format!("key: {e}")))

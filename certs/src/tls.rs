@@ -474,6 +474,20 @@ pub fn client_config(
     Ok(config)
 }
 
+/// A client configuration without a certificate: only for a site's enrollment, which the
+/// gateway limits to exactly that.
+pub fn enrollment_client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
 /// The gateway's server configuration: its certificate, and the client verifier.
 pub fn server_config(
     identity: &Identity,

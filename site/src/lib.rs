@@ -1,6 +1,10 @@
 //! pinhole-site: the site agent.
 //!
 //! What it is for: dials out to the gateway, pins its key on first use, reports the device
-//! agents and forwards a session's packets only to the device and ports of its agent.
+//! agents ([`config`]) and keeps the link up ([`agent`]); forwarding a session's packets to the
+//! device and ports of its agent follows.
 //!
 //! Must not depend on: the gateway crate; it speaks to the gateway only through the protocol.
+
+pub mod agent;
+pub mod config;

@@ -1,0 +1,465 @@
+//! The site agent's main loop: enroll once, then stay connected to the gateway.
+//!
+//! State directory (0700): `site.key` (0600, generated here, never leaves the site),
+//! `site.crt` and `ca.crt` (from enrollment), `gateway.pin` (0600, the gateway's key, pinned on
+//! first use).
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pinhole_certs::ca::{generate_site_key, pem_decode, pem_encode};
+use pinhole_certs::fsutil::write_private_atomic;
+use pinhole_certs::tls::{self, key_refused};
+use pinhole_certs::{GatewayAddress, Identity, KeyRefused, TofuServerVerifier, TofuStore};
+use pinhole_proto::{Backoff, CloseReason, ErrorCode, SiteCore, SiteEvent, SiteHello};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tracing::{error, info, warn};
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+
+/// A TCP connect plus TLS handshake to one gateway address must finish this soon.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the switch input is read: the issue allows a 1 s poll, and a file read per second
+/// costs nothing.
+const SWITCH_POLL: Duration = Duration::from_secs(1);
+
+const READ_BUFFER: usize = 16 * 1024;
+
+/// Paths in the site's state directory.
+#[derive(Debug, Clone)]
+pub struct SiteState {
+    root: PathBuf,
+}
+
+impl SiteState {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn pin_store(&self) -> TofuStore {
+        TofuStore::new(self.root.join("gateway.pin"))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn ensure(&self) -> anyhow::Result<()> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))?;
+        Ok(())
+    }
+
+    /// The enrolled identity, if enrollment happened.
+    fn identity(&self) -> anyhow::Result<Option<Identity>> {
+        let (Ok(cert), Ok(key), Ok(ca)) = (
+            fs::read_to_string(self.path("site.crt")),
+            fs::read_to_string(self.path("site.key")).map(Zeroizing::new),
+            fs::read_to_string(self.path("ca.crt")),
+        ) else {
+            return Ok(None);
+        };
+        let cert = pem_decode("CERTIFICATE", &cert).context("site.crt is not PEM")?;
+        let ca = pem_decode("CERTIFICATE", &ca).context("ca.crt is not PEM")?;
+        let key = Zeroizing::new(pem_decode("PRIVATE KEY", &key).context("site.key is not PEM")?);
+        let id = Identity::from_parts(
+            key,
+            vec![CertificateDer::from(cert), CertificateDer::from(ca)],
+        )
+        .context("site.key does not belong to site.crt")?;
+        Ok(Some(id))
+    }
+
+    /// The site's key: made once, kept.
+    fn key(&self) -> anyhow::Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+        let path = self.path("site.key");
+        if let Ok(pem) = fs::read_to_string(&path) {
+            let der =
+                Zeroizing::new(pem_decode("PRIVATE KEY", &pem).context("site.key is not PEM")?);
+            let spki = pinhole_certs::ca::spki_of_pkcs8(&der).context("site.key")?;
+            return Ok((der, spki));
+        }
+        let (der, spki) = generate_site_key()?;
+        write_private_atomic(&path, pem_encode("PRIVATE KEY", &der).as_bytes())
+            .context("writing site.key")?;
+        Ok((der, spki))
+    }
+}
+
+/// The kernel's boot id: changes at every boot, so the gateway can log reboots.
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Randomness for backoff jitter only (not for anything secret).
+fn jitter() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+fn server_name(addr: &GatewayAddress) -> anyhow::Result<ServerName<'static>> {
+    Ok(match addr.ip() {
+        Some(ip) => ServerName::IpAddress(ip.into()),
+        None => ServerName::try_from(addr.host().to_owned()).context("gateway host name")?,
+    })
+}
+
+/// Dials the gateway addresses in order; the first that completes a handshake wins.
+async fn dial(
+    gateways: &[GatewayAddress],
+    config: rustls::ClientConfig,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let connector = TlsConnector::from(Arc::new(config));
+    let mut errors = Vec::new();
+    for addr in gateways {
+        let attempt = async {
+            let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
+            tcp.set_nodelay(true)?;
+            connector
+                .connect(server_name(addr).map_err(std::io::Error::other)?, tcp)
+                .await
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => {
+                if let Some(refused) = key_refused(&e) {
+                    return Err(anyhow::Error::new(refused));
+                }
+                errors.push(format!("{addr}: {e}"));
+            }
+            Err(_) => errors.push(format!("{addr}: timed out")),
+        }
+    }
+    bail!("gateway unreachable ({})", errors.join("; "))
+}
+
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Sig {
+    Reload,
+    Stop,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.hup.recv() => Sig::Reload,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.int.recv() => Sig::Stop,
+        }
+    }
+}
+
+/// How a connected period ended.
+enum Outcome {
+    Stop,
+    /// Lost or refused; `worked` says whether the gateway had accepted the site.
+    Lost {
+        worked: bool,
+    },
+    SwitchedOff,
+    /// Enrollment succeeded: connect at once.
+    Enrolled,
+}
+
+/// The site agent.
+pub struct SiteAgent {
+    config_path: PathBuf,
+    config: Config,
+    state: SiteState,
+}
+
+impl std::fmt::Debug for SiteAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteAgent")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteAgent {
+    pub fn new(config_path: &Path, state: &Path) -> anyhow::Result<Self> {
+        let config = Config::load(config_path)?;
+        Ok(Self {
+            config_path: config_path.to_owned(),
+            config,
+            state: SiteState::new(state),
+        })
+    }
+
+    fn switched_on(&self) -> bool {
+        self.config.switch.as_ref().is_none_or(|s| s.enabled())
+    }
+
+    /// Re-reads site.toml; a bad file is reported and the running configuration kept.
+    fn reload(&mut self) -> bool {
+        match Config::load(&self.config_path) {
+            Ok(c) => {
+                let changed = c != self.config;
+                self.config = c;
+                info!(changed, "configuration reloaded");
+                changed
+            }
+            Err(e) => {
+                error!(error = %e, "configuration reload refused; keeping the running configuration");
+                false
+            }
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        self.state.ensure()?;
+        let mut signals = Signals::new()?;
+        let mut backoff = Backoff::new();
+        let tofu = self.state.pin_store();
+        loop {
+            if !self.switched_on() {
+                info!("remote access is switched off: staying away from the gateway");
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(SWITCH_POLL) => if self.switched_on() { break },
+                        sig = signals.next() => match sig {
+                            Sig::Stop => return Ok(()),
+                            Sig::Reload => { self.reload(); }
+                        },
+                    }
+                }
+                info!("remote access is switched on");
+            }
+            let outcome = match self.state.identity()? {
+                Some(identity) => self.connected(&identity, &tofu, &mut signals).await,
+                None => self.enroll(&tofu).await.map(|()| Outcome::Enrolled),
+            };
+            let worked = match outcome {
+                Ok(Outcome::Stop) => return Ok(()),
+                Ok(Outcome::SwitchedOff | Outcome::Enrolled) => continue,
+                Ok(Outcome::Lost { worked }) => worked,
+                Err(e) => {
+                    if e.downcast_ref::<KeyRefused>().is_some() {
+                        error!(
+                            error = %e,
+                            "the gateway's key does not match the key pinned at first connection — possible interception; \
+                             not connected. If the gateway was really replaced, run `pinhole-site repin --state {}`",
+                            self.state.root.display()
+                        );
+                    } else if e.downcast_ref::<Fatal>().is_some() {
+                        return Err(e);
+                    } else {
+                        warn!(error = %format!("{e:#}"), "not connected");
+                    }
+                    false
+                }
+            };
+            if worked {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay(jitter());
+            info!(
+                delay_ms = delay.as_millis() as u64,
+                "reconnecting after a pause"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                sig = signals.next() => match sig {
+                    Sig::Stop => return Ok(()),
+                    Sig::Reload => { self.reload(); }
+                },
+            }
+        }
+    }
+
+    async fn enroll(&self, tofu: &TofuStore) -> anyhow::Result<()> {
+        let Some(token) = self.config.token.clone() else {
+            return Err(Fatal("this site is not enrolled and site.toml has no `token`: create one with `pinhole-gateway site-token create DOMAIN`".into()).into());
+        };
+        info!(site = %self.config.name, "enrolling with the gateway");
+        let (_key, spki) = self.state.key()?;
+        let config = tls::enrollment_client_config(TofuServerVerifier::new(tofu.clone()))?;
+        let mut stream = dial(&self.config.gateways, config).await?;
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned()
+            .context("the gateway sent no certificate")?;
+        let now = Instant::now();
+        let mut core = SiteCore::enroll(now, &token, &self.config.name, &spki);
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            while let Some(b) = core.poll_transmit() {
+                stream.write_all(&b).await?;
+            }
+            while let Some(ev) = core.poll_event() {
+                match ev {
+                    SiteEvent::Enrolled { certificate, ca } => {
+                        tofu.confirm(&peer)?;
+                        fs::write(self.state.path("ca.crt"), pem_encode("CERTIFICATE", &ca))?;
+                        write_private_atomic(
+                            &self.state.path("site.crt"),
+                            pem_encode("CERTIFICATE", &certificate).as_bytes(),
+                        )?;
+                        info!(site = %self.config.name, pin = %pinhole_certs::Pin::of_certificate(&peer)?, "enrolled; gateway key pinned");
+                        return Ok(());
+                    }
+                    SiteEvent::Closed(CloseReason::Error {
+                        code: ErrorCode::TokenRefused,
+                        text,
+                    }) => {
+                        return Err(Fatal(format!(
+                            "{text} (ask the gateway operator for a new token)"
+                        ))
+                        .into());
+                    }
+                    SiteEvent::Closed(reason) => bail!("enrollment failed: {reason:?}"),
+                    _ => {}
+                }
+            }
+            let timeout = core
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + DIAL_TIMEOUT);
+            tokio::select! {
+                r = stream.read(&mut buf) => match r? {
+                    0 => bail!("the gateway closed the connection during enrollment"),
+                    n => core.handle_input(&buf[..n], Instant::now()),
+                },
+                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    async fn connected(
+        &mut self,
+        identity: &Identity,
+        tofu: &TofuStore,
+        signals: &mut Signals,
+    ) -> anyhow::Result<Outcome> {
+        let config = tls::client_config(identity, TofuServerVerifier::new(tofu.clone()))?;
+        let stream = dial(&self.config.gateways, config).await?;
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .cloned()
+            .context("the gateway sent no certificate")?;
+        if let pinhole_certs::TofuOutcome::Recorded(pin) = tofu.confirm(&peer)? {
+            info!(%pin, "gateway key pinned (first use)");
+        }
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let hello = SiteHello {
+            software: env!("CARGO_PKG_VERSION").into(),
+            boot_id: boot_id(),
+            heartbeat: self.config.heartbeat,
+            agents: self.config.agents.clone(),
+        };
+        let mut core = SiteCore::new(Instant::now(), hello);
+        let mut buf = vec![0u8; READ_BUFFER];
+        let mut switch_tick = tokio::time::interval(SWITCH_POLL);
+        let mut worked = false;
+        loop {
+            while let Some(ev) = core.poll_event() {
+                match ev {
+                    SiteEvent::Welcomed => {
+                        worked = true;
+                        info!(site = %self.config.name, agents = self.config.agents.len(), "connected to the gateway");
+                    }
+                    SiteEvent::SessionOpen { session, .. } => {
+                        core.session_refused(
+                            session,
+                            "this site does not forward device sessions yet",
+                            Instant::now(),
+                        );
+                    }
+                    SiteEvent::Closed(CloseReason::Error { code, text }) => {
+                        warn!(?code, %text, "the gateway ended the connection");
+                    }
+                    SiteEvent::Closed(reason) => warn!(?reason, "connection to the gateway lost"),
+                    _ => {}
+                }
+            }
+            while let Some(b) = core.poll_transmit() {
+                if wr.write_all(&b).await.is_err() {
+                    return Ok(Outcome::Lost { worked });
+                }
+            }
+            if core.is_closed() {
+                let _ = wr.shutdown().await;
+                return Ok(Outcome::Lost { worked });
+            }
+            let timeout = core
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            tokio::select! {
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => {
+                        warn!("connection to the gateway lost");
+                        return Ok(Outcome::Lost { worked });
+                    }
+                    Ok(n) => core.handle_input(&buf[..n], Instant::now()),
+                },
+                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+                _ = switch_tick.tick() => if !self.switched_on() {
+                    info!("remote access switched off: closing the gateway connection");
+                    let _ = wr.shutdown().await;
+                    return Ok(Outcome::SwitchedOff);
+                },
+                sig = signals.next() => match sig {
+                    Sig::Stop => {
+                        let _ = wr.shutdown().await;
+                        return Ok(Outcome::Stop);
+                    }
+                    Sig::Reload => {
+                        let before = (self.config.name.clone(), self.config.gateways.clone());
+                        if self.reload() {
+                            if before != (self.config.name.clone(), self.config.gateways.clone()) {
+                                info!("name or gateway changed: reconnecting");
+                                let _ = wr.shutdown().await;
+                                return Ok(Outcome::Lost { worked: true });
+                            }
+                            core.update_agents(self.config.agents.clone(), Instant::now());
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// An error that retrying cannot fix (no token, token refused): the agent stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fatal(String);
