@@ -1,13 +1,202 @@
-//! `pinhole`: see the crate documentation.
+//! `pinhole`: the technician's command line.
+#![allow(clippy::print_stdout)] // a CLI prints for its user
 
-use clap::Parser;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
 
-/// Pinhole client.
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use pinhole::control::{Request, Response, socket_path};
+use zeroize::Zeroizing;
+
+/// Pinhole: reach one industrial device through your gateway, and nothing else.
+///
+/// Import the bundle your administrator gave you once, then log in. The `pinholed` daemon must
+/// be running; PINHOLE_SOCKET names its socket if it is not the default.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the client is not built yet; see README.md for the project status")
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Store your PKCS#12 bundle with the daemon (it stays encrypted).
+    Import {
+        file: PathBuf,
+        /// Read the password from this file (first line) instead of asking.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Unlock the bundle and log in to the gateway it names.
+    Login {
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// List the sites and device agents you may use.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the connection state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Log out.
+    Logout,
+}
+
+fn password(file: Option<&PathBuf>) -> anyhow::Result<Zeroizing<String>> {
+    match file {
+        Some(p) => {
+            let text = Zeroizing::new(
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            );
+            let line = text.lines().next().unwrap_or("");
+            if line.is_empty() {
+                bail!(
+                    "{} is empty: the first line must hold the password",
+                    p.display()
+                );
+            }
+            Ok(Zeroizing::new(line.to_owned()))
+        }
+        None => Ok(Zeroizing::new(
+            rpassword::prompt_password("Bundle password: ")
+                .context("reading the password from the terminal (or use --password-file)")?,
+        )),
+    }
+}
+
+fn call(req: &Request) -> anyhow::Result<Response> {
+    let path = socket_path();
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach pinholed at {} (is it running? PINHOLE_SOCKET overrides the path)",
+            path.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = Zeroizing::new(serde_json::to_vec(req)?);
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("reading the daemon's answer")?;
+    if reply.is_empty() {
+        bail!("pinholed closed the connection without answering");
+    }
+    Ok(serde_json::from_str(&reply).context("the daemon's answer is malformed")?)
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pinhole: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let response = match &cli.command {
+        Command::Import {
+            file,
+            password_file,
+        } => {
+            let data =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            if data.len() > pinhole_certs::bundle::MAX_BUNDLE_LEN {
+                bail!("{} is too large to be a bundle", file.display());
+            }
+            let pw = password(password_file.as_ref())?;
+            call(&Request::Import {
+                bundle: hex::encode(&data),
+                password: pw.to_string(),
+            })?
+        }
+        Command::Login { password_file } => {
+            let pw = password(password_file.as_ref())?;
+            call(&Request::Login {
+                password: pw.to_string(),
+            })?
+        }
+        Command::Ls { .. } => call(&Request::List)?,
+        Command::Status { .. } => call(&Request::Status)?,
+        Command::Logout => call(&Request::Logout)?,
+    };
+    let json = matches!(
+        cli.command,
+        Command::Ls { json: true } | Command::Status { json: true }
+    );
+    match response {
+        Response::Ok { message } => println!("{message}"),
+        Response::Error { message } => bail!("{message}"),
+        Response::Status(s) if json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Response::Status(s) => {
+            println!("state:       {:?}", s.state);
+            if let Some(a) = &s.account {
+                println!("account:     {a}");
+            }
+            if let Some(g) = &s.gateway {
+                println!("gateway:     {g}");
+            }
+            if let Some(ip) = s.tunnel_ip {
+                println!("tunnel:      {ip}");
+            }
+            if let Some(t) = &s.since {
+                println!("since:       {t}");
+            }
+            if let Some(t) = &s.certificate_expires {
+                println!("certificate: valid until {t}");
+            }
+            println!("sites:       {}", s.sites);
+            if let Some(e) = &s.last_error {
+                println!("last error:  {e}");
+            }
+        }
+        Response::Inventory { sites } if json => {
+            println!("{}", serde_json::to_string_pretty(&sites)?)
+        }
+        Response::Inventory { sites } => {
+            if sites.is_empty() {
+                println!("no sites: your account has no grants, or none of its sites is enrolled");
+            }
+            println!(
+                "{:<20} {:<20} {:<12} {:<16} {:<20} ONLINE",
+                "SITE", "AGENT", "TYPE", "DEVICE", "PORTS"
+            );
+            for s in sites {
+                if s.agents.is_empty() {
+                    println!(
+                        "{:<20} {:<20} {:<12} {:<16} {:<20} {}",
+                        s.name,
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        if s.online { "yes" } else { "no" }
+                    );
+                }
+                for a in &s.agents {
+                    println!(
+                        "{:<20} {:<20} {:<12} {:<16} {:<20} {}",
+                        s.name,
+                        a.name,
+                        a.kind.to_string(),
+                        a.address.to_string(),
+                        a.ports_text(),
+                        if s.online { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

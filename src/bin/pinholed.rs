@@ -1,13 +1,44 @@
-//! `pinholed`: see the crate documentation.
+//! `pinholed`: the Pinhole client daemon (runs as root).
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Parser;
 
-/// Pinhole client.
+/// Pinhole client daemon: keeps the technician's bundle, logs in to the gateway and keeps the
+/// link up. The `pinhole` command talks to it; root and members of the `pinhole` group may.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {}
+#[command(version, about, long_about)]
+struct Cli {
+    /// State directory: the imported bundle (still encrypted).
+    #[arg(long, default_value = "/var/lib/pinhole")]
+    state: PathBuf,
+    /// Control socket (PINHOLE_SOCKET overrides the default for both programs).
+    #[arg(long, env = "PINHOLE_SOCKET", default_value = pinhole::control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("the client is not built yet; see README.md for the project status")
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pinholed: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,354 @@
+//! The daemon's link to the gateway: log in, keep the inventory, reconnect after a loss
+//! (never after the account was closed or the gateway's key stopped matching).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pinhole_certs::tls::{self, key_refused};
+use pinhole_certs::{Bundle, GatewayAddress, PinnedServerVerifier};
+use pinhole_proto::{Backoff, ClientCore, ClientEvent, CloseReason, ErrorCode, SiteView};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::TlsConnector;
+use tracing::{info, warn};
+
+use crate::control::{LinkState, Status};
+
+/// TCP connect and TLS handshake to one address must finish this soon.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `pinhole ls` waits this long for a fresh inventory before answering from the cache.
+const LIST_TIMEOUT: Duration = Duration::from_secs(3);
+
+const READ_BUFFER: usize = 16 * 1024;
+
+/// What a technician reads when the gateway's key is not the pinned one.
+pub const PIN_MISMATCH: &str =
+    "the gateway's key does not match your certificate — possible interception; not connected";
+
+pub const ACCOUNT_CLOSED: &str = "your account was closed; ask your administrator";
+
+/// Commands from the control socket to the link task.
+#[derive(Debug)]
+pub enum LinkCmd {
+    Logout(oneshot::Sender<()>),
+    List(oneshot::Sender<Vec<SiteView>>),
+}
+
+/// Why a connection attempt or a connected period ended.
+#[derive(Debug)]
+enum End {
+    /// Worth retrying (network loss, gateway restart).
+    Retry(String),
+    /// Not worth retrying: the technician must act.
+    Fatal(String),
+    Logout,
+}
+
+/// A rustls alert or verifier verdict behind an I/O error, in a technician's words.
+fn classify(e: &io::Error) -> End {
+    if key_refused(e).is_some() {
+        return End::Fatal(PIN_MISMATCH.into());
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(err) = source {
+        if let Some(rustls::Error::AlertReceived(alert)) = err.downcast_ref::<rustls::Error>() {
+            return match alert {
+                rustls::AlertDescription::CertificateRevoked => End::Fatal(ACCOUNT_CLOSED.into()),
+                rustls::AlertDescription::CertificateExpired => End::Fatal(
+                    "your certificate has expired; ask your administrator for a new bundle".into(),
+                ),
+                other => End::Fatal(format!("the gateway refused your certificate ({other:?})")),
+            };
+        }
+        source = err.source();
+    }
+    End::Retry(e.to_string())
+}
+
+fn server_name(addr: &GatewayAddress) -> Option<ServerName<'static>> {
+    match addr.ip() {
+        Some(ip) => Some(ServerName::IpAddress(ip.into())),
+        None => ServerName::try_from(addr.host().to_owned()).ok(),
+    }
+}
+
+type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn dial(bundle: &Bundle) -> Result<(Stream, GatewayAddress), End> {
+    let config = tls::client_config(
+        bundle.identity(),
+        PinnedServerVerifier::new(bundle.gateway().pin()),
+    )
+    .map_err(|e| End::Fatal(format!("TLS setup: {e}")))?;
+    let connector = TlsConnector::from(Arc::new(config));
+    let mut tried = Vec::new();
+    for addr in bundle.gateway().addresses() {
+        let Some(name) = server_name(addr) else {
+            continue;
+        };
+        let attempt = async {
+            let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(name, tcp).await
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
+            Ok(Ok(stream)) => return Ok((stream, addr.clone())),
+            Ok(Err(e)) => match classify(&e) {
+                End::Retry(why) => tried.push(format!("{addr}: {why}")),
+                fatal => return Err(fatal),
+            },
+            Err(_) => tried.push(format!("{addr}: timed out")),
+        }
+    }
+    Err(End::Retry(format!(
+        "gateway unreachable (tried {})",
+        tried.join("; ")
+    )))
+}
+
+fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
+    f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+fn jitter() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+/// Runs the link until logout or a fatal refusal. `first` gets the outcome of the first
+/// attempt: `pinhole login` reports it and the link gives up if it failed.
+pub async fn run(
+    bundle: Bundle,
+    status: Arc<Mutex<Status>>,
+    inventory: Arc<Mutex<Vec<SiteView>>>,
+    mut cmds: mpsc::Receiver<LinkCmd>,
+    first: oneshot::Sender<Result<String, String>>,
+) {
+    let mut first = Some(first);
+    let mut backoff = Backoff::new();
+    loop {
+        update(&status, |s| {
+            s.state = if first.is_some() {
+                LinkState::Connecting
+            } else {
+                LinkState::Reconnecting
+            };
+        });
+        let end = match dial(&bundle).await {
+            Ok((stream, addr)) => {
+                connected(
+                    stream,
+                    &addr,
+                    &status,
+                    &inventory,
+                    &mut cmds,
+                    &mut first,
+                    &mut backoff,
+                )
+                .await
+            }
+            Err(end) => end,
+        };
+        match end {
+            End::Logout => {
+                update(&status, |s| {
+                    s.state = LinkState::LoggedOut;
+                    s.tunnel_ip = None;
+                    s.since = None;
+                });
+                inventory.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                return;
+            }
+            End::Fatal(why) | End::Retry(why) if first.is_some() => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(why.clone()));
+                }
+                update(&status, |s| {
+                    s.state = LinkState::Failed;
+                    s.last_error = Some(why);
+                });
+                return;
+            }
+            End::Fatal(why) => {
+                warn!(reason = %why, "link ended; not reconnecting");
+                update(&status, |s| {
+                    s.state = LinkState::Failed;
+                    s.last_error = Some(why);
+                    s.tunnel_ip = None;
+                    s.since = None;
+                    s.sites = 0;
+                });
+                inventory.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                return;
+            }
+            End::Retry(why) => {
+                let delay = backoff.next_delay(jitter());
+                info!(reason = %why, delay_ms = delay.as_millis() as u64, "gateway link lost; reconnecting");
+                update(&status, |s| {
+                    s.state = LinkState::Reconnecting;
+                    s.last_error = Some(why);
+                });
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        cmd = cmds.recv() => match cmd {
+                            None => return,
+                            Some(LinkCmd::Logout(done)) => {
+                                update(&status, |s| { s.state = LinkState::LoggedOut; s.tunnel_ip = None; s.since = None; });
+                                let _ = done.send(());
+                                return;
+                            }
+                            Some(LinkCmd::List(tx)) => {
+                                let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn connected(
+    stream: Stream,
+    addr: &GatewayAddress,
+    status: &Mutex<Status>,
+    inventory: &Mutex<Vec<SiteView>>,
+    cmds: &mut mpsc::Receiver<LinkCmd>,
+    first: &mut Option<oneshot::Sender<Result<String, String>>>,
+    backoff: &mut Backoff,
+) -> End {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut core = ClientCore::new(
+        Instant::now(),
+        env!("CARGO_PKG_VERSION"),
+        pinhole_proto::client::CLIENT_HEARTBEAT,
+    );
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut waiting_list: Vec<oneshot::Sender<Vec<SiteView>>> = Vec::new();
+    let mut logout: Option<oneshot::Sender<()>> = None;
+    let end = loop {
+        let mut end = None;
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                ClientEvent::LoggedIn {
+                    account,
+                    tunnel_ip,
+                    sites,
+                } => {
+                    backoff.reset();
+                    info!(%account, gateway = %addr, sites = sites.len(), "logged in");
+                    update(status, |s| {
+                        s.state = LinkState::LoggedIn;
+                        s.gateway = Some(addr.to_string());
+                        s.tunnel_ip = tunnel_ip;
+                        s.sites = sites.len();
+                        s.last_error = None;
+                        if s.since.is_none() {
+                            s.since = Some(crate::now_rfc3339());
+                        }
+                    });
+                    let n = sites.len();
+                    *inventory.lock().unwrap_or_else(|p| p.into_inner()) = sites;
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Ok(format!(
+                            "logged in as {account} at {addr}; {n} site(s) available"
+                        )));
+                    }
+                }
+                ClientEvent::Inventory(sites) => {
+                    update(status, |s| s.sites = sites.len());
+                    *inventory.lock().unwrap_or_else(|p| p.into_inner()) = sites.clone();
+                    for tx in waiting_list.drain(..) {
+                        let _ = tx.send(sites.clone());
+                    }
+                }
+                ClientEvent::Closed(CloseReason::Error {
+                    code: ErrorCode::AccountClosed,
+                    ..
+                }) => end = Some(End::Fatal(ACCOUNT_CLOSED.into())),
+                ClientEvent::Closed(CloseReason::Error { code, text }) => {
+                    end = Some(match code {
+                        ErrorCode::Shutdown | ErrorCode::Replaced | ErrorCode::Internal => {
+                            End::Retry(format!("the gateway ended the link: {text}"))
+                        }
+                        _ => End::Fatal(format!("the gateway refused: {text}")),
+                    });
+                }
+                ClientEvent::Closed(CloseReason::Timeout) => {
+                    end = Some(End::Retry("the gateway stopped answering".into()))
+                }
+                ClientEvent::Closed(CloseReason::Protocol(p)) => {
+                    end = Some(End::Retry(format!("protocol error: {p}")))
+                }
+                ClientEvent::Closed(CloseReason::Local) => end = Some(End::Logout),
+                _ => {}
+            }
+        }
+        while let Some(b) = core.poll_transmit() {
+            if let Err(e) = wr.write_all(&b).await {
+                end.get_or_insert(classify(&e));
+                break;
+            }
+        }
+        if let Some(end) = end {
+            break end;
+        }
+        if core.is_closed() {
+            break End::Logout;
+        }
+        let timeout = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) => break End::Retry("the gateway closed the connection".into()),
+                Err(e) => break classify(&e),
+                Ok(n) => core.handle_input(&buf[..n], Instant::now()),
+            },
+            _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+            cmd = cmds.recv() => match cmd {
+                None => break End::Logout,
+                Some(LinkCmd::Logout(done)) => {
+                    core.logout(Instant::now());
+                    logout = Some(done);
+                }
+                Some(LinkCmd::List(tx)) => {
+                    if core.is_logged_in() {
+                        core.list(Instant::now());
+                        waiting_list.push(tx);
+                    } else {
+                        let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
+                    }
+                }
+            },
+        }
+    };
+    // Answer waiting `ls` from the cache; flush a logout.
+    for tx in waiting_list.drain(..) {
+        let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
+    }
+    while let Some(b) = core.poll_transmit() {
+        if wr.write_all(&b).await.is_err() {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
+    if let Some(done) = logout {
+        let _ = done.send(());
+    }
+    end
+}
+
+/// How long `ls` waits for the gateway's fresh answer.
+pub fn list_timeout() -> Duration {
+    LIST_TIMEOUT
+}
