@@ -100,7 +100,7 @@ impl Daemon {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn read_bundle(&self, password: &str) -> Result<Bundle, Response> {
+    fn read_bundle(&self, password: &str) -> Result<Bundle, String> {
         let data = match fs::read(&self.bundle_path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -111,8 +111,8 @@ impl Daemon {
             Err(e) => return Err(error(format!("cannot read the stored bundle: {e}"))),
         };
         Bundle::from_pkcs12(&data, password).map_err(|e| match e {
-            BundleError::WrongPassword => error("wrong password"),
-            other => error(format!("the stored bundle is unusable: {other}")),
+            BundleError::WrongPassword => "wrong password".to_owned(),
+            other => format!("the stored bundle is unusable: {other}"),
         })
     }
 
@@ -182,7 +182,7 @@ impl Daemon {
                 }
                 let bundle = match self.read_bundle(&password) {
                     Ok(b) => b,
-                    Err(r) => return r,
+                    Err(message) => return error(message),
                 };
                 let expires = bundle.peer().not_after;
                 if expires < time::OffsetDateTime::now_utc() {
