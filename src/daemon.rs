@@ -104,11 +104,9 @@ impl Daemon {
         let data = match fs::read(&self.bundle_path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(error(
-                    "no bundle imported: run `pinhole import FILE.p12` first",
-                ));
+                return Err("no bundle imported: run `pinhole import FILE.p12` first".into());
             }
-            Err(e) => return Err(error(format!("cannot read the stored bundle: {e}"))),
+            Err(e) => return Err(format!("cannot read the stored bundle: {e}")),
         };
         Bundle::from_pkcs12(&data, password).map_err(|e| match e {
             BundleError::WrongPassword => "wrong password".to_owned(),
