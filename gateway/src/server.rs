@@ -413,7 +413,10 @@ async fn run_link(
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     gw.unregister(id);
     let reason = close_reason.unwrap_or(CloseReason::Local);
-    debug!(?reason, "closed");
+    match &reason {
+        CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
+        other => debug!(reason = ?other, "closed"),
+    }
     if !welcomed {
         return;
     }

@@ -110,18 +110,25 @@ impl Link {
             Ok(Some(Frame::Control(json))) => match Message::from_json(&json) {
                 Ok(Message::Heartbeat) => self.next_input(),
                 Ok(m) => Some(Input::Message(m)),
-                Err(e) => {
-                    let reason = CloseReason::Protocol(format!("malformed message: {e}"));
-                    self.close(reason.clone());
-                    Some(Input::Failed(reason))
-                }
+                Err(e) => Some(self.fail(format!("malformed message: {e}"))),
             },
-            Err(e) => {
-                let reason = CloseReason::Protocol(e.to_string());
-                self.close(reason.clone());
-                Some(Input::Failed(reason))
-            }
+            Err(e) => Some(self.fail(e.to_string())),
         }
+    }
+
+    /// A protocol violation: tell the peer why (its last frame), then close.
+    fn fail(&mut self, what: String) -> Input {
+        let now = self.last_received;
+        self.send(
+            &Message::Error {
+                code: ErrorCode::Protocol,
+                text: what.clone(),
+            },
+            now,
+        );
+        let reason = CloseReason::Protocol(what);
+        self.close(reason.clone());
+        Input::Failed(reason)
     }
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Vec<u8>> {
