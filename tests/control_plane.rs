@@ -532,3 +532,53 @@ fn switch_off_keeps_the_site_away() {
         site.log()
     );
 }
+
+#[test]
+fn sighup_reloads_agents_and_the_gateway_audits_the_change() {
+    let w = world();
+    let (p12, pw) = w.gw.account("hank");
+    w.gw.ok(&["grant", "hank", "acme"]);
+    let client = Client::start(w.dir.path(), "hank");
+    client.import_and_login(&p12, &pw);
+    let text = std::fs::read_to_string(&w.site_a.config).expect("read");
+    std::fs::write(
+        &w.site_a.config,
+        format!("{text}[[agent]]\nname = \"hmi-1\"\ntype = \"http\"\naddress = \"192.168.0.20\"\n"),
+    )
+    .expect("write");
+    let pid = w.site_a.proc.as_ref().expect("site").pid();
+    assert!(
+        run(Command::new("kill").args(["-HUP", &pid.to_string()]))
+            .status
+            .success()
+    );
+    assert!(
+        wait_until(T, || w.gw.ok(&["sites"]).contains("hmi-1")),
+        "{}",
+        w.site_a.log()
+    );
+    // The technician's inventory follows.
+    assert!(wait_until(T, || client.ls()[0]["agents"]
+        .as_array()
+        .is_some_and(|a| a.len() == 2)));
+    let events = w.gw.audit_events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("site agents changed | site:plant-a") && e.contains("hmi-1")),
+        "{events:#?}"
+    );
+    // A broken file on reload is refused and the running agents stay.
+    std::fs::write(&w.site_a.config, "name = \"plant-a\"\nbogus = 1\n").expect("write");
+    assert!(
+        run(Command::new("kill").args(["-HUP", &pid.to_string()]))
+            .status
+            .success()
+    );
+    assert!(wait_until(T, || w
+        .site_a
+        .log()
+        .contains("configuration reload refused")));
+    assert!(w.gw.site_online("plant-a"));
+    assert!(w.gw.ok(&["sites"]).contains("hmi-1"));
+}

@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pinhole_certs::tls::{self, key_refused};
+use pinhole_certs::tls::{self, Anonymous, key_refused};
 use pinhole_certs::{
     CertificateAuthority, GatewayClientVerifier, Identity, KeyRefused, PinnedServerVerifier,
     RevocationList, TofuOutcome, TofuServerVerifier, TofuStore, Validity,
@@ -42,12 +42,18 @@ async fn serve_once(
     ca: &CertificateAuthority,
     revoked: Arc<Revoked>,
 ) -> ServerSide {
-    let verifier = GatewayClientVerifier::new(
-        ca.certificate(),
-        revoked,
-        pinhole_certs::tls::Anonymous::Refuse,
-    )
-    .expect("verifier");
+    serve_once_with(listener, server, ca, revoked, Anonymous::Refuse).await
+}
+
+async fn serve_once_with(
+    listener: TcpListener,
+    server: &Identity,
+    ca: &CertificateAuthority,
+    revoked: Arc<Revoked>,
+    anonymous: Anonymous,
+) -> ServerSide {
+    let verifier =
+        GatewayClientVerifier::new(ca.certificate(), revoked, anonymous).expect("verifier");
     let config = tls::server_config(server, verifier).expect("server config");
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tcp, _) = listener.accept().await.expect("accept");
@@ -427,4 +433,56 @@ async fn openssl_client_negotiates_tls13_aes_gcm_and_a_nist_group() {
     // An offer with ChaCha20 only finds no common suite.
     let (server, text) = s_client(&w, &["-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"]).await;
     assert!(server.handshake.is_err(), "{text}");
+}
+
+#[tokio::test]
+async fn enrollment_mode_admits_no_certificate_but_still_refuses_a_bad_one() {
+    let w = common::World::new();
+    // No certificate at all: admitted (the protocol then allows enrollment only).
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let config =
+        tls::enrollment_client_config(PinnedServerVerifier::new(w.info.pin())).expect("config");
+    let connector = TlsConnector::from(Arc::new(config));
+    let (server, anon) = tokio::join!(
+        serve_once_with(
+            listener,
+            &w.server,
+            &w.ca,
+            Arc::default(),
+            Anonymous::AllowEnrollment
+        ),
+        async {
+            let tcp = TcpStream::connect(addr).await?;
+            let mut s = connector
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await?;
+            s.write_all(b"ping").await?;
+            let mut reply = Vec::new();
+            s.read_to_end(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        }
+    );
+    assert_eq!(anon.expect("anonymous"), b"pong");
+    assert_eq!(server.peer_name, None);
+    // A certificate from a foreign CA is not downgraded to anonymous: it is refused.
+    let foreign = common::World::new();
+    let mallory = foreign
+        .ca
+        .issue_technician("mallory", &w.info, Validity::days_from_now(30))
+        .expect("foreign");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (server, refused) = tokio::join!(
+        serve_once_with(
+            listener,
+            &w.server,
+            &w.ca,
+            Arc::default(),
+            Anonymous::AllowEnrollment
+        ),
+        client(addr, &mallory, PinnedServerVerifier::new(w.info.pin()))
+    );
+    assert!(server.handshake.is_err(), "{server:?}");
+    assert!(refused.map(|r| r.is_empty()).unwrap_or(true));
 }
