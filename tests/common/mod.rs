@@ -19,7 +19,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace` (cargo test --workspace builds it)",
+        "{} is missing: run the tests with `tests/run`, which builds every binary first",
         path.display()
     );
     path
