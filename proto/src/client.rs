@@ -33,6 +33,7 @@ pub enum ClientEvent {
     SessionClosed {
         session: u32,
         reason: String,
+        agent: Option<String>,
     },
     Data {
         session: u32,
@@ -141,9 +142,19 @@ impl ClientCore {
                 self.events
                     .push_back(ClientEvent::SessionRefused { session, reason });
             }
-            (true, Message::SessionClose { session, reason }) => {
-                self.events
-                    .push_back(ClientEvent::SessionClosed { session, reason });
+            (
+                true,
+                Message::SessionClose {
+                    session,
+                    reason,
+                    agent,
+                },
+            ) => {
+                self.events.push_back(ClientEvent::SessionClosed {
+                    session,
+                    reason,
+                    agent,
+                });
             }
             (logged_in, other) => {
                 self.protocol_error(format!(
@@ -173,11 +184,13 @@ impl ClientCore {
         );
     }
 
-    pub fn close_session(&mut self, session: u32, reason: &str, now: Instant) {
+    /// Closes a session, or with `agent` only that agent's part of it.
+    pub fn close_session(&mut self, session: u32, agent: Option<&str>, reason: &str, now: Instant) {
         self.link.send(
             &Message::SessionClose {
                 session,
                 reason: reason.into(),
+                agent: agent.map(str::to_owned),
             },
             now,
         );

@@ -65,6 +65,7 @@ pub enum GatewayEvent {
     SessionClose {
         session: u32,
         reason: String,
+        agent: Option<String>,
     },
     Data {
         session: u32,
@@ -256,9 +257,20 @@ impl GatewayCore {
                 self.events
                     .push_back(GatewayEvent::SessionRefused { session, reason });
             }
-            (Phase::Running, _, Message::SessionClose { session, reason }) => {
-                self.events
-                    .push_back(GatewayEvent::SessionClose { session, reason });
+            (
+                Phase::Running,
+                _,
+                Message::SessionClose {
+                    session,
+                    reason,
+                    agent,
+                },
+            ) => {
+                self.events.push_back(GatewayEvent::SessionClose {
+                    session,
+                    reason,
+                    agent,
+                });
             }
             (phase, _, other) => {
                 self.violation(format!("unexpected `{}` ({phase:?})", other.kind()), now)

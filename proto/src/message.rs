@@ -11,7 +11,7 @@
 //! | `inventory_update`| gateway → client       | the inventory changed (a site went on- or offline, a grant changed) |
 //! | `agents`          | site → gateway         | the site's agents changed (config reload) |
 //! | `heartbeat`       | both ways              | sent after `heartbeat_secs` of silence; 3 missed intervals end the link |
-//! | `session_open`    | client → gateway → site| open a session to `site/agent` with the client's WireGuard key |
+//! | `session_open`    | client → gateway → site| open a session to `site/agent` with the client's WireGuard key; the same session id again adds an agent of the same site to its tunnel |
 //! | `session_opened`  | site → gateway → client| the site's WireGuard key and the agent (device address, ports) |
 //! | `session_refused` | gateway/site → client  | with a reason a technician can read |
 //! | `session_close`   | any                    | the session ends, with a reason |
@@ -128,9 +128,13 @@ pub enum Message {
         session: u32,
         reason: String,
     },
+    /// Ends a session, or with `agent` only that agent's part of it (one tunnel per site may
+    /// carry several agents).
     SessionClose {
         session: u32,
         reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
     },
     Logout,
     Error {

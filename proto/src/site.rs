@@ -27,6 +27,7 @@ pub enum SiteEvent {
     SessionClose {
         session: u32,
         reason: String,
+        agent: Option<String>,
     },
     Data {
         session: u32,
@@ -152,9 +153,16 @@ impl SiteCore {
                     tunnel_ip,
                 });
             }
-            Message::SessionClose { session, reason } if self.welcomed => {
-                self.events
-                    .push_back(SiteEvent::SessionClose { session, reason });
+            Message::SessionClose {
+                session,
+                reason,
+                agent,
+            } if self.welcomed => {
+                self.events.push_back(SiteEvent::SessionClose {
+                    session,
+                    reason,
+                    agent,
+                });
             }
             other => self.close(CloseReason::Protocol(format!(
                 "unexpected `{}`",
@@ -189,11 +197,13 @@ impl SiteCore {
         );
     }
 
-    pub fn close_session(&mut self, session: u32, reason: &str, now: Instant) {
+    /// Closes a session, or with `agent` only that agent's part of it.
+    pub fn close_session(&mut self, session: u32, agent: Option<&str>, reason: &str, now: Instant) {
         self.link.send(
             &Message::SessionClose {
                 session,
                 reason: reason.into(),
+                agent: agent.map(str::to_owned),
             },
             now,
         );
