@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::audit::Actor;
+use crate::relay::{AgentClosed, Relay};
 use crate::state::{Loaded, StateDir};
 use crate::store::{Store, StoreError};
 
@@ -32,10 +33,6 @@ pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A TLS handshake must finish this soon; a peer that stalls it holds no resources for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Commands queued to one link's task. Small and bounded: a link that does not keep up with
-/// its own commands is not worth more memory.
-const COMMAND_QUEUE: usize = 16;
 
 /// Read buffer per link.
 const READ_BUFFER: usize = 16 * 1024;
@@ -60,12 +57,21 @@ enum Command {
     Refuse(ErrorCode, String),
     /// Send the technician a fresh inventory.
     PushInventory,
+    /// Send a (session) message.
+    Send(Message),
 }
+
+/// Datagrams queued towards one link. Bounded: a peer that reads slower than its sessions
+/// send loses its own datagrams (WireGuard and TCP inside recover), and nobody else waits.
+/// 1024 datagrams of up to ~1.5 KB bound the memory a stalled peer can pin at ~1.5 MB.
+const DATA_QUEUE: usize = 1024;
 
 #[derive(Debug)]
 struct LinkEntry {
     auth: PeerAuth,
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::UnboundedSender<Command>,
+    data: mpsc::Sender<(u32, Vec<u8>)>,
+    running: bool,
 }
 
 struct Gateway {
@@ -73,6 +79,7 @@ struct Gateway {
     revoked: Arc<Revoked>,
     links: Mutex<BTreeMap<u64, LinkEntry>>,
     next_link: Mutex<u64>,
+    relay: Mutex<Relay>,
     loaded: Loaded,
 }
 
@@ -86,16 +93,145 @@ impl Gateway {
         })
     }
 
-    fn register(&self, auth: PeerAuth) -> (u64, mpsc::Receiver<Command>) {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    fn register(
+        &self,
+        auth: PeerAuth,
+    ) -> (
+        u64,
+        mpsc::UnboundedReceiver<Command>,
+        mpsc::Receiver<(u32, Vec<u8>)>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (data, data_rx) = mpsc::channel(DATA_QUEUE);
         let mut next = self.next_link.lock().unwrap_or_else(|p| p.into_inner());
         *next += 1;
         let id = *next;
+        self.links.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            id,
+            LinkEntry {
+                auth,
+                tx,
+                data,
+                running: false,
+            },
+        );
+        (id, rx, data_rx)
+    }
+
+    fn set_running(&self, id: u64) {
+        if let Some(l) = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+        {
+            l.running = true;
+        }
+    }
+
+    fn relay(&self) -> std::sync::MutexGuard<'_, Relay> {
+        self.relay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a message to one link (a no-op if it is gone).
+    fn send_to(&self, link: u64, m: Message) {
+        if let Some(l) = self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&link)
+        {
+            let _ = l.tx.send(Command::Send(m));
+        }
+    }
+
+    /// The live, welcomed link of a site.
+    fn site_link(&self, site: &str) -> Option<u64> {
         self.links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, LinkEntry { auth, tx });
-        (id, rx)
+            .iter()
+            .find(|(_, l)| l.running && matches!(&l.auth, PeerAuth::Site(n) if n == site))
+            .map(|(id, _)| *id)
+    }
+
+    /// Queues a datagram for a link; on a full queue the datagram is dropped and counted.
+    fn forward_data(&self, link: u64, session: u32, counted_on: u32, datagram: Vec<u8>) {
+        let full = match self
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&link)
+        {
+            Some(l) => l.data.try_send((session, datagram)).is_err(),
+            None => false,
+        };
+        if full {
+            self.relay().count_drop(counted_on);
+        }
+    }
+
+    /// Ends a whole session: tells both ends (except `skip`), records it.
+    fn end_session(&self, gsid: u32, reason: &str, skip: Option<u64>) {
+        let Some(s) = self.relay().close(gsid) else {
+            return;
+        };
+        if skip != Some(s.client_link) {
+            self.send_to(
+                s.client_link,
+                Message::SessionClose {
+                    session: s.client_sid,
+                    reason: reason.into(),
+                    agent: None,
+                },
+            );
+        }
+        if skip != Some(s.site_link) {
+            self.send_to(
+                s.site_link,
+                Message::SessionClose {
+                    session: gsid,
+                    reason: reason.into(),
+                    agent: None,
+                },
+            );
+        }
+        self.record_closed(&s, reason);
+    }
+
+    fn record_closed(&self, s: &crate::relay::Session, reason: &str) {
+        let secs = s.started.elapsed().as_secs();
+        let text = format!(
+            "session to {} closed after {secs} s ({reason}); {} bytes to the site, {} bytes from it; {} datagrams dropped",
+            s.site, s.up, s.down, s.dropped
+        );
+        info!(account = %s.account, site = %s.site, up = s.up, down = s.down, "session closed");
+        let _ = self.with_store(|st| {
+            st.record(
+                &Actor::Account(s.account.clone()),
+                &format!("site:{}", s.site),
+                "session closed",
+                &text,
+            )
+        });
+    }
+
+    /// Ends the sessions whose account lost its grant for the site.
+    fn enforce_grants(&self) {
+        let sessions: Vec<(u32, String, String)> = self
+            .relay()
+            .all()
+            .map(|(id, s)| (*id, s.account.clone(), s.site.clone()))
+            .collect();
+        for (gsid, account, site) in sessions {
+            let visible = self
+                .with_store(|st| st.inventory(&account))
+                .map(|inv| inv.iter().any(|v| v.name == site))
+                .unwrap_or(false);
+            if !visible {
+                self.end_session(gsid, "access to the site was withdrawn", None);
+            }
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -111,7 +247,7 @@ impl Gateway {
         for (id, l) in links.iter() {
             if matches(*id, &l.auth) {
                 // A full queue means the link is already behind; it gets the next push.
-                let _ = l.tx.try_send(cmd());
+                let _ = l.tx.send(cmd());
             }
         }
     }
@@ -143,6 +279,7 @@ impl Gateway {
             |_, a| matches!(a, PeerAuth::Technician(n) if closed.contains(n)),
             || Command::Refuse(ErrorCode::AccountClosed, "your account was closed".into()),
         );
+        self.enforce_grants();
         self.push_inventories();
     }
 }
@@ -166,6 +303,7 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
         revoked,
         links: Mutex::new(BTreeMap::new()),
         next_link: Mutex::new(0),
+        relay: Mutex::new(Relay::new()),
         loaded,
     });
 
@@ -342,7 +480,7 @@ async fn run_link(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     debug!("connected");
-    let (id, mut commands) = gw.register(auth.clone());
+    let (id, mut commands, mut data) = gw.register(auth.clone());
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut core = GatewayCore::new(Instant::now(), auth.clone());
     let mut buf = vec![0u8; READ_BUFFER];
@@ -387,7 +525,9 @@ async fn run_link(
                 }
             },
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+            Some((session, datagram)) = data.recv() => core.send_data(session, &datagram, Instant::now()),
             Some(cmd) = commands.recv() => match cmd {
+                Command::Send(m) => core.send(&m, Instant::now()),
                 Command::Refuse(code, text) => {
                     info!(?code, %text, "ending link");
                     core.refuse(code, &text, Instant::now());
@@ -412,6 +552,13 @@ async fn run_link(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
     gw.unregister(id);
+    let why = match &auth {
+        PeerAuth::Site(_) => "the site disconnected",
+        _ => "the technician disconnected",
+    };
+    for gsid in gw.relay().of_link(id) {
+        gw.end_session(gsid, why, Some(id));
+    }
     let reason = close_reason.unwrap_or(CloseReason::Local);
     match &reason {
         CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
@@ -531,6 +678,7 @@ fn on_event(
                 Ok(Ok((ip, sites))) => {
                     info!(account = %name, "login ok");
                     *welcomed = true;
+                    gw.set_running(id);
                     core.welcome(&name, Some(ip), Some(sites), now);
                 }
                 Ok(Err((code, text))) => {
@@ -565,6 +713,7 @@ fn on_event(
                 Ok(()) => {
                     info!(site = %name, agents = agents.len(), heartbeat_secs = heartbeat.as_secs(), "site online");
                     *welcomed = true;
+                    gw.set_running(id);
                     core.welcome(&name, None, None, now);
                     gw.push_inventories();
                 }
@@ -615,20 +764,293 @@ fn on_event(
             }
         }
         (PeerAuth::Site(name), GatewayEvent::Agents(agents)) => {
+            let before: Vec<pinhole_proto::Agent> = gw
+                .with_store(|s| s.sites())
+                .ok()
+                .and_then(|sites| sites.into_iter().find(|s| s.name == name))
+                .map(|s| s.agents)
+                .unwrap_or_default();
             match gw.with_store(|s| s.site_agents(&name, &agents)) {
-                Ok(()) => gw.push_inventories(),
+                Ok(()) => {
+                    let changed: Vec<String> = before
+                        .iter()
+                        .filter(|a| !agents.contains(a))
+                        .map(|a| a.name.clone())
+                        .collect();
+                    let sessions: Vec<(u32, Vec<String>)> = gw
+                        .relay()
+                        .all()
+                        .filter(|(_, s)| s.site_link == id)
+                        .map(|(g, s)| {
+                            (
+                                *g,
+                                s.agents
+                                    .iter()
+                                    .chain(s.pending.iter())
+                                    .filter(|a| changed.contains(a))
+                                    .cloned()
+                                    .collect(),
+                            )
+                        })
+                        .collect();
+                    for (gsid, gone) in sessions {
+                        for agent in gone {
+                            close_from(
+                                gw,
+                                gsid,
+                                Some(agent),
+                                "the site's agent configuration changed",
+                                id,
+                                false,
+                            );
+                        }
+                    }
+                    gw.push_inventories();
+                }
                 Err(e) => fail_closed(core, &e),
             }
         }
-        (PeerAuth::Technician(_), GatewayEvent::SessionOpen { session, .. }) => {
-            core.send(
-                &Message::SessionRefused {
-                    session,
-                    reason: "this gateway does not open device sessions yet".into(),
+        (
+            PeerAuth::Technician(account),
+            GatewayEvent::SessionOpen {
+                session,
+                site,
+                agent,
+                key,
+            },
+        ) => {
+            open_session(gw, id, core, &account, session, &site, &agent, &key);
+        }
+        (
+            PeerAuth::Site(site),
+            GatewayEvent::SessionOpened {
+                session,
+                key,
+                agent,
+            },
+        ) => {
+            let confirmed = gw
+                .relay()
+                .confirm(id, session, &agent.name)
+                .map(|s| (s.client_link, s.client_sid, s.account.clone()));
+            if let Some((client_link, client_sid, account)) = confirmed {
+                let _ = gw.with_store(|st| {
+                    st.record(
+                        &Actor::Account(account.clone()),
+                        &format!("site:{site}"),
+                        "session opened",
+                        &format!(
+                            "{account} connected to {site}/{} ({} {})",
+                            agent.name,
+                            agent.address,
+                            agent.ports_text()
+                        ),
+                    )
+                });
+                info!(%account, %site, agent = %agent.name, "session opened");
+                gw.send_to(
+                    client_link,
+                    Message::SessionOpened {
+                        session: client_sid,
+                        key,
+                        agent,
+                    },
+                );
+            }
+        }
+        (PeerAuth::Site(site), GatewayEvent::SessionRefused { session, reason }) => {
+            let Some(s) = gw
+                .relay()
+                .get(session)
+                .filter(|s| s.site_link == id)
+                .cloned()
+            else {
+                return;
+            };
+            let _ = gw.with_store(|st| {
+                st.record(
+                    &Actor::Site(site.clone()),
+                    &format!("account:{}", s.account),
+                    "session refused",
+                    &format!("site {site} refused: {reason}"),
+                )
+            });
+            gw.send_to(
+                s.client_link,
+                Message::SessionRefused {
+                    session: s.client_sid,
+                    reason: format!("the site refused: {reason}"),
                 },
-                now,
             );
+            for a in s.pending.iter() {
+                if let Some(AgentClosed::SessionEnded(_)) = gw.relay().close_agent(session, a) {}
+            }
+        }
+        (
+            PeerAuth::Technician(_),
+            GatewayEvent::SessionClose {
+                session,
+                reason,
+                agent,
+            },
+        ) => {
+            let Some(gsid) = gw.relay().of_client(id, session) else {
+                return;
+            };
+            close_from(gw, gsid, agent, &reason, id, true);
+        }
+        (
+            PeerAuth::Site(_),
+            GatewayEvent::SessionClose {
+                session,
+                reason,
+                agent,
+            },
+        ) => {
+            if gw.relay().get(session).is_some_and(|s| s.site_link == id) {
+                close_from(gw, session, agent, &reason, id, false);
+            }
+        }
+        (PeerAuth::Technician(_), GatewayEvent::Data { session, datagram }) => {
+            let route = gw.relay().route_up(id, session, datagram.len());
+            if let Some((site_link, gsid)) = route {
+                gw.forward_data(site_link, gsid, gsid, datagram);
+            }
+        }
+        (PeerAuth::Site(_), GatewayEvent::Data { session, datagram }) => {
+            let route = gw.relay().route_down(id, session, datagram.len());
+            if let Some((client_link, csid)) = route {
+                gw.forward_data(client_link, csid, session, datagram);
+            }
         }
         (_, ev) => debug!(?ev, "ignored"),
+    }
+}
+
+/// A technician asks for `site/agent`: check the grant, the site and the agent, then ask the
+/// site.
+#[allow(clippy::too_many_arguments)]
+fn open_session(
+    gw: &Gateway,
+    id: u64,
+    core: &mut GatewayCore,
+    account: &str,
+    session: u32,
+    site: &str,
+    agent: &str,
+    key: &str,
+) {
+    let now = Instant::now();
+    let actor = Actor::Account(account.to_owned());
+    let object = format!("site:{site}");
+    let refuse = |core: &mut GatewayCore, reason: String| {
+        info!(%account, %site, %agent, %reason, "session refused");
+        let _ = gw.with_store(|st| {
+            st.record(
+                &actor,
+                &object,
+                "session refused",
+                &format!("{account} asked for {site}/{agent}: {reason}"),
+            )
+        });
+        core.send(&Message::SessionRefused { session, reason }, now);
+    };
+    if gw
+        .with_store(|st| {
+            st.record(
+                &actor,
+                &object,
+                "session requested",
+                &format!("{account} asked for {site}/{agent}"),
+            )
+        })
+        .is_err()
+    {
+        core.send(
+            &Message::SessionRefused {
+                session,
+                reason: "the gateway could not record the request".into(),
+            },
+            now,
+        );
+        return;
+    }
+    let inventory = match gw.with_store(|st| st.inventory(account)) {
+        Ok(i) => i,
+        Err(e) => return refuse(core, format!("registry error: {e}")),
+    };
+    let Some(view) = inventory.into_iter().find(|v| v.name == site) else {
+        return refuse(core, format!("you have no access to site {site}"));
+    };
+    if !view.agents.iter().any(|a| a.name == agent) {
+        return refuse(core, format!("site {site} has no agent {agent}"));
+    }
+    let Some(site_link) = gw.site_link(site) else {
+        return refuse(core, format!("site {site} is offline or switched off"));
+    };
+    let tunnel_ip = gw
+        .with_store(|st| st.account(account))
+        .ok()
+        .flatten()
+        .map(|a| a.tunnel_ip);
+    match gw
+        .relay()
+        .request(account, id, session, site, site_link, agent, now)
+    {
+        Ok(gsid) => gw.send_to(
+            site_link,
+            Message::SessionOpen {
+                session: gsid,
+                site: site.into(),
+                agent: agent.into(),
+                key: key.into(),
+                tunnel_ip,
+            },
+        ),
+        Err(reason) => refuse(core, reason),
+    }
+}
+
+/// One side closed a session or one agent of it: tell the other side, record the end.
+fn close_from(
+    gw: &Gateway,
+    gsid: u32,
+    agent: Option<String>,
+    reason: &str,
+    from: u64,
+    from_client: bool,
+) {
+    let Some(s) = gw.relay().get(gsid).cloned() else {
+        return;
+    };
+    let (other, other_sid) = if from_client {
+        (s.site_link, gsid)
+    } else {
+        (s.client_link, s.client_sid)
+    };
+    match agent {
+        None => gw.end_session(gsid, reason, Some(from)),
+        Some(a) => {
+            let closed = gw.relay().close_agent(gsid, &a);
+            gw.send_to(
+                other,
+                Message::SessionClose {
+                    session: other_sid,
+                    reason: reason.into(),
+                    agent: Some(a.clone()),
+                },
+            );
+            let _ = gw.with_store(|st| {
+                st.record(
+                    &Actor::Account(s.account.clone()),
+                    &format!("site:{}", s.site),
+                    "session agent closed",
+                    &format!("{}/{a} disconnected ({reason})", s.site),
+                )
+            });
+            if let Some(AgentClosed::SessionEnded(ended)) = closed {
+                gw.record_closed(&ended, reason);
+            }
+        }
     }
 }
