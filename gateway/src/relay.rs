@@ -52,16 +52,16 @@ impl Relay {
 
     /// Records a request for `agent`: a new session, or the client's existing session to the
     /// same site. Returns the global id.
+    /// `client` is (link, the client's session id); `site` is (name, link).
     pub fn request(
         &mut self,
         account: &str,
-        client_link: u64,
-        client_sid: u32,
-        site: &str,
-        site_link: u64,
+        client: (u64, u32),
+        site: (&str, u64),
         agent: &str,
         now: Instant,
     ) -> Result<u32, String> {
+        let ((client_link, client_sid), (site, site_link)) = (client, site);
         if let Some(&gsid) = self.by_client.get(&(client_link, client_sid)) {
             let s = self.sessions.get_mut(&gsid).ok_or("session vanished")?;
             if s.site != site {
@@ -215,10 +215,17 @@ mod tests {
         );
         assert!(r.confirm(2, g, "plc").is_some());
         // A second agent of the same site joins the same tunnel.
-        assert_eq!(r.request("alice", 1, 7, "plant-a", 2, "hmi", now), Ok(g));
-        assert!(r.request("alice", 1, 7, "plant-b", 4, "x", now).is_err());
+        assert_eq!(
+            r.request("alice", (1, 7), ("plant-a", 2), "hmi", now),
+            Ok(g)
+        );
         assert!(
-            r.request("alice", 1, 7, "plant-a", 2, "hmi", now).is_err(),
+            r.request("alice", (1, 7), ("plant-b", 4), "x", now)
+                .is_err()
+        );
+        assert!(
+            r.request("alice", (1, 7), ("plant-a", 2), "hmi", now)
+                .is_err(),
             "twice"
         );
         r.confirm(2, g, "hmi").expect("hmi");

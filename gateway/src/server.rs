@@ -66,6 +66,9 @@ enum Command {
 /// 1024 datagrams of up to ~1.5 KB bound the memory a stalled peer can pin at ~1.5 MB.
 const DATA_QUEUE: usize = 1024;
 
+/// Datagrams for one link: (session id as that peer knows it, WireGuard datagram).
+type DataReceiver = mpsc::Receiver<(u32, Vec<u8>)>;
+
 #[derive(Debug)]
 struct LinkEntry {
     auth: PeerAuth,
@@ -93,14 +96,7 @@ impl Gateway {
         })
     }
 
-    fn register(
-        &self,
-        auth: PeerAuth,
-    ) -> (
-        u64,
-        mpsc::UnboundedReceiver<Command>,
-        mpsc::Receiver<(u32, Vec<u8>)>,
-    ) {
+    fn register(&self, auth: PeerAuth) -> (u64, mpsc::UnboundedReceiver<Command>, DataReceiver) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (data, data_rx) = mpsc::channel(DATA_QUEUE);
         let mut next = self.next_link.lock().unwrap_or_else(|p| p.into_inner());
