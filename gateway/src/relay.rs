@@ -203,7 +203,7 @@ mod tests {
         let mut r = Relay::new();
         let now = Instant::now();
         let g = r
-            .request("alice", 1, 7, "plant-a", 2, "plc", now)
+            .request("alice", (1, 7), ("plant-a", 2), "plc", now)
             .expect("request");
         assert!(
             r.route_up(1, 7, 100).is_some(),
@@ -254,13 +254,13 @@ mod tests {
         let mut r = Relay::new();
         let now = Instant::now();
         let a = r
-            .request("alice", 1, 1, "plant-a", 10, "plc", now)
+            .request("alice", (1, 1), ("plant-a", 10), "plc", now)
             .expect("a");
         let b = r
-            .request("bob", 2, 1, "plant-a", 10, "plc", now)
+            .request("bob", (2, 1), ("plant-a", 10), "plc", now)
             .expect("b");
         let c = r
-            .request("bob", 2, 2, "plant-b", 11, "plc", now)
+            .request("bob", (2, 2), ("plant-b", 11), "plc", now)
             .expect("c");
         assert_eq!(r.of_link(10), vec![a, b]);
         assert_eq!(r.of_link(2), vec![b, c]);
