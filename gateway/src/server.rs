@@ -991,7 +991,7 @@ fn open_session(
         .map(|a| a.tunnel_ip);
     match gw
         .relay()
-        .request(account, id, session, site, site_link, agent, now)
+        .request(account, (id, session), (site, site_link), agent, now)
     {
         Ok(gsid) => gw.send_to(
             site_link,
