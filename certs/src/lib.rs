@@ -30,3 +30,11 @@ pub use tls::{
     ALPN, Anonymous, GatewayClientVerifier, KeyRefused, PinnedServerVerifier, RevocationList,
     TlsError, TofuError, TofuOutcome, TofuServerVerifier, TofuStore,
 };
+
+/// `N` bytes from the operating system's secure random source (through aws-lc).
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    // aws-lc's RNG only fails without an OS entropy source, where no key could be made either.
+    aws_lc_rs::rand::fill(&mut b).expect("system random number generator");
+    b
+}

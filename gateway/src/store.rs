@@ -187,12 +187,7 @@ fn sha256(data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    // Only fails without an OS entropy source, where nothing secure can run at all.
-    aws_lc_rs::rand::fill(&mut b).expect("system random number generator");
-    b
-}
+pub use pinhole_certs::random as random_bytes;
 
 fn tunnel_ip(id: i64) -> Result<Ipv4Addr> {
     let id = u32::try_from(id)

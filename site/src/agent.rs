@@ -26,6 +26,9 @@ use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
 use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::{firewall, light};
+use pinhole_adapter::tun::Tun;
 
 /// A TCP connect plus TLS handshake to one gateway address must finish this soon.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +38,27 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const SWITCH_POLL: Duration = Duration::from_secs(1);
 
 const READ_BUFFER: usize = 16 * 1024;
+
+/// How often the WireGuard timers run (handshake retries, rekeying); boringtun's own timers
+/// have a granularity of a quarter second.
+const WG_TICK: Duration = Duration::from_millis(250);
+
+/// The site's TUN device.
+pub const SITE_TUN: &str = "pinhole-site0";
+
+/// The site's address on its TUN: the first of the tunnel network (100.64.0.0/10), which the
+/// gateway never hands to a technician. The /10 prefix routes every technician's address back
+/// through the TUN.
+const SITE_TUN_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 64, 0, 1);
+const SITE_TUN_PREFIX: u8 = 10;
+
+/// The data plane: TUN, sessions, and what the light shows.
+#[derive(Default)]
+struct Plane {
+    tun: Option<Tun>,
+    fwd: Forwarder,
+    light_on: Option<bool>,
+}
 
 /// Paths in the site's state directory.
 #[derive(Debug, Clone)]
@@ -199,6 +223,7 @@ pub struct SiteAgent {
     config_path: PathBuf,
     config: Config,
     state: SiteState,
+    plane: Plane,
 }
 
 impl std::fmt::Debug for SiteAgent {
@@ -216,6 +241,7 @@ impl SiteAgent {
             config_path: config_path.to_owned(),
             config,
             state: SiteState::new(state),
+            plane: Plane::default(),
         })
     }
 
@@ -242,6 +268,32 @@ impl SiteAgent {
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
         self.state.ensure()?;
+        if let Some(dev) = self.config.device_interface.clone() {
+            if !Path::new("/sys/class/net").join(&dev).exists() {
+                bail!("device_interface {dev:?} does not exist on this machine");
+            }
+            let tun = Tun::create(SITE_TUN, SITE_TUN_ADDR, SITE_TUN_PREFIX)
+                .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
+            fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+            firewall::apply(tun.name(), &dev, &firewall::Policy::default())
+                .context("creating the nftables table")?;
+            info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+            self.plane.tun = Some(tun);
+        }
+        self.sync_plane();
+        let result = self.main_loop().await;
+        self.plane.fwd.clear();
+        if self.plane.tun.is_some()
+            && let Err(e) = firewall::remove()
+        {
+            warn!(error = %e, "cannot remove the nftables table");
+        }
+        self.plane.light_on = None;
+        light::set(self.config.light.as_ref(), false);
+        result
+    }
+
+    async fn main_loop(&mut self) -> anyhow::Result<()> {
         let mut signals = Signals::new()?;
         let mut backoff = Backoff::new();
         let tofu = self.state.pin_store();
@@ -387,8 +439,87 @@ impl SiteAgent {
             agents: self.config.agents.clone(),
         };
         let mut core = SiteCore::new(Instant::now(), hello);
+        let result = self.link_loop(&mut core, &mut rd, &mut wr, signals).await;
+        // Whatever ended the link ended its sessions.
+        if !self.plane.fwd.is_empty() {
+            info!(
+                sessions = self.plane.fwd.len(),
+                "gateway link gone: closing every session"
+            );
+            self.plane.fwd.clear();
+            self.sync_plane();
+        }
+        let _ = wr.shutdown().await;
+        result
+    }
+
+    /// Applies the sessions to the firewall and the light.
+    fn sync_plane(&mut self) {
+        let active = !self.plane.fwd.is_empty();
+        if let (Some(tun), Some(dev)) = (&self.plane.tun, &self.config.device_interface)
+            && let Err(e) = firewall::apply(tun.name(), dev, &self.plane.fwd.policy())
+        {
+            error!(error = %e, "cannot update the firewall");
+        }
+        if self.plane.light_on != Some(active) {
+            self.plane.light_on = Some(active);
+            info!(active, "remote access light");
+            light::set(self.config.light.as_ref(), active);
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        core: &mut SiteCore,
+        session: u32,
+        agent: &str,
+        key: &str,
+        tunnel_ip: Option<std::net::Ipv4Addr>,
+    ) {
+        let now = Instant::now();
+        let Some(a) = self.config.agents.iter().find(|a| a.name == agent).cloned() else {
+            core.session_refused(session, &format!("this site has no agent {agent}"), now);
+            return;
+        };
+        if self.plane.tun.is_none() {
+            core.session_refused(session, "this site has no device_interface configured", now);
+            return;
+        }
+        let Some(tunnel_ip) = tunnel_ip else {
+            core.session_refused(session, "no tunnel address in the request", now);
+            return;
+        };
+        match self.plane.fwd.open(
+            session,
+            &a,
+            key,
+            tunnel_ip.into(),
+            pinhole_certs::random::<32>(),
+        ) {
+            Ok(site_key) => {
+                info!(session, agent = %a.name, device = %a.address, "session opened");
+                core.session_opened(session, &site_key, a, now);
+                self.sync_plane();
+            }
+            Err(reason) => core.session_refused(session, &reason, now),
+        }
+    }
+
+    async fn link_loop<R, W>(
+        &mut self,
+        core: &mut SiteCore,
+        rd: &mut R,
+        wr: &mut W,
+        signals: &mut Signals,
+    ) -> anyhow::Result<Outcome>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         let mut buf = vec![0u8; READ_BUFFER];
+        let mut tun_buf = vec![0u8; pinhole_adapter::wg::BUFFER];
         let mut switch_tick = tokio::time::interval(SWITCH_POLL);
+        let mut wg_tick = tokio::time::interval(WG_TICK);
         let mut worked = false;
         loop {
             while let Some(ev) = core.poll_event() {
@@ -397,18 +528,44 @@ impl SiteAgent {
                         worked = true;
                         info!(site = %self.config.name, agents = self.config.agents.len(), "connected to the gateway");
                     }
-                    SiteEvent::SessionOpen { session, .. } => {
-                        core.session_refused(
-                            session,
-                            "this site does not forward device sessions yet",
-                            Instant::now(),
-                        );
+                    SiteEvent::SessionOpen {
+                        session,
+                        agent,
+                        key,
+                        tunnel_ip,
+                    } => {
+                        self.open_session(core, session, &agent, &key, tunnel_ip);
+                    }
+                    SiteEvent::SessionClose {
+                        session,
+                        reason,
+                        agent,
+                    } => {
+                        info!(session, agent = ?agent, %reason, "session closed by the gateway");
+                        self.plane.fwd.close(session, agent.as_deref());
+                        self.sync_plane();
+                    }
+                    SiteEvent::Data { session, datagram } => {
+                        let now = Instant::now();
+                        let mut out: Vec<(u32, Vec<u8>)> = Vec::new();
+                        let packet =
+                            self.plane
+                                .fwd
+                                .from_gateway(session, &datagram, now, &mut |s, d| {
+                                    out.push((s, d.to_vec()))
+                                });
+                        if let (Some(p), Some(tun)) = (packet, &self.plane.tun) {
+                            let _ = tun.send(p).await;
+                        }
+                        for (s, d) in out {
+                            core.send_data(s, &d, now);
+                        }
                     }
                     SiteEvent::Closed(CloseReason::Error { code, text }) => {
                         warn!(?code, %text, "the gateway ended the connection");
                     }
                     SiteEvent::Closed(reason) => warn!(?reason, "connection to the gateway lost"),
-                    _ => {}
+                    SiteEvent::Enrolled { .. } => {}
                 }
             }
             while let Some(b) = core.poll_transmit() {
@@ -417,12 +574,12 @@ impl SiteAgent {
                 }
             }
             if core.is_closed() {
-                let _ = wr.shutdown().await;
                 return Ok(Outcome::Lost { worked });
             }
             let timeout = core
                 .poll_timeout()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+            let tun = self.plane.tun.as_ref();
             tokio::select! {
                 r = rd.read(&mut buf) => match r {
                     Ok(0) | Err(_) => {
@@ -431,31 +588,58 @@ impl SiteAgent {
                     }
                     Ok(n) => core.handle_input(&buf[..n], Instant::now()),
                 },
+                n = recv_opt(tun, &mut tun_buf) => {
+                    if let Ok(n) = n {
+                        let now = Instant::now();
+                        self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                    }
+                }
+                _ = wg_tick.tick() => {
+                    let now = Instant::now();
+                    self.plane.fwd.tick(&mut |s, d| core.send_data(s, d, now));
+                }
                 _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
                 _ = switch_tick.tick() => if !self.switched_on() {
                     info!("remote access switched off: closing the gateway connection");
-                    let _ = wr.shutdown().await;
                     return Ok(Outcome::SwitchedOff);
                 },
                 sig = signals.next() => match sig {
-                    Sig::Stop => {
-                        let _ = wr.shutdown().await;
-                        return Ok(Outcome::Stop);
-                    }
+                    Sig::Stop => return Ok(Outcome::Stop),
                     Sig::Reload => {
-                        let before = (self.config.name.clone(), self.config.gateways.clone());
+                        let before = self.config.clone();
                         if self.reload() {
-                            if before != (self.config.name.clone(), self.config.gateways.clone()) {
-                                info!("name or gateway changed: reconnecting");
-                                let _ = wr.shutdown().await;
+                            if (&before.name, &before.gateways, &before.device_interface)
+                                != (&self.config.name, &self.config.gateways, &self.config.device_interface)
+                            {
+                                info!("name, gateway or device interface changed: reconnecting");
                                 return Ok(Outcome::Lost { worked: true });
                             }
+                            // Agents removed or changed end their sessions.
+                            for old in &before.agents {
+                                if self.config.agents.contains(old) {
+                                    continue;
+                                }
+                                for session in self.plane.fwd.sessions_with(&old.name) {
+                                    info!(session, agent = %old.name, "agent changed: ending its part of the session");
+                                    self.plane.fwd.close(session, Some(&old.name));
+                                    core.close_session(session, Some(&old.name), "the agent's configuration changed", Instant::now());
+                                }
+                            }
+                            self.sync_plane();
                             core.update_agents(self.config.agents.clone(), Instant::now());
                         }
                     }
                 },
             }
         }
+    }
+}
+
+/// Reads the TUN, or waits forever without one.
+async fn recv_opt(tun: Option<&Tun>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match tun {
+        Some(t) => t.recv(buf).await,
+        None => std::future::pending().await,
     }
 }
 
