@@ -36,6 +36,17 @@ pub enum Request {
     },
     Logout,
     Status,
+    /// Connect a device: `site/agent`.
+    Connect {
+        site: String,
+        agent: String,
+    },
+    /// Disconnect one device, or every device with `all`.
+    Disconnect {
+        site: Option<String>,
+        agent: Option<String>,
+        all: bool,
+    },
     List,
 }
 
@@ -65,6 +76,33 @@ pub struct Status {
     /// The last problem, in words a technician understands.
     pub last_error: Option<String>,
     pub sites: usize,
+    /// Connected devices.
+    #[serde(default)]
+    pub sessions: Vec<SessionView>,
+    /// Packets the filter dropped, by reason (`not-connected`, `port-not-allowed`, …), and the
+    /// number it passed.
+    #[serde(default)]
+    pub filter: FilterCounters,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterCounters {
+    pub passed: u64,
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// One connected device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionView {
+    pub site: String,
+    pub agent: String,
+    pub device: std::net::IpAddr,
+    pub ports: String,
+    /// UTC, RFC 3339.
+    pub since: String,
+    /// Bytes of the site's tunnel (shared by the agents of one site): to and from the site.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

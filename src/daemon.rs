@@ -26,6 +26,9 @@ pub const GROUP: &str = "pinhole";
 /// A login waits this long for the gateway's first answer (all addresses, with timeouts).
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// A connect waits this long for the site's answer through the gateway.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The group id of `name` from /etc/group, and its member list.
 fn group(name: &str) -> Option<(u32, Vec<String>)> {
     let text = fs::read_to_string("/etc/group").ok()?;
@@ -114,6 +117,27 @@ impl Daemon {
         })
     }
 
+    /// Sends a command to the link task and waits for its answer.
+    async fn link_call(
+        &self,
+        cmd: LinkCmd,
+        rx: oneshot::Receiver<Result<String, String>>,
+    ) -> Response {
+        let tx = match self.link.lock().await.as_ref() {
+            Some((tx, h)) if !h.is_finished() => tx.clone(),
+            _ => return error("not logged in: run `pinhole login`"),
+        };
+        if tx.send(cmd).await.is_err() {
+            return error("not logged in: run `pinhole login`");
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, rx).await {
+            Ok(Ok(Ok(message))) => Response::Ok { message },
+            Ok(Ok(Err(message))) => error(message),
+            Ok(Err(_)) => error("the link to the gateway ended"),
+            Err(_) => error("no answer from the gateway in time"),
+        }
+    }
+
     /// Whether a link task is alive.
     async fn link_running(&self) -> bool {
         self.link
@@ -126,6 +150,21 @@ impl Daemon {
     async fn handle(&self, req: Request) -> Response {
         match req {
             Request::Status => Response::Status(self.status()),
+            Request::Connect { site, agent } => {
+                let (reply, rx) = oneshot::channel();
+                self.link_call(LinkCmd::Connect { site, agent, reply }, rx)
+                    .await
+            }
+            Request::Disconnect { site, agent, all } => {
+                let target = match (site, agent, all) {
+                    (_, _, true) => None,
+                    (Some(s), Some(a), false) => Some((s, a)),
+                    _ => return error("name a device as SITE/AGENT, or use --all"),
+                };
+                let (reply, rx) = oneshot::channel();
+                self.link_call(LinkCmd::Disconnect { target, reply }, rx)
+                    .await
+            }
             Request::Import { bundle, password } => {
                 let password = Zeroizing::new(password);
                 if self.link_running().await {
@@ -288,6 +327,8 @@ fn empty_status() -> Status {
         certificate_expires: None,
         last_error: None,
         sites: 0,
+        sessions: Vec::new(),
+        filter: Default::default(),
     }
 }
 
@@ -368,6 +409,15 @@ pub async fn run(state: &Path, socket: &Path) -> anyhow::Result<()> {
         inventory: Arc::new(Mutex::new(Vec::new())),
         link: tokio::sync::Mutex::new(None),
     });
+    // Routes a crashed daemon left behind (the kernel removes those of its TUN anyway).
+    match pinhole_routes::Routes::new(0) {
+        Ok(r) => match r.sweep().await {
+            Ok(0) => {}
+            Ok(n) => info!(routes = n, "swept routes left by an earlier run"),
+            Err(e) => warn!(error = %e, "cannot sweep old routes"),
+        },
+        Err(e) => warn!(error = %e, "netlink unavailable"),
+    }
     let listener = bind(socket).await?;
     info!(socket = %socket.display(), state = %state.display(), "pinholed ready");
     use tokio::signal::unix::{SignalKind, signal};

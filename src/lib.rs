@@ -9,6 +9,7 @@
 pub mod control;
 pub mod daemon;
 pub mod link;
+pub mod plane;
 
 /// The current UTC time in RFC 3339, second precision.
 pub fn now_rfc3339() -> String {

@@ -16,6 +16,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use crate::control::{LinkState, Status};
+use crate::plane::Plane;
 
 /// TCP connect and TLS handshake to one address must finish this soon.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,7 +37,23 @@ pub const ACCOUNT_CLOSED: &str = "your account was closed; ask your administrato
 pub enum LinkCmd {
     Logout(oneshot::Sender<()>),
     List(oneshot::Sender<Vec<SiteView>>),
+    Connect {
+        site: String,
+        agent: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// One device, or every one with `None`.
+    Disconnect {
+        target: Option<(String, String)>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
+
+/// The answer to a control request.
+type Reply = oneshot::Sender<Result<String, String>>;
+
+/// How often the WireGuard timers run and `pinhole status` figures refresh.
+const TICK: Duration = Duration::from_millis(250);
 
 /// Why a connection attempt or a connected period ended.
 #[derive(Debug)]
@@ -132,6 +149,7 @@ pub async fn run(
 ) {
     let mut first = Some(first);
     let mut backoff = Backoff::new();
+    let mut plane = Plane::new();
     loop {
         update(&status, |s| {
             s.state = if first.is_some() {
@@ -150,11 +168,18 @@ pub async fn run(
                     &mut cmds,
                     &mut first,
                     &mut backoff,
+                    &mut plane,
                 )
                 .await
             }
             Err(end) => end,
         };
+        // Sessions do not outlive their link: the technician connects again after a loss.
+        plane.close_all().await;
+        if !matches!(end, End::Retry(_)) || first.is_some() {
+            plane.shutdown().await;
+        }
+        publish(&status, &plane);
         match end {
             End::Logout => {
                 update(&status, |s| {
@@ -209,6 +234,12 @@ pub async fn run(
                             Some(LinkCmd::List(tx)) => {
                                 let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
                             }
+                            Some(LinkCmd::Connect { reply, .. }) => {
+                                let _ = reply.send(Err("not connected to the gateway (reconnecting)".into()));
+                            }
+                            Some(LinkCmd::Disconnect { reply, .. }) => {
+                                let _ = reply.send(Ok("nothing is connected".into()));
+                            }
                         },
                     }
                 }
@@ -217,6 +248,16 @@ pub async fn run(
     }
 }
 
+/// Copies the plane's sessions and counters into the shared status.
+fn publish(status: &Mutex<Status>, plane: &Plane) {
+    let (sessions, filter) = plane.views();
+    update(status, |s| {
+        s.sessions = sessions;
+        s.filter = filter;
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn connected(
     stream: Stream,
     addr: &GatewayAddress,
@@ -225,6 +266,7 @@ async fn connected(
     cmds: &mut mpsc::Receiver<LinkCmd>,
     first: &mut Option<oneshot::Sender<Result<String, String>>>,
     backoff: &mut Backoff,
+    plane: &mut Plane,
 ) -> End {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut core = ClientCore::new(
@@ -235,6 +277,9 @@ async fn connected(
     let mut buf = vec![0u8; READ_BUFFER];
     let mut waiting_list: Vec<oneshot::Sender<Vec<SiteView>>> = Vec::new();
     let mut logout: Option<oneshot::Sender<()>> = None;
+    let mut waiting_connect: Vec<(u32, String, Reply)> = Vec::new();
+    let mut tun_buf = vec![0u8; pinhole_adapter::wg::BUFFER];
+    let mut tick = tokio::time::interval(TICK);
     let end = loop {
         let mut end = None;
         while let Some(ev) = core.poll_event() {
@@ -245,6 +290,12 @@ async fn connected(
                     sites,
                 } => {
                     backoff.reset();
+                    if let Some(ip) = tunnel_ip
+                        && let Err(e) = plane.ensure_tun(ip)
+                    {
+                        end = Some(End::Fatal(e));
+                        break;
+                    }
                     info!(%account, gateway = %addr, sites = sites.len(), "logged in");
                     update(status, |s| {
                         s.state = LinkState::LoggedIn;
@@ -308,12 +359,24 @@ async fn connected(
         let timeout = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        let tun = plane.tun();
         tokio::select! {
             r = rd.read(&mut buf) => match r {
                 Ok(0) => break End::Retry("the gateway closed the connection".into()),
                 Err(e) => break classify(&e),
                 Ok(n) => core.handle_input(&buf[..n], Instant::now()),
             },
+            n = recv_opt(tun, &mut tun_buf) => {
+                if let Ok(n) = n {
+                    let now = Instant::now();
+                    plane.from_tun(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                plane.tick(&mut |s, d| core.send_data(s, d, now));
+                publish(status, plane);
+            }
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
             cmd = cmds.recv() => match cmd {
                 None => break End::Logout,
@@ -329,9 +392,62 @@ async fn connected(
                         let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
                     }
                 }
+                Some(LinkCmd::Connect { site, agent, reply }) => {
+                    if !core.is_logged_in() {
+                        let _ = reply.send(Err("not logged in yet".into()));
+                        continue;
+                    }
+                    let found = inventory
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .find(|s| s.name == site)
+                        .map(|s| (s.online, s.agents.iter().find(|a| a.name == agent).cloned()));
+                    let a = match found {
+                        None => { let _ = reply.send(Err(format!("no site {site} in your inventory (see `pinhole ls`)"))); continue; }
+                        Some((_, None)) => { let _ = reply.send(Err(format!("site {site} has no agent {agent} (see `pinhole ls`)"))); continue; }
+                        Some((_, Some(a))) => a,
+                    };
+                    if plane.find(&site, &agent).is_some() {
+                        let _ = reply.send(Ok(format!("{site}/{agent} is already connected")));
+                        continue;
+                    }
+                    let sid = plane.session_for(&site);
+                    if let Err(e) = plane.request(sid, &a) {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    core.open_session(sid, &site, &agent, &plane.public_key(), Instant::now());
+                    waiting_connect.push((sid, agent, reply));
+                }
+                Some(LinkCmd::Disconnect { target, reply }) => {
+                    let now = Instant::now();
+                    match target {
+                        Some((site, agent)) => match plane.find(&site, &agent) {
+                            Some(sid) => {
+                                core.close_session(sid, Some(&agent), "disconnected by the technician", now);
+                                plane.close(sid, Some(&agent)).await;
+                                let _ = reply.send(Ok(format!("disconnected {site}/{agent}")));
+                            }
+                            None => { let _ = reply.send(Err(format!("{site}/{agent} is not connected"))); }
+                        },
+                        None => {
+                            let n = plane.sessions().len();
+                            for sid in plane.sessions() {
+                                core.close_session(sid, None, "disconnected by the technician", now);
+                            }
+                            plane.close_all().await;
+                            let _ = reply.send(Ok(format!("disconnected everything ({n} site tunnel(s))")));
+                        }
+                    }
+                    publish(status, plane);
+                }
             },
         }
     };
+    for (_, _, reply) in waiting_connect.drain(..) {
+        let _ = reply.send(Err("the link to the gateway ended".into()));
+    }
     // Answer waiting `ls` from the cache; flush a logout.
     for tx in waiting_list.drain(..) {
         let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
@@ -351,4 +467,12 @@ async fn connected(
 /// How long `ls` waits for the gateway's fresh answer.
 pub fn list_timeout() -> Duration {
     LIST_TIMEOUT
+}
+
+/// Reads the TUN, or waits forever without one.
+async fn recv_opt(tun: Option<&pinhole_adapter::tun::Tun>, buf: &mut [u8]) -> io::Result<usize> {
+    match tun {
+        Some(t) => t.recv(buf).await,
+        None => std::future::pending().await,
+    }
 }

@@ -48,6 +48,29 @@ enum Command {
     },
     /// Log out.
     Logout,
+    /// Make one device reachable: its address is routed through Pinhole, on its agent's ports
+    /// only.
+    Connect {
+        /// SITE/AGENT, as `pinhole ls` shows them.
+        target: String,
+    },
+    /// Disconnect a device, or all of them.
+    Disconnect {
+        /// SITE/AGENT
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        target: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn split_target(t: &str) -> anyhow::Result<(String, String)> {
+    match t.split_once('/') {
+        Some((s, a)) if !s.is_empty() && !a.is_empty() && !a.contains('/') => {
+            Ok((s.to_owned(), a.to_owned()))
+        }
+        _ => bail!("`{t}` is not SITE/AGENT (see `pinhole ls`)"),
+    }
 }
 
 fn password(file: Option<&PathBuf>) -> anyhow::Result<Zeroizing<String>> {
@@ -130,6 +153,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls { .. } => call(&Request::List)?,
         Command::Status { .. } => call(&Request::Status)?,
         Command::Logout => call(&Request::Logout)?,
+        Command::Connect { target } => {
+            let (site, agent) = split_target(target)?;
+            call(&Request::Connect { site, agent })?
+        }
+        Command::Disconnect { target, all } => {
+            let (site, agent) = match target {
+                Some(t) => {
+                    let (s, a) = split_target(t)?;
+                    (Some(s), Some(a))
+                }
+                None => (None, None),
+            };
+            call(&Request::Disconnect {
+                site,
+                agent,
+                all: *all,
+            })?
+        }
     };
     let json = matches!(
         cli.command,
@@ -159,6 +200,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("sites:       {}", s.sites);
             if let Some(e) = &s.last_error {
                 println!("last error:  {e}");
+            }
+            if !s.sessions.is_empty() {
+                println!();
+                println!(
+                    "{:<28} {:<16} {:<20} {:<21} {:>10} {:>10}",
+                    "DEVICE", "ADDRESS", "PORTS", "SINCE", "OUT", "IN"
+                );
+                for v in &s.sessions {
+                    println!(
+                        "{:<28} {:<16} {:<20} {:<21} {:>10} {:>10}",
+                        format!("{}/{}", v.site, v.agent),
+                        v.device.to_string(),
+                        v.ports,
+                        v.since,
+                        v.bytes_out,
+                        v.bytes_in
+                    );
+                }
+            }
+            if !s.filter.dropped.is_empty() {
+                let drops: Vec<String> = s
+                    .filter
+                    .dropped
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
+                println!(
+                    "filtered:    {} passed; dropped: {}",
+                    s.filter.passed,
+                    drops.join(", ")
+                );
             }
         }
         Response::Inventory { sites } if json => {
