@@ -283,6 +283,9 @@ async fn connected(
     let end = loop {
         let mut end = None;
         while let Some(ev) = core.poll_event() {
+            if !matches!(ev, ClientEvent::Data { .. }) {
+                tracing::debug!(event = ?ev, "from the gateway");
+            }
             match ev {
                 ClientEvent::LoggedIn {
                     account,
@@ -321,6 +324,65 @@ async fn connected(
                     for tx in waiting_list.drain(..) {
                         let _ = tx.send(sites.clone());
                     }
+                }
+                ClientEvent::SessionOpened {
+                    session,
+                    key,
+                    agent,
+                } => {
+                    let now = Instant::now();
+                    let name = agent.name.clone();
+                    let result = plane
+                        .opened(session, &key, agent, &mut |s, d| core.send_data(s, d, now))
+                        .await;
+                    if result.is_err() {
+                        core.close_session(
+                            session,
+                            Some(&name),
+                            "the client could not set up the device",
+                            now,
+                        );
+                        plane.close(session, Some(&name)).await;
+                    }
+                    if let Some(i) = waiting_connect
+                        .iter()
+                        .position(|(s, a, _)| *s == session && *a == name)
+                    {
+                        let (_, _, reply) = waiting_connect.remove(i);
+                        let _ = reply.send(result);
+                    }
+                    publish(status, plane);
+                }
+                ClientEvent::SessionRefused { session, reason } => {
+                    for agent in plane.refused(session) {
+                        if let Some(i) = waiting_connect
+                            .iter()
+                            .position(|(s, a, _)| *s == session && *a == agent)
+                        {
+                            let (_, _, reply) = waiting_connect.remove(i);
+                            let _ = reply.send(Err(reason.clone()));
+                        }
+                    }
+                }
+                ClientEvent::SessionClosed {
+                    session,
+                    reason,
+                    agent,
+                } => {
+                    info!(session, agent = ?agent, %reason, "device disconnected by the gateway");
+                    plane.close(session, agent.as_deref()).await;
+                    update(status, |s| {
+                        s.last_error = Some(format!("disconnected: {reason}"))
+                    });
+                    publish(status, plane);
+                }
+                ClientEvent::Data { session, datagram } => {
+                    let now = Instant::now();
+                    plane
+                        .from_site(session, &datagram, now, &mut |s, d| {
+                            core.send_data(s, d, now)
+                        })
+                        .await;
                 }
                 ClientEvent::Closed(CloseReason::Error {
                     code: ErrorCode::AccountClosed,

@@ -150,7 +150,7 @@ impl Plane {
         sid: u32,
         site_key: &str,
         agent: Agent,
-        send: &mut dyn FnMut(u32, &[u8]),
+        send: &mut (dyn FnMut(u32, &[u8]) + Send),
     ) -> Result<String, String> {
         let t = self.tunnels.get_mut(&sid).ok_or("unknown session")?;
         t.pending.remove(&agent.name);
@@ -164,12 +164,14 @@ impl Plane {
             return Err("the site answered with another key for the same tunnel".into());
         }
         self.filter.allow(agent.address, agent.ports.clone(), None);
+        tracing::debug!(device = %agent.address, "adding the host route");
         if let (Some(routes), IpAddr::V4(v4)) = (self.routes.as_mut(), agent.address)
             && let Err(e) = routes.add(v4).await
         {
             self.filter.revoke(agent.address);
             return Err(format!("cannot add the route to {v4}: {e}"));
         }
+        tracing::debug!(device = %agent.address, "host route added");
         self.by_device.insert(agent.address, sid);
         let text = format!(
             "connected to {}/{}: device {}, ports {}",
@@ -284,26 +286,35 @@ impl Plane {
         }
     }
 
-    /// A datagram from a site: decrypt, filter; returns the packet for the TUN.
-    pub fn from_site(
+    /// A datagram from a site: decrypt, filter, write to the TUN.
+    pub async fn from_site(
         &mut self,
         sid: u32,
         datagram: &[u8],
         now: Instant,
-        send: &mut dyn FnMut(u32, &[u8]),
-    ) -> Option<&[u8]> {
-        let t = self.tunnels.get_mut(&sid)?;
+        send: &mut (dyn FnMut(u32, &[u8]) + Send),
+    ) {
+        let Self {
+            tunnels,
+            filter,
+            buf,
+            tun,
+            ..
+        } = self;
+        let Some(t) = tunnels.get_mut(&sid) else {
+            return;
+        };
         t.bytes_in += datagram.len() as u64;
-        let peer = t.peer.as_mut()?;
-        match peer.decapsulate(datagram, &mut self.buf, &mut |d| send(sid, d)) {
-            Decapsulated::Packet(p, _) => match self.filter.reverse(p, now) {
-                Verdict::Pass => Some(p),
-                Verdict::Drop(reason) => {
-                    trace!(reason = reason.name(), "dropped on the way in");
-                    None
+        let Some(peer) = t.peer.as_mut() else { return };
+        if let Decapsulated::Packet(p, _) = peer.decapsulate(datagram, buf, &mut |d| send(sid, d)) {
+            match filter.reverse(p, now) {
+                Verdict::Pass => {
+                    if let Some(tun) = tun.as_ref() {
+                        let _ = tun.send(p).await;
+                    }
                 }
-            },
-            Decapsulated::Nothing => None,
+                Verdict::Drop(reason) => trace!(reason = reason.name(), "dropped on the way in"),
+            }
         }
     }
 

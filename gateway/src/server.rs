@@ -552,7 +552,9 @@ async fn run_link(
         PeerAuth::Site(_) => "the site disconnected",
         _ => "the technician disconnected",
     };
-    for gsid in gw.relay().of_link(id) {
+    // Collected first: the relay's lock must not be held while sessions end.
+    let sessions = gw.relay().of_link(id);
+    for gsid in sessions {
         gw.end_session(gsid, why, Some(id));
     }
     let reason = close_reason.unwrap_or(CloseReason::Local);
@@ -989,10 +991,10 @@ fn open_session(
         .ok()
         .flatten()
         .map(|a| a.tunnel_ip);
-    match gw
+    let requested = gw
         .relay()
-        .request(account, (id, session), (site, site_link), agent, now)
-    {
+        .request(account, (id, session), (site, site_link), agent, now);
+    match requested {
         Ok(gsid) => gw.send_to(
             site_link,
             Message::SessionOpen {
