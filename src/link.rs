@@ -403,7 +403,6 @@ async fn connected(
                     end = Some(End::Retry(format!("protocol error: {p}")))
                 }
                 ClientEvent::Closed(CloseReason::Local) => end = Some(End::Logout),
-                _ => {}
             }
         }
         while let Some(b) = core.poll_transmit() {
