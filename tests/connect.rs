@@ -131,7 +131,7 @@ fn closing_the_account_stops_a_running_transfer_within_a_second() {
     // A long transfer in the background: 2 GB would take far longer than the test.
     let script = dir.path().join("tcp_check.py");
     std::fs::write(&script, common::netns::TCP_CHECK).expect("script");
-    let mut transfer = std::process::Command::new("ip")
+    let transfer = std::process::Command::new("ip")
         .args([
             "netns",
             "exec",
