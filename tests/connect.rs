@@ -122,19 +122,50 @@ fn two_technicians_reach_only_their_own_devices() {
 
     // Granted both, alice holds devices at two sites at once.
     sys.gateway(&["grant", "alice", "beta"]);
-    assert!(wait_until(T, || alice.cli(&["connect", "plant-b/drive"]).status.success()));
-    assert_eq!(sys.lab.tcp_check("tech", "192.168.0.10", 100_000, 10.0), "OK");
-    assert_eq!(sys.lab.tcp_check("tech", "192.168.1.20", 100_000, 10.0), "OK");
-    assert_eq!(alice.status()["sessions"].as_array().expect("sessions").len(), 2);
+    assert!(wait_until(T, || alice
+        .cli(&["connect", "plant-b/drive"])
+        .status
+        .success()));
+    assert_eq!(
+        sys.lab.tcp_check("tech", "192.168.0.10", 100_000, 10.0),
+        "OK"
+    );
+    assert_eq!(
+        sys.lab.tcp_check("tech", "192.168.1.20", 100_000, 10.0),
+        "OK"
+    );
+    assert_eq!(
+        alice.status()["sessions"]
+            .as_array()
+            .expect("sessions")
+            .len(),
+        2
+    );
     // Taking a grant away ends that site's session at once; the other stays.
     sys.gateway(&["ungrant", "alice", "beta"]);
-    assert!(wait_until(T, || !sys.lab.routes("tech").contains("192.168.1.20")), "{}", sys.lab.routes("tech"));
+    assert!(
+        wait_until(T, || !sys.lab.routes("tech").contains("192.168.1.20")),
+        "{}",
+        sys.lab.routes("tech")
+    );
     assert!(!sys.lab.tcp_open("tech", "192.168.1.20", 102));
-    assert_eq!(sys.lab.tcp_check("tech", "192.168.0.10", 100_000, 10.0), "OK");
+    assert_eq!(
+        sys.lab.tcp_check("tech", "192.168.0.10", 100_000, 10.0),
+        "OK"
+    );
     // Disconnect everything.
     alice.ok(&["disconnect", "--all"]);
-    assert!(sys.lab.routes("tech").is_empty(), "{}", sys.lab.routes("tech"));
-    assert!(alice.status()["sessions"].as_array().expect("sessions").is_empty());
+    assert!(
+        sys.lab.routes("tech").is_empty(),
+        "{}",
+        sys.lab.routes("tech")
+    );
+    assert!(
+        alice.status()["sessions"]
+            .as_array()
+            .expect("sessions")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -296,23 +327,53 @@ fn changing_the_agent_at_the_site_ends_its_session() {
     let mut sys = System::start(dir.path());
     let alice = sys.technician("tech", "alice", "acme");
     alice.ok(&["connect", "plant-a/press-4-plc"]);
-    assert_eq!(sys.lab.tcp_check("tech", "192.168.0.10", 10_000, 10.0), "OK");
+    assert_eq!(
+        sys.lab.tcp_check("tech", "192.168.0.10", 10_000, 10.0),
+        "OK"
+    );
     // The site's operator drops the extra UDP port and reloads.
     let config = dir.path().join("plant-a.toml");
     let text = std::fs::read_to_string(&config).expect("read");
     std::fs::write(&config, text.replace("ports = [\"udp/161\"]\n", "")).expect("write");
     let hup = std::process::Command::new("pkill")
-        .args(["-HUP", "-f", &format!("pinhole-site run --config {}", config.display())])
+        .args([
+            "-HUP",
+            "-f",
+            &format!("pinhole-site run --config {}", config.display()),
+        ])
         .status()
         .expect("pkill");
     assert!(hup.success());
-    assert!(wait_until(T, || !sys.lab.routes("tech").contains("192.168.0.10")), "{}", sys.log("plant-a.log"));
+    assert!(
+        wait_until(T, || !sys.lab.routes("tech").contains("192.168.0.10")),
+        "{}",
+        sys.log("plant-a.log")
+    );
     assert!(wait_until(T, || sys.light() == "0"));
-    assert!(alice.status()["last_error"].as_str().unwrap_or("").contains("configuration changed"), "{}", alice.status());
+    assert!(
+        alice.status()["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("configuration changed"),
+        "{}",
+        alice.status()
+    );
     let audit = sys.gateway(&["audit", "list"]);
-    assert!(audit.contains("site agents changed") && audit.contains("session closed"), "{audit}");
+    assert!(
+        audit.contains("site agents changed") && audit.contains("session closed"),
+        "{audit}"
+    );
     // Connecting again gets the new port set.
-    assert!(wait_until(T, || alice.cli(&["connect", "plant-a/press-4-plc"]).status.success()));
+    assert!(wait_until(T, || alice
+        .cli(&["connect", "plant-a/press-4-plc"])
+        .status
+        .success()));
     assert_eq!(alice.status()["sessions"][0]["ports"], "tcp/102");
-    assert_eq!(sys.lab.udp_echo("tech", "192.168.0.10", 161).split_whitespace().next(), Some("FAIL"));
+    assert_eq!(
+        sys.lab
+            .udp_echo("tech", "192.168.0.10", 161)
+            .split_whitespace()
+            .next(),
+        Some("FAIL")
+    );
 }
