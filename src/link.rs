@@ -140,7 +140,9 @@ fn jitter() -> u32 {
 
 /// Runs the link until logout or a fatal refusal. `first` gets the outcome of the first
 /// attempt: `pinhole login` reports it and the link gives up if it failed.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
+    tun_name: String,
     bundle: Bundle,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
@@ -149,7 +151,7 @@ pub async fn run(
 ) {
     let mut first = Some(first);
     let mut backoff = Backoff::new();
-    let mut plane = Plane::new();
+    let mut plane = Plane::new(&tun_name);
     loop {
         update(&status, |s| {
             s.state = if first.is_some() {

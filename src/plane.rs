@@ -22,6 +22,9 @@ use crate::control::{FilterCounters, SessionView};
 /// The client's TUN device.
 pub const TUN_NAME: &str = "pinhole0";
 
+/// Overrides the TUN name (tests run several daemons in one network namespace).
+pub const TUN_ENV: &str = "PINHOLE_TUN";
+
 struct Connected {
     agent: Agent,
     since: String,
@@ -41,6 +44,7 @@ struct SiteTunnel {
 
 /// The data plane of one login.
 pub struct Plane {
+    tun_name: String,
     keys: Keypair,
     tun: Option<Tun>,
     routes: Option<Routes>,
@@ -61,9 +65,10 @@ impl std::fmt::Debug for Plane {
 }
 
 impl Plane {
-    /// A plane with a fresh WireGuard key (one per login).
-    pub fn new() -> Self {
+    /// A plane with a fresh WireGuard key (one per login), whose TUN will be `tun_name`.
+    pub fn new(tun_name: &str) -> Self {
         Self {
+            tun_name: tun_name.to_owned(),
             keys: Keypair::from_secret(pinhole_certs::random::<32>()),
             tun: None,
             routes: None,
@@ -89,10 +94,11 @@ impl Plane {
         if self.tun.is_some() {
             return Ok(());
         }
-        let tun = Tun::create(TUN_NAME, addr, 32).map_err(|e| {
-            format!("cannot create the {TUN_NAME} adapter: {e} (pinholed must run as root)")
+        let name = &self.tun_name;
+        let tun = Tun::create(name, addr, 32).map_err(|e| {
+            format!("cannot create the {name} adapter: {e} (pinholed must run as root)")
         })?;
-        let index = tun.index().map_err(|e| format!("{TUN_NAME}: {e}"))?;
+        let index = tun.index().map_err(|e| format!("{name}: {e}"))?;
         let routes = Routes::new(index).map_err(|e| format!("netlink: {e}"))?;
         info!(tun = tun.name(), %addr, "virtual adapter up");
         self.tun = Some(tun);
@@ -349,11 +355,5 @@ impl Plane {
             .map(|(r, n)| (r.name().to_owned(), *n))
             .collect();
         (views, FilterCounters { passed, dropped })
-    }
-}
-
-impl Default for Plane {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -16,6 +16,10 @@ struct Cli {
     /// Control socket (PINHOLE_SOCKET overrides the default for both programs).
     #[arg(long, env = "PINHOLE_SOCKET", default_value = pinhole::control::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Name of the virtual adapter (PINHOLE_TUN). One daemon per network namespace uses the
+    /// default; tests that run several side by side give each its own.
+    #[arg(long, env = "PINHOLE_TUN", default_value = pinhole::plane::TUN_NAME)]
+    tun: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,7 +37,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket)));
+        .and_then(|rt| rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket, &cli.tun)));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

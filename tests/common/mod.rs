@@ -299,6 +299,11 @@ impl Client {
                 .arg("--state")
                 .arg(dir.join(format!("{name}-client")))
                 .env("PINHOLE_SOCKET", &socket)
+                // Several daemons share this namespace: each gets its own adapter name.
+                .env(
+                    "PINHOLE_TUN",
+                    format!("pht-{}", &name[..name.len().min(10)]),
+                )
                 .env("RUST_LOG", "info"),
             dir.join(format!("pinholed-{name}.log")),
         );
