@@ -34,8 +34,11 @@ pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// A TLS handshake must finish this soon; a peer that stalls it holds no resources for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Read buffer per link.
-const READ_BUFFER: usize = 16 * 1024;
+/// A link's read buffer starts small: most links are idle sites that only ever read a heartbeat,
+/// and at thousands of sites every kilobyte per link counts. A read that fills the buffer
+/// doubles it, up to [`MAX_READ_BUFFER`], so a busy session soon reads whole TLS records.
+const MIN_READ_BUFFER: usize = 2 * 1024;
+const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// Certificates the gateway issues to sites last as long as the server's.
 const SITE_DAYS: i64 = pinhole_certs::ca::SERVER_DAYS;
@@ -57,8 +60,9 @@ enum Command {
     Refuse(ErrorCode, String),
     /// Send the technician a fresh inventory.
     PushInventory,
-    /// Send a (session) message.
-    Send(Message),
+    /// Send a (session) message. Boxed: channel blocks hold 32 commands from the start, and a
+    /// `Message` inline would make every idle link's queue several kilobytes.
+    Send(Box<Message>),
 }
 
 /// Datagrams queued towards one link. Bounded: a peer that reads slower than its sessions
@@ -137,7 +141,7 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .get(&link)
         {
-            let _ = l.tx.send(Command::Send(m));
+            let _ = l.tx.send(Command::Send(Box::new(m)));
         }
     }
 
@@ -479,7 +483,7 @@ async fn run_link(
     let (id, mut commands, mut data) = gw.register(auth.clone());
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut core = GatewayCore::new(Instant::now(), auth.clone());
-    let mut buf = vec![0u8; READ_BUFFER];
+    let mut buf = vec![0u8; MIN_READ_BUFFER];
     let mut welcomed = false;
     let mut close_reason: Option<CloseReason> = None;
     let mut logged_out = false;
@@ -510,6 +514,9 @@ async fn run_link(
                 Ok(n) => {
                     let now = Instant::now();
                     core.handle_input(&buf[..n], now);
+                    if n == buf.len() && buf.len() < MAX_READ_BUFFER {
+                        buf.resize(buf.len() * 2, 0);
+                    }
                     // A site's last-seen time is written at most once per heartbeat interval.
                     if let PeerAuth::Site(name) = &auth
                         && welcomed
