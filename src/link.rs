@@ -409,7 +409,28 @@ async fn connected(
         }
         while let Some(b) = core.poll_transmit() {
             if let Err(e) = wr.write_all(&b).await {
-                end.get_or_insert(classify(&e));
+                // The gateway may have said why it closed (an account closed): read what is
+                // left before concluding that the network failed.
+                let mut why = classify(&e);
+                let _ = tokio::time::timeout(Duration::from_millis(300), async {
+                    while let Ok(n) = rd.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        core.handle_input(&buf[..n], Instant::now());
+                    }
+                })
+                .await;
+                while let Some(ev) = core.poll_event() {
+                    if let ClientEvent::Closed(CloseReason::Error { code, text }) = ev {
+                        why = if code == ErrorCode::AccountClosed {
+                            End::Fatal(ACCOUNT_CLOSED.into())
+                        } else {
+                            End::Retry(format!("the gateway ended the link: {text}"))
+                        };
+                    }
+                }
+                end.get_or_insert(why);
                 break;
             }
         }
@@ -433,6 +454,7 @@ async fn connected(
                 if let Ok(n) = n {
                     let now = Instant::now();
                     plane.from_tun(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                    plane.drain_tun(&mut tun_buf, now, &mut |s, d| core.send_data(s, d, now));
                 }
             }
             _ = tick.tick() => {

@@ -292,6 +292,18 @@ impl Plane {
         }
     }
 
+    /// After a packet was read: takes what else the TUN already holds (up to a batch) through
+    /// the same path, so the caller writes the whole burst to the link at once.
+    pub fn drain_tun(&mut self, buf: &mut [u8], now: Instant, send: &mut dyn FnMut(u32, &[u8])) {
+        for _ in 1..pinhole_adapter::tun::BATCH {
+            let n = match self.tun.as_ref().map(|t| t.try_recv(buf)) {
+                Some(Ok(n)) => n,
+                _ => return,
+            };
+            self.from_tun(&buf[..n], now, send);
+        }
+    }
+
     /// A datagram from a site: decrypt, filter, write to the TUN.
     pub async fn from_site(
         &mut self,

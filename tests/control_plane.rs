@@ -582,3 +582,29 @@ fn sighup_reloads_agents_and_the_gateway_audits_the_change() {
     assert!(w.gw.site_online("plant-a"));
     assert!(w.gw.ok(&["sites"]).contains("hmi-1"));
 }
+
+#[test]
+fn the_daemon_refuses_users_outside_root_and_the_pinhole_group() {
+    let dir = tempfile::tempdir().expect("dir");
+    let client = Client::start(dir.path(), "ivan");
+    // Open the file permissions wide, so that only the daemon's own peer check stands between
+    // an unprivileged user and the socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod dir");
+    std::fs::set_permissions(&client.socket, std::fs::Permissions::from_mode(0o666))
+        .expect("chmod socket");
+    let out = run(Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bin("pinhole"))
+        .arg("status")
+        .env("PINHOLE_SOCKET", &client.socket));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("permission denied: only root and members of the `pinhole` group"),
+        "{}",
+        text(&out)
+    );
+    // Root is let in.
+    assert!(client.cli(&["status"]).status.success());
+}

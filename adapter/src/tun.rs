@@ -14,6 +14,11 @@ use std::net::Ipv4Addr;
 /// relay path adds no limit of its own.
 pub const MTU: u16 = 1420;
 
+/// Packets taken from a TUN in one go after a wake-up: a burst is encrypted and written to the
+/// TLS link as one write (fewer syscalls and TLS records) instead of one write per packet.
+/// 64 full-size packets are about 90 KB, a few TLS records.
+pub const BATCH: usize = 64;
+
 /// A TUN device.
 pub struct Tun {
     dev: tun_rs::AsyncDevice,
@@ -56,5 +61,11 @@ impl Tun {
 
     pub async fn send(&self, buf: &[u8]) -> io::Result<usize> {
         self.dev.send(buf).await
+    }
+
+    /// A packet if one is waiting, without blocking (`WouldBlock` otherwise): lets a reader
+    /// drain a burst and hand it on in one batch.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.dev.try_recv(buf)
     }
 }

@@ -67,8 +67,16 @@ enum Command {
 
 /// Datagrams queued towards one link. Bounded: a peer that reads slower than its sessions
 /// send loses its own datagrams (WireGuard and TCP inside recover), and nobody else waits.
-/// 1024 datagrams of up to ~1.5 KB bound the memory a stalled peer can pin at ~1.5 MB.
-const DATA_QUEUE: usize = 1024;
+/// Short on purpose: 256 full-size datagrams are ~370 KB, about 6 ms at 0.5 Gbit/s, so a bulk
+/// transfer cannot queue an interactive session's packets behind seconds of data; and a
+/// stalled peer pins at most that much memory.
+const DATA_QUEUE: usize = 256;
+
+/// How long a closing link keeps reading so that its last message is not lost to a reset.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Datagrams taken from the queue per write to the peer.
+const DATA_BATCH: usize = 64;
 
 /// Datagrams for one link: (session id as that peer knows it, WireGuard datagram).
 type DataReceiver = mpsc::Receiver<(u32, Vec<u8>)>;
@@ -528,7 +536,15 @@ async fn run_link(
                 }
             },
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-            Some((session, datagram)) = data.recv() => core.send_data(session, &datagram, Instant::now()),
+            Some((session, datagram)) = data.recv() => {
+                let now = Instant::now();
+                core.send_data(session, &datagram, now);
+                // Whatever else is queued goes out in the same write.
+                for _ in 1..DATA_BATCH {
+                    let Ok((session, datagram)) = data.try_recv() else { break };
+                    core.send_data(session, &datagram, now);
+                }
+            }
             Some(cmd) = commands.recv() => match cmd {
                 Command::Send(m) => core.send(&m, Instant::now()),
                 Command::Refuse(code, text) => {
@@ -569,6 +585,17 @@ async fn run_link(
         CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
         other => debug!(reason = ?other, "closed"),
     }
+    // Read (and drop) what the peer still sends until it closes too, briefly: closing a socket
+    // with unread input makes the kernel answer with a reset, which can destroy our goodbye
+    // (an account-closed error) before the peer reads it.
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
     if !welcomed {
         return;
     }

@@ -592,6 +592,13 @@ impl SiteAgent {
                     if let Ok(n) = n {
                         let now = Instant::now();
                         self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                        // Take the rest of a burst too: one write to the gateway for all of it.
+                        if let Some(tun) = &self.plane.tun {
+                            for _ in 1..pinhole_adapter::tun::BATCH {
+                                let Ok(n) = tun.try_recv(&mut tun_buf) else { break };
+                                self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                            }
+                        }
                     }
                 }
                 _ = wg_tick.tick() => {
