@@ -187,7 +187,7 @@ fn closing_the_account_stops_a_running_transfer_within_a_second() {
             script.to_str().expect("utf8"),
             "192.168.0.10",
             "2000000000",
-            "30",
+            "5",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
