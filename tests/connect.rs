@@ -279,7 +279,7 @@ fn kill_9_of_the_gateway_mid_transfer_then_everyone_reconnects() {
             script.to_str().expect("utf8"),
             "192.168.0.10",
             "2000000000",
-            "20",
+            "5",
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()
