@@ -131,13 +131,6 @@ fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
     f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
-fn jitter() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
-}
-
 /// Runs the link until logout or a fatal refusal. `first` gets the outcome of the first
 /// attempt: `pinhole login` reports it and the link gives up if it failed.
 #[allow(clippy::too_many_arguments)]
@@ -215,7 +208,7 @@ pub async fn run(
                 return;
             }
             End::Retry(why) => {
-                let delay = backoff.next_delay(jitter());
+                let delay = backoff.next_delay(u32::from_ne_bytes(pinhole_certs::random::<4>()));
                 info!(reason = %why, delay_ms = delay.as_millis() as u64, "gateway link lost; reconnecting");
                 update(&status, |s| {
                     s.state = LinkState::Reconnecting;
@@ -450,7 +443,7 @@ async fn connected(
                 Err(e) => break classify(&e),
                 Ok(n) => core.handle_input(&buf[..n], Instant::now()),
             },
-            n = recv_opt(tun, &mut tun_buf) => {
+            n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
                 if let Ok(n) = n {
                     let now = Instant::now();
                     plane.from_tun(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
@@ -552,12 +545,4 @@ async fn connected(
 /// How long `ls` waits for the gateway's fresh answer.
 pub fn list_timeout() -> Duration {
     LIST_TIMEOUT
-}
-
-/// Reads the TUN, or waits forever without one.
-async fn recv_opt(tun: Option<&pinhole_adapter::tun::Tun>, buf: &mut [u8]) -> io::Result<usize> {
-    match tun {
-        Some(t) => t.recv(buf).await,
-        None => std::future::pending().await,
-    }
 }

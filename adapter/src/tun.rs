@@ -69,3 +69,12 @@ impl Tun {
         self.dev.try_recv(buf)
     }
 }
+
+/// Reads from the TUN if there is one; without one, waits forever (a `select!` branch that
+/// never fires).
+pub async fn recv_or_wait(tun: Option<&Tun>, buf: &mut [u8]) -> io::Result<usize> {
+    match tun {
+        Some(t) => t.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}

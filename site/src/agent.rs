@@ -132,14 +132,6 @@ fn boot_id() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Randomness for backoff jitter only (not for anything secret).
-fn jitter() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
-}
-
 fn server_name(addr: &GatewayAddress) -> anyhow::Result<ServerName<'static>> {
     Ok(match addr.ip() {
         Some(ip) => ServerName::IpAddress(ip.into()),
@@ -338,7 +330,7 @@ impl SiteAgent {
             if worked {
                 backoff.reset();
             }
-            let delay = backoff.next_delay(jitter());
+            let delay = backoff.next_delay(u32::from_ne_bytes(pinhole_certs::random::<4>()));
             info!(
                 delay_ms = delay.as_millis() as u64,
                 "reconnecting after a pause"
@@ -588,7 +580,7 @@ impl SiteAgent {
                     }
                     Ok(n) => core.handle_input(&buf[..n], Instant::now()),
                 },
-                n = recv_opt(tun, &mut tun_buf) => {
+                n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
                     if let Ok(n) = n {
                         let now = Instant::now();
                         self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
@@ -639,14 +631,6 @@ impl SiteAgent {
                 },
             }
         }
-    }
-}
-
-/// Reads the TUN, or waits forever without one.
-async fn recv_opt(tun: Option<&Tun>, buf: &mut [u8]) -> std::io::Result<usize> {
-    match tun {
-        Some(t) => t.recv(buf).await,
-        None => std::future::pending().await,
     }
 }
 
