@@ -4,7 +4,8 @@
 //! offset  size  field
 //! 0       1     version      PROTOCOL_VERSION (1); anything else closes the connection
 //! 1       1     kind         1 = control (JSON message), 2 = data
-//! 2       4     length       payload length, big-endian, at most MAX_PAYLOAD
+//! 2       4     length       payload length, big-endian: at most MAX_CONTROL (control) or
+//!                            MAX_DATA (data)
 //! 6       n     payload
 //! ```
 //!
@@ -12,7 +13,7 @@
 //! A control payload is one UTF-8 JSON object, a [`crate::Message`].
 //!
 //! The decoder never allocates more than one payload's worth, and refuses a header that
-//! announces more than [`MAX_PAYLOAD`] before reading the payload: a hostile peer cannot make
+//! announces more than its kind's maximum before reading the payload: a hostile peer cannot make
 //! the other side buffer without bound.
 
 /// Version of the framing and of the message set.
@@ -21,11 +22,17 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Header size: version, kind, 32-bit length.
 pub const HEADER_LEN: usize = 6;
 
-/// The largest payload accepted. A data frame carries one WireGuard message around an inner
-/// packet of at most 64 KiB (a GSO super-packet); control messages (an inventory of thousands
-/// of agents) stay far below. 256 KiB leaves room for both and bounds what one peer can make
-/// the other buffer.
-pub const MAX_PAYLOAD: usize = 256 * 1024;
+/// The largest data payload: a session id and one WireGuard message, whose inner packet is at
+/// most 64 KiB (a GSO super-packet) plus WireGuard's 32 bytes.
+pub const MAX_DATA: usize = 4 + 65_535 + 32;
+
+/// The largest control payload. The biggest control message is a technician's inventory:
+/// about 150 bytes of JSON per site with one agent, so 4 MiB holds some 25 000 sites. It also
+/// bounds what one peer can make the other buffer.
+pub const MAX_CONTROL: usize = 4 * 1024 * 1024;
+
+/// The larger of the two limits (what a decoder may have to hold).
+pub const MAX_PAYLOAD: usize = MAX_CONTROL;
 
 /// Kind byte of a control frame.
 const KIND_CONTROL: u8 = 1;
@@ -48,8 +55,8 @@ pub enum FrameError {
     Version(u8),
     #[error("unknown frame kind {0}")]
     Kind(u8),
-    #[error("frame of {0} bytes exceeds the maximum of {MAX_PAYLOAD}")]
-    Oversize(usize),
+    #[error("frame of {0} bytes exceeds the maximum of {1} for its kind")]
+    Oversize(usize, usize),
     #[error("data frame too short for a session id")]
     ShortData,
 }
@@ -65,7 +72,14 @@ impl Frame {
 }
 
 fn header(kind: u8, len: usize, out: &mut Vec<u8>) {
-    debug_assert!(len <= MAX_PAYLOAD, "callers never build oversize frames");
+    debug_assert!(
+        len <= if kind == KIND_DATA {
+            MAX_DATA
+        } else {
+            MAX_CONTROL
+        },
+        "callers never build oversize frames"
+    );
     out.push(PROTOCOL_VERSION);
     out.push(kind);
     // MAX_PAYLOAD fits in u32; a longer payload is a bug caught by the assertion above.
@@ -149,8 +163,13 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
         return Err(FrameError::Kind(kind));
     }
     let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
-    if len > MAX_PAYLOAD {
-        return Err(FrameError::Oversize(len));
+    let max = if kind == KIND_DATA {
+        MAX_DATA
+    } else {
+        MAX_CONTROL
+    };
+    if len > max {
+        return Err(FrameError::Oversize(len, max));
     }
     let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
@@ -200,11 +219,30 @@ mod tests {
     fn oversize_is_refused_from_the_header_alone() {
         let mut d = FrameDecoder::new();
         d.push(&[PROTOCOL_VERSION, KIND_CONTROL, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(d.next_frame(), Err(FrameError::Oversize(0xffff_ffff)));
+        assert_eq!(
+            d.next_frame(),
+            Err(FrameError::Oversize(0xffff_ffff, MAX_CONTROL))
+        );
         // It stays failed, whatever comes next.
         d.push(b"more");
         assert!(d.next_frame().is_err());
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn each_kind_has_its_own_limit() {
+        let big = u32::try_from(MAX_DATA + 1).expect("fits").to_be_bytes();
+        let data = [1, KIND_DATA, big[0], big[1], big[2], big[3]];
+        assert_eq!(
+            parse(&data),
+            Err(FrameError::Oversize(MAX_DATA + 1, MAX_DATA))
+        );
+        let control = [1, KIND_CONTROL, big[0], big[1], big[2], big[3]];
+        assert_eq!(
+            parse(&control),
+            Ok(None),
+            "a large control frame is only incomplete"
+        );
     }
 
     #[test]

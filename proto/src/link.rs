@@ -69,13 +69,24 @@ impl Link {
 
     pub(crate) fn send(&mut self, msg: &Message, now: Instant) {
         if self.closed.is_none() {
-            frame::encode_control(&msg.to_json(), &mut self.transmit);
+            let json = msg.to_json();
+            if json.len() > frame::MAX_CONTROL {
+                // Never put a frame on the wire that the peer must refuse: end the link
+                // instead, with a reason in our own logs.
+                self.close(CloseReason::Protocol(format!(
+                    "a `{}` message of {} bytes exceeds the protocol's limit",
+                    msg.kind(),
+                    json.len()
+                )));
+                return;
+            }
+            frame::encode_control(&json, &mut self.transmit);
             self.last_sent = now;
         }
     }
 
     pub(crate) fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
-        if self.closed.is_none() && datagram.len() + 4 <= frame::MAX_PAYLOAD {
+        if self.closed.is_none() && datagram.len() + 4 <= frame::MAX_DATA {
             frame::encode_data(session, datagram, &mut self.transmit);
             self.last_sent = now;
         }
