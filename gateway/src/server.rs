@@ -318,9 +318,7 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut listeners = Vec::new();
     for addr in listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on {addr}"))?;
+        let l = listen_on(*addr).with_context(|| format!("listening on {addr}"))?;
         info!(address = %l.local_addr()?, "listening");
         listeners.push(l);
     }
@@ -411,6 +409,22 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
     .context("writing the audit log")?;
     info!("stopped");
     Ok(())
+}
+
+/// A listening socket with a deep accept queue: after a gateway restart every site of a large
+/// deployment dials at once, and the default backlog of 1 024 makes the rest retry their SYNs
+/// for seconds. The kernel caps the value at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
