@@ -176,22 +176,7 @@ fn closing_the_account_stops_a_running_transfer_within_a_second() {
     let alice = sys.technician("tech", "alice", "acme");
     alice.ok(&["connect", "plant-a/press-4-plc"]);
     // A long transfer in the background: 2 GB would take far longer than the test.
-    let script = dir.path().join("tcp_check.py");
-    std::fs::write(&script, common::netns::TCP_CHECK).expect("script");
-    let transfer = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sys.lab.ns("tech"),
-            "/usr/bin/python3",
-            script.to_str().expect("utf8"),
-            "192.168.0.10",
-            "2000000000",
-            "5",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("transfer");
+    let transfer = sys.lab.start_transfer("tech", "192.168.0.10");
     // Wait until bytes flow.
     assert!(wait_until(T, || alice.status()["sessions"][0]["bytes_out"]
         .as_u64()
@@ -268,22 +253,7 @@ fn kill_9_of_the_gateway_mid_transfer_then_everyone_reconnects() {
     let mut sys = System::start(dir.path());
     let alice = sys.technician("tech", "alice", "acme");
     alice.ok(&["connect", "plant-a/press-4-plc"]);
-    let script = dir.path().join("tcp_check.py");
-    std::fs::write(&script, common::netns::TCP_CHECK).expect("script");
-    let transfer = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sys.lab.ns("tech"),
-            "/usr/bin/python3",
-            script.to_str().expect("utf8"),
-            "192.168.0.10",
-            "2000000000",
-            "5",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("transfer");
+    let transfer = sys.lab.start_transfer("tech", "192.168.0.10");
     assert!(wait_until(T, || alice.status()["sessions"][0]["bytes_out"]
         .as_u64()
         .unwrap_or(0)

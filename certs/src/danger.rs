@@ -9,14 +9,16 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use crate::tls::Signatures;
+
 /// Accepts any server key. Handshake signatures are still verified. For test clients that
 /// attack the gateway (foreign certificates, garbage frames) and do not care who answers.
 #[derive(Debug)]
-pub struct AcceptAnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAnyServer(Signatures);
 
 impl AcceptAnyServer {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self(crate::tls::provider()))
+        Arc::new(Self(Signatures::new()))
     }
 }
 
@@ -38,12 +40,7 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -52,15 +49,10 @@ impl ServerCertVerifier for AcceptAnyServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.schemes()
     }
 }

@@ -112,10 +112,14 @@ fn current_key_pin(end_entity: &CertificateDer<'_>, now: UnixTime) -> Result<Pin
 /// Handshake-signature checks shared by the server verifiers: the peer must prove it holds
 /// the key that the certificate (and so the pin) names.
 #[derive(Debug)]
-struct Signatures(Arc<CryptoProvider>);
+pub(crate) struct Signatures(Arc<CryptoProvider>);
 
 impl Signatures {
-    fn tls12(
+    pub(crate) fn new() -> Self {
+        Self(provider())
+    }
+
+    pub(crate) fn tls12(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -129,7 +133,7 @@ impl Signatures {
         )
     }
 
-    fn tls13(
+    pub(crate) fn tls13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -143,7 +147,7 @@ impl Signatures {
         )
     }
 
-    fn schemes(&self) -> Vec<SignatureScheme> {
+    pub(crate) fn schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
@@ -159,7 +163,7 @@ impl PinnedServerVerifier {
     pub fn new(pin: Pin) -> Arc<Self> {
         Arc::new(Self {
             pin,
-            signatures: Signatures(provider()),
+            signatures: Signatures::new(),
         })
     }
 }
@@ -315,7 +319,7 @@ impl TofuServerVerifier {
     pub fn new(store: TofuStore) -> Arc<Self> {
         Arc::new(Self {
             store,
-            signatures: Signatures(provider()),
+            signatures: Signatures::new(),
         })
     }
 }

@@ -250,6 +250,23 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Starts a 2 GB transfer to host:102 in the background (far longer than any test), with a
+    /// 5 s socket timeout so that it fails soon once its path is cut. Its stdout says how it
+    /// ended.
+    pub fn start_transfer(&self, ns: &str, host: &str) -> std::process::Child {
+        let script = self.dir.join("tcp_check.py");
+        if !script.exists() {
+            std::fs::write(&script, TCP_CHECK).expect("tcp_check.py");
+        }
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), "/usr/bin/python3"])
+            .arg(&script)
+            .args([host, "2000000000", "5"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("transfer")
+    }
+
     /// A UDP round trip to host:port.
     pub fn udp_echo(&self, ns: &str, host: &str, port: u16) -> String {
         let code = format!(
