@@ -110,6 +110,7 @@ async fn dial(bundle: &Bundle) -> Result<(Stream, GatewayAddress), End> {
         let attempt = async {
             let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
             tcp.set_nodelay(true)?;
+            socket2::SockRef::from(&tcp).set_send_buffer_size(tls::LINK_SEND_BUFFER)?;
             connector.connect(name, tcp).await
         };
         match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {

@@ -33,6 +33,12 @@ use crate::fsutil;
 use crate::pin::Pin;
 use crate::x509;
 
+/// Kernel send buffer for the TLS links. Autotuning grows it to megabytes under a bulk transfer,
+/// and every byte queued there delays an interactive packet behind it (a HMI click behind a
+/// firmware download). 256 KB is ~4 ms at 0.5 Gbit/s and still fills a LAN or a short WAN
+/// path; the programs set it on every link socket.
+pub const LINK_SEND_BUFFER: usize = 256 * 1024;
+
 /// The application protocol of the agent connections.
 pub const ALPN: &[u8] = b"pinhole/1";
 

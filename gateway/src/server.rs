@@ -349,6 +349,8 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
                 match l.accept().await {
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
+                        let _ = socket2::SockRef::from(&tcp)
+                            .set_send_buffer_size(tls::LINK_SEND_BUFFER);
                         tokio::spawn(link(
                             gw.clone(),
                             acceptor.clone(),

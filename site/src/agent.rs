@@ -150,6 +150,7 @@ async fn dial(
         let attempt = async {
             let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
             tcp.set_nodelay(true)?;
+            socket2::SockRef::from(&tcp).set_send_buffer_size(tls::LINK_SEND_BUFFER)?;
             connector
                 .connect(server_name(addr).map_err(std::io::Error::other)?, tcp)
                 .await
