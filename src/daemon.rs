@@ -340,15 +340,19 @@ async fn serve_one(daemon: Arc<Daemon>, stream: UnixStream) {
         .map(|c| peer_allowed(c.uid(), c.gid()))
         .unwrap_or(false);
     let (rd, mut wr) = stream.into_split();
+    // The request is read in full even from a peer that will be refused: closing with its
+    // bytes unread would reset the connection, and the peer would see a broken pipe instead of
+    // the reason.
+    let mut line = Zeroizing::new(String::new());
+    let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64));
+    let read = reader.read_line(&mut line).await;
     let response = if !allowed {
         warn!("control request from a user outside root and the `pinhole` group refused");
         error(format!(
             "permission denied: only root and members of the `{GROUP}` group may use pinholed"
         ))
     } else {
-        let mut line = Zeroizing::new(String::new());
-        let mut reader = BufReader::new(rd.take(MAX_REQUEST as u64));
-        match reader.read_line(&mut line).await {
+        match read {
             Ok(0) => return,
             Ok(_) => match serde_json::from_str::<Request>(&line) {
                 Ok(req) => daemon.handle(req).await,
