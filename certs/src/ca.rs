@@ -442,11 +442,6 @@ pub fn spki_of_pkcs8(key_pkcs8: &[u8]) -> Result<Vec<u8>, IssueError> {
     Ok(rcgen::PublicKeyData::subject_public_key_info(&key))
 }
 
-/// Loads a PKCS#8 PEM key (any algorithm rcgen signs with).
-pub fn key_from_pem(pem: &str) -> Result<KeyPair, IssueError> {
-    KeyPair::from_pem(pem).map_err(|e| IssueError::BadCa(format!("key: {e}")))
-}
-
 /// PEM armour (64 columns, `\n` line ends).
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);

@@ -145,11 +145,13 @@ impl DomainPath {
         let labels: Vec<&str> = self.0.split('.').collect();
         (1..=labels.len()).map(|n| labels[..n].join(".")).collect()
     }
+}
 
-    /// Whether `self` is `other` or below it.
-    pub fn within(&self, other: &str) -> bool {
-        self.0 == other || self.0.starts_with(&format!("{other}."))
-    }
+/// Whether `domain` is `grant` or below it (`acme.plant-a` is within `acme`, `acme2` is not).
+pub fn within(domain: &str, grant: &str) -> bool {
+    domain
+        .strip_prefix(grant)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 impl fmt::Display for DomainPath {
@@ -597,11 +599,7 @@ impl Store {
         Ok(self
             .sites()?
             .into_iter()
-            .filter(|s| {
-                acct.grants
-                    .iter()
-                    .any(|g| s.domain == *g || s.domain.starts_with(&format!("{g}.")))
-            })
+            .filter(|s| acct.grants.iter().any(|g| within(&s.domain, g)))
             .map(|s| SiteView {
                 name: s.name,
                 domain: s.domain,
@@ -790,6 +788,14 @@ mod tests {
         for bad in ["", "Acme", "a..b", "-x", "a b", "a/b"] {
             assert!(bad.parse::<DomainPath>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn within_follows_labels_not_characters() {
+        assert!(within("acme", "acme"));
+        assert!(within("acme.plant-a", "acme"));
+        assert!(!within("acme2", "acme"));
+        assert!(!within("acme", "acme.plant-a"));
     }
 
     #[test]
