@@ -269,15 +269,16 @@ impl SiteAgent {
                 .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
             fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
             firewall::apply(tun.name(), &dev, &firewall::Policy::default())
+                .await
                 .context("creating the nftables table")?;
             info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
             self.plane.tun = Some(tun);
         }
-        self.sync_plane();
+        self.sync_plane().await;
         let result = self.main_loop().await;
         self.plane.fwd.clear();
         if self.plane.tun.is_some()
-            && let Err(e) = firewall::remove()
+            && let Err(e) = firewall::remove().await
         {
             warn!(error = %e, "cannot remove the nftables table");
         }
@@ -440,17 +441,17 @@ impl SiteAgent {
                 "gateway link gone: closing every session"
             );
             self.plane.fwd.clear();
-            self.sync_plane();
+            self.sync_plane().await;
         }
         let _ = wr.shutdown().await;
         result
     }
 
     /// Applies the sessions to the firewall and the light.
-    fn sync_plane(&mut self) {
+    async fn sync_plane(&mut self) {
         let active = !self.plane.fwd.is_empty();
         if let (Some(tun), Some(dev)) = (&self.plane.tun, &self.config.device_interface)
-            && let Err(e) = firewall::apply(tun.name(), dev, &self.plane.fwd.policy())
+            && let Err(e) = firewall::apply(tun.name(), dev, &self.plane.fwd.policy()).await
         {
             error!(error = %e, "cannot update the firewall");
         }
@@ -461,7 +462,7 @@ impl SiteAgent {
         }
     }
 
-    fn open_session(
+    async fn open_session(
         &mut self,
         core: &mut SiteCore,
         session: u32,
@@ -492,7 +493,7 @@ impl SiteAgent {
             Ok(site_key) => {
                 info!(session, agent = %a.name, device = %a.address, "session opened");
                 core.session_opened(session, &site_key, a, now);
-                self.sync_plane();
+                self.sync_plane().await;
             }
             Err(reason) => core.session_refused(session, &reason, now),
         }
@@ -527,7 +528,8 @@ impl SiteAgent {
                         key,
                         tunnel_ip,
                     } => {
-                        self.open_session(core, session, &agent, &key, tunnel_ip);
+                        self.open_session(core, session, &agent, &key, tunnel_ip)
+                            .await;
                     }
                     SiteEvent::SessionClose {
                         session,
@@ -536,7 +538,7 @@ impl SiteAgent {
                     } => {
                         info!(session, agent = ?agent, %reason, "session closed by the gateway");
                         self.plane.fwd.close(session, agent.as_deref());
-                        self.sync_plane();
+                        self.sync_plane().await;
                     }
                     SiteEvent::Data { session, datagram } => {
                         let now = Instant::now();
@@ -625,7 +627,7 @@ impl SiteAgent {
                                     core.close_session(session, Some(&old.name), "the agent's configuration changed", Instant::now());
                                 }
                             }
-                            self.sync_plane();
+                            self.sync_plane().await;
                             core.update_agents(self.config.agents.clone(), Instant::now());
                         }
                     }

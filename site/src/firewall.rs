@@ -12,9 +12,11 @@
 //! The table is created at start (before the first session) and deleted at exit.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
 
 use pinhole_proto::{Port, Transport};
 
@@ -104,7 +106,9 @@ table inet {TABLE} {{
     )
 }
 
-fn nft(script: &str) -> Result<(), FirewallError> {
+/// Runs `nft -f -` without blocking the runtime: the site's one thread also carries every
+/// session's packets, which must not stall while nft loads a ruleset.
+async fn nft(script: &str) -> Result<(), FirewallError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -115,9 +119,13 @@ fn nft(script: &str) -> Result<(), FirewallError> {
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
+            .await
             .map_err(FirewallError::Spawn)?;
     }
-    let out = child.wait_with_output().map_err(FirewallError::Spawn)?;
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(FirewallError::Spawn)?;
     if !out.status.success() {
         return Err(FirewallError::Nft(
             String::from_utf8_lossy(&out.stderr).trim().to_owned(),
@@ -127,15 +135,16 @@ fn nft(script: &str) -> Result<(), FirewallError> {
 }
 
 /// Replaces the table with the one for `policy`, atomically.
-pub fn apply(tun: &str, device: &str, policy: &Policy) -> Result<(), FirewallError> {
-    nft(&render(tun, device, policy))
+pub async fn apply(tun: &str, device: &str, policy: &Policy) -> Result<(), FirewallError> {
+    nft(&render(tun, device, policy)).await
 }
 
 /// Deletes the table (at exit).
-pub fn remove() -> Result<(), FirewallError> {
+pub async fn remove() -> Result<(), FirewallError> {
     nft(&format!(
         "table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
     ))
+    .await
 }
 
 #[cfg(test)]
