@@ -85,9 +85,10 @@ impl ClientCore {
         while let Some(input) = self.link.next_input() {
             match input {
                 Input::Failed(reason) => self.events.push_back(ClientEvent::Closed(reason)),
-                Input::Data { session, datagram } => self
-                    .events
-                    .push_back(ClientEvent::Data { session, datagram }),
+                Input::Data { session, datagram } => self.events.push_back(ClientEvent::Data {
+                    session,
+                    datagram: datagram.to_vec(),
+                }),
                 Input::Message(m) => self.on_message(m),
             }
         }

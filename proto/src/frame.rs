@@ -99,53 +99,177 @@ pub fn encode_data(session: u32, datagram: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(datagram);
 }
 
+/// One frame borrowed from the decoder's buffer: the data path's form, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    /// A JSON control message (not yet parsed).
+    Control(&'a [u8]),
+    /// A datagram for a session.
+    Data { session: u32, datagram: &'a [u8] },
+}
+
+impl FrameRef<'_> {
+    /// The owned form (copies the payload).
+    pub fn into_frame(self) -> Frame {
+        match self {
+            FrameRef::Control(json) => Frame::Control(json.to_vec()),
+            FrameRef::Data { session, datagram } => Frame::Data {
+                session,
+                datagram: datagram.to_vec(),
+            },
+        }
+    }
+}
+
+/// Where a whole frame's payload lies in the decoder's buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    kind: u8,
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    pub(crate) fn is_data(self) -> bool {
+        self.kind == KIND_DATA
+    }
+}
+
 /// Incremental decoder: feed bytes as they arrive, take whole frames out.
-#[derive(Debug, Default)]
+///
+/// The work is linear in the bytes received, whatever a peer sends: frames are taken out by
+/// advancing a read offset, and the unread rest is moved to the front of the buffer at most
+/// once per [`push`](Self::push), so no byte is ever moved twice.
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Start of the bytes not yet returned as frames.
+    read: usize,
+    max_control: usize,
     failed: Option<FrameError>,
+    /// Bytes moved by compaction, for the tests that prove the work is linear.
+    #[cfg(test)]
+    moved: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder that accepts control payloads up to [`MAX_CONTROL`] (the client's and the
+    /// site's: inventories come from the gateway).
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_control(MAX_CONTROL)
     }
 
-    /// Adds received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.failed.is_none() {
-            self.buf.extend_from_slice(bytes);
+    /// A decoder that refuses, from the header alone, a control payload longer than `max`
+    /// bytes ([`FrameError::Oversize`] with `max`). `max` above [`MAX_CONTROL`] is lowered to
+    /// it: no conforming peer sends more. Data frames keep [`MAX_DATA`].
+    pub fn with_max_control(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            read: 0,
+            max_control: max.min(MAX_CONTROL),
+            failed: None,
+            #[cfg(test)]
+            moved: 0,
         }
+    }
+
+    /// The largest control payload this decoder accepts, in bytes.
+    pub fn max_control(&self) -> usize {
+        self.max_control
+    }
+
+    /// Adds received bytes. Ignored once the decoder has failed.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.failed.is_some() {
+            return;
+        }
+        if self.read > 0 {
+            #[cfg(test)]
+            {
+                self.moved += self.buf.len() - self.read;
+            }
+            self.buf.drain(..self.read);
+            self.read = 0;
+        }
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes buffered but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.read
     }
 
-    /// The next whole frame, `Ok(None)` if more bytes are needed. After an error the decoder
-    /// stays failed: the stream cannot be resynchronized.
+    /// The next whole frame, copied out; `Ok(None)` if more bytes are needed. After an error
+    /// the decoder stays failed: the stream cannot be resynchronized.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        Ok(self.next_frame_ref()?.map(FrameRef::into_frame))
+    }
+
+    /// The next whole frame, borrowed from the buffer until the next call; `Ok(None)` if more
+    /// bytes are needed. Errors as [`next_frame`](Self::next_frame).
+    pub fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, FrameError> {
+        Ok(self.next_span()?.map(|span| self.frame_at(span)))
+    }
+
+    /// Takes the next whole frame out and says where its payload lies (valid until the next
+    /// `push`).
+    pub(crate) fn next_span(&mut self) -> Result<Option<Span>, FrameError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        match parse(&self.buf) {
-            Ok(None) => Ok(None),
-            Ok(Some((frame, used))) => {
-                self.buf.drain(..used);
-                Ok(Some(frame))
+        let rest = &self.buf[self.read..];
+        match check_header(rest, self.max_control) {
+            Ok(Some((kind, len))) if rest.len() >= HEADER_LEN + len => {
+                let start = self.read + HEADER_LEN;
+                self.read = start + len;
+                Ok(Some(Span {
+                    kind,
+                    start,
+                    end: start + len,
+                }))
             }
+            Ok(_) => Ok(None),
             Err(e) => {
                 self.buf = Vec::new();
+                self.read = 0;
                 self.failed = Some(e.clone());
                 Err(e)
             }
         }
     }
+
+    /// The frame a span from [`next_span`](Self::next_span) points to.
+    pub(crate) fn frame_at(&self, span: Span) -> FrameRef<'_> {
+        if span.is_data() {
+            let (session, datagram) = self.data_at(span);
+            FrameRef::Data { session, datagram }
+        } else {
+            FrameRef::Control(self.payload_at(span))
+        }
+    }
+
+    /// The payload a span points to.
+    pub(crate) fn payload_at(&self, span: Span) -> &[u8] {
+        &self.buf[span.start..span.end]
+    }
+
+    /// The session id and datagram of a data span.
+    pub(crate) fn data_at(&self, span: Span) -> (u32, &[u8]) {
+        // `check_header` refused data frames shorter than a session id, so the split is in bounds.
+        let (id, datagram) = self.payload_at(span).split_at(4);
+        (u32::from_be_bytes([id[0], id[1], id[2], id[3]]), datagram)
+    }
 }
 
-/// Parses one frame from the front of `buf`: the frame and the bytes it used.
-pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+/// Checks the header at the front of `buf`: its kind and payload length, `Ok(None)` if the
+/// header is not complete yet. The payload may still be incomplete.
+fn check_header(buf: &[u8], max_control: usize) -> Result<Option<(u8, usize)>, FrameError> {
     let Some(head) = buf.get(..HEADER_LEN) else {
         // Check what we can already: a bad first byte fails fast.
         if let Some(&v) = buf.first()
@@ -166,24 +290,32 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
     let max = if kind == KIND_DATA {
         MAX_DATA
     } else {
-        MAX_CONTROL
+        max_control
     };
     if len > max {
         return Err(FrameError::Oversize(len, max));
     }
+    if kind == KIND_DATA && len < 4 {
+        return Err(FrameError::ShortData);
+    }
+    Ok(Some((kind, len)))
+}
+
+/// Parses one frame from the front of `buf` with the default limits: the frame and the bytes
+/// it used.
+pub fn parse(buf: &[u8]) -> Result<Option<(Frame, usize)>, FrameError> {
+    let Some((kind, len)) = check_header(buf, MAX_CONTROL)? else {
+        return Ok(None);
+    };
     let Some(payload) = buf.get(HEADER_LEN..HEADER_LEN + len) else {
         return Ok(None);
     };
-    let frame = if kind == KIND_CONTROL {
-        Frame::Control(payload.to_vec())
-    } else {
-        let (id, datagram) = payload
-            .split_first_chunk::<4>()
-            .ok_or(FrameError::ShortData)?;
-        Frame::Data {
+    let frame = match payload.split_first_chunk::<4>() {
+        Some((id, datagram)) if kind == KIND_DATA => Frame::Data {
             session: u32::from_be_bytes(*id),
             datagram: datagram.to_vec(),
-        }
+        },
+        _ => Frame::Control(payload.to_vec()),
     };
     Ok(Some((frame, HEADER_LEN + len)))
 }
@@ -213,6 +345,21 @@ mod tests {
         );
         assert_eq!(d.next_frame(), Ok(None));
         assert_eq!(d.buffered(), 0);
+
+        let mut d = FrameDecoder::new();
+        d.push(&out);
+        assert_eq!(
+            d.next_frame_ref(),
+            Ok(Some(FrameRef::Control(b"{\"type\":\"heartbeat\"}")))
+        );
+        assert_eq!(
+            d.next_frame_ref(),
+            Ok(Some(FrameRef::Data {
+                session: 7,
+                datagram: b"wireguard"
+            }))
+        );
+        assert_eq!(d.next_frame_ref(), Ok(None));
     }
 
     #[test]
@@ -254,6 +401,55 @@ mod tests {
             Err(FrameError::ShortData)
         );
         assert_eq!(parse(&[1, KIND_CONTROL, 0, 0]), Ok(None));
+    }
+
+    const HEARTBEAT: &[u8] = br#"{"type":"heartbeat"}"#;
+
+    #[test]
+    fn heartbeats_decode_in_linear_work() {
+        // More than 64 KiB of heartbeats in one read: every frame is taken out, and no byte is
+        // moved more than once (the buffer is compacted once per push, not once per frame).
+        let mut wire = Vec::new();
+        while wire.len() <= 64 * 1024 {
+            encode_control(HEARTBEAT, &mut wire);
+        }
+        let frames = wire.len() / (HEADER_LEN + HEARTBEAT.len());
+        let mut d = FrameDecoder::new();
+        d.push(&wire);
+        let mut got = 0;
+        while let Some(f) = d.next_frame().expect("valid") {
+            assert_eq!(f, Frame::Control(HEARTBEAT.to_vec()));
+            got += 1;
+        }
+        assert_eq!(got, frames);
+        assert_eq!(d.buffered(), 0);
+        assert!(
+            d.moved <= wire.len(),
+            "{} bytes moved to decode {} bytes",
+            d.moved,
+            wire.len()
+        );
+    }
+
+    #[test]
+    fn split_frames_move_each_byte_at_most_once() {
+        // Frames cut across reads at every odd place: the bytes moved stay below the bytes
+        // pushed.
+        let mut wire = Vec::new();
+        for i in 0..2000u32 {
+            encode_data(i, &[7; 40], &mut wire);
+            encode_control(HEARTBEAT, &mut wire);
+        }
+        let mut d = FrameDecoder::new();
+        let mut got = 0;
+        for chunk in wire.chunks(997) {
+            d.push(chunk);
+            while d.next_frame().expect("valid").is_some() {
+                got += 1;
+            }
+        }
+        assert_eq!(got, 4000);
+        assert!(d.moved <= wire.len(), "{} > {}", d.moved, wire.len());
     }
 
     proptest! {

@@ -127,8 +127,10 @@ impl GatewayCore {
             match input {
                 Input::Failed(reason) => self.events.push_back(GatewayEvent::Closed(reason)),
                 Input::Data { session, datagram } if self.phase == Phase::Running => {
-                    self.events
-                        .push_back(GatewayEvent::Data { session, datagram });
+                    self.events.push_back(GatewayEvent::Data {
+                        session,
+                        datagram: datagram.to_vec(),
+                    });
                 }
                 Input::Data { .. } => self.violation("data before login".into(), now),
                 Input::Message(m) => self.on_message(m, now),

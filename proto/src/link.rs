@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::frame::{self, Frame, FrameDecoder};
+use crate::frame::{self, FrameDecoder};
 use crate::message::{ErrorCode, Message};
 
 /// A link is dead after this many heartbeat intervals without a byte from the peer.
@@ -110,25 +110,34 @@ impl Link {
         }
     }
 
-    /// The next received message or datagram. A framing or JSON error closes the link.
-    pub(crate) fn next_input(&mut self) -> Option<Input> {
-        if self.closed.is_some() {
-            return None;
-        }
-        match self.decoder.next_frame() {
-            Ok(None) => None,
-            Ok(Some(Frame::Data { session, datagram })) => Some(Input::Data { session, datagram }),
-            Ok(Some(Frame::Control(json))) => match Message::from_json(&json) {
-                Ok(Message::Heartbeat) => self.next_input(),
-                Ok(m) => Some(Input::Message(m)),
-                Err(e) => Some(self.fail(format!("malformed message: {e}"))),
-            },
-            Err(e) => Some(self.fail(e.to_string())),
+    /// The next received message or datagram, heartbeats skipped (in a loop: a read full of
+    /// heartbeats costs no stack). A framing or JSON error closes the link.
+    pub(crate) fn next_input(&mut self) -> Option<Input<'_>> {
+        loop {
+            if self.closed.is_some() {
+                return None;
+            }
+            let span = match self.decoder.next_span() {
+                Ok(None) => return None,
+                Ok(Some(span)) => span,
+                Err(e) => return Some(self.fail(e.to_string())),
+            };
+            // Decided before borrowing: a datagram is returned borrowed, a message parsed.
+            if span.is_data() {
+                let (session, datagram) = self.decoder.data_at(span);
+                return Some(Input::Data { session, datagram });
+            }
+            let json = self.decoder.payload_at(span);
+            match Message::from_json(json) {
+                Ok(Message::Heartbeat) => {}
+                Ok(m) => return Some(Input::Message(m)),
+                Err(e) => return Some(self.fail(format!("malformed message: {e}"))),
+            }
         }
     }
 
     /// A protocol violation: tell the peer why (its last frame), then close.
-    fn fail(&mut self, what: String) -> Input {
+    fn fail(&mut self, what: String) -> Input<'static> {
         let now = self.last_received;
         self.send(
             &Message::Error {
@@ -174,8 +183,42 @@ impl Link {
     }
 }
 
-pub(crate) enum Input {
+/// What [`Link::next_input`] takes out of the received bytes.
+pub(crate) enum Input<'a> {
     Message(Message),
-    Data { session: u32, datagram: Vec<u8> },
+    /// Borrowed from the link's receive buffer until the next call.
+    Data {
+        session: u32,
+        datagram: &'a [u8],
+    },
     Failed(CloseReason),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_million_heartbeats_in_one_read_are_skipped_by_a_loop() {
+        // 1 000 000 heartbeats (26 MB) in one read, then a `list`. On a small stack: skipping
+        // a heartbeat must not cost a stack frame.
+        let run = || {
+            let now = Instant::now();
+            let mut link = Link::new(now, Duration::from_secs(10));
+            let heartbeat = Message::Heartbeat.to_json();
+            let mut wire = Vec::with_capacity(1_000_001 * (frame::HEADER_LEN + heartbeat.len()));
+            for _ in 0..1_000_000 {
+                frame::encode_control(&heartbeat, &mut wire);
+            }
+            frame::encode_control(&Message::List.to_json(), &mut wire);
+            link.push_input(&wire, now);
+            let first = matches!(link.next_input(), Some(Input::Message(Message::List)));
+            first && link.next_input().is_none() && link.closed().is_none()
+        };
+        let thread = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(run)
+            .expect("spawn");
+        assert!(thread.join().expect("no stack overflow"));
+    }
 }

@@ -109,9 +109,10 @@ impl SiteCore {
         while let Some(input) = self.link.next_input() {
             match input {
                 Input::Failed(reason) => self.events.push_back(SiteEvent::Closed(reason)),
-                Input::Data { session, datagram } => {
-                    self.events.push_back(SiteEvent::Data { session, datagram })
-                }
+                Input::Data { session, datagram } => self.events.push_back(SiteEvent::Data {
+                    session,
+                    datagram: datagram.to_vec(),
+                }),
                 Input::Message(m) => self.on_message(m),
             }
         }
