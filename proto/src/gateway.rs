@@ -17,6 +17,16 @@ use crate::message::{ErrorCode, Message, Role, SiteView};
 /// A peer must say `hello` (or `enroll`) this soon after the TLS handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest control payload (bytes) a peer without a certificate may send. Its only
+/// message is `enroll` (a token, a name and a public key, under 3 KiB); anything bigger is an
+/// attempt to make the gateway buffer for a stranger.
+pub const MAX_CONTROL_UNAUTHENTICATED: usize = 16 * 1024;
+
+/// The largest control payload (bytes) an authenticated peer may send. The largest message a
+/// peer sends is a site's `hello` (or `agents`) with its agents; inventories, the only bigger
+/// messages, flow from the gateway.
+pub const MAX_CONTROL_FROM_PEER: usize = 1024 * 1024;
+
 /// Who the TLS handshake says the peer is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerAuth {
@@ -93,10 +103,17 @@ pub struct GatewayCore {
 }
 
 impl GatewayCore {
+    /// A new link, after the TLS handshake that established `auth`. A peer without a
+    /// certificate may send control frames up to [`MAX_CONTROL_UNAUTHENTICATED`], others up to
+    /// [`MAX_CONTROL_FROM_PEER`].
     pub fn new(now: Instant, auth: PeerAuth) -> Self {
+        let max_control = match auth {
+            PeerAuth::Anonymous => MAX_CONTROL_UNAUTHENTICATED,
+            PeerAuth::Technician(_) | PeerAuth::Site(_) => MAX_CONTROL_FROM_PEER,
+        };
         // The interval is replaced by the peer's own once it says hello.
         Self {
-            link: Link::new(now, HELLO_TIMEOUT),
+            link: Link::with_max_control(now, HELLO_TIMEOUT, max_control),
             auth,
             phase: Phase::AwaitHello,
             hello_deadline: now + HELLO_TIMEOUT,
@@ -374,6 +391,86 @@ impl GatewayCore {
         if self.link.handle_timeout(now) {
             self.events
                 .push_back(GatewayEvent::Closed(CloseReason::Timeout));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{self, FrameDecoder};
+
+    /// The messages the core has queued for its peer.
+    fn sent(gw: &mut GatewayCore) -> Vec<Message> {
+        let mut d = FrameDecoder::new();
+        while let Some(bytes) = gw.poll_transmit() {
+            d.push(&bytes);
+        }
+        let mut out = Vec::new();
+        while let Some(f) = d.next_frame().expect("valid frames") {
+            match f {
+                frame::Frame::Control(json) => out.push(Message::from_json(&json).expect("json")),
+                frame::Frame::Data { .. } => panic!("unexpected data"),
+            }
+        }
+        out
+    }
+
+    fn events(gw: &mut GatewayCore) -> Vec<GatewayEvent> {
+        std::iter::from_fn(|| gw.poll_event()).collect()
+    }
+
+    /// A control frame header announcing `len` bytes of payload.
+    fn control_header(len: usize) -> Vec<u8> {
+        let mut h = vec![frame::PROTOCOL_VERSION, 1];
+        h.extend_from_slice(&u32::try_from(len).expect("fits").to_be_bytes());
+        h
+    }
+
+    fn assert_refused_for_size(gw: &mut GatewayCore, len: usize, max: usize) {
+        let text = format!("frame of {len} bytes exceeds the maximum of {max} for its kind");
+        assert!(gw.is_closed());
+        assert_eq!(
+            sent(gw),
+            [Message::Error {
+                code: ErrorCode::Protocol,
+                text: text.clone()
+            }]
+        );
+        assert_eq!(
+            events(gw),
+            [GatewayEvent::Closed(CloseReason::Protocol(text))]
+        );
+    }
+
+    #[test]
+    fn an_anonymous_peer_may_send_only_small_control_frames() {
+        let now = Instant::now();
+        let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
+        gw.handle_input(&control_header(MAX_CONTROL_UNAUTHENTICATED), now);
+        assert!(!gw.is_closed(), "at the limit is only incomplete");
+
+        let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
+        let len = MAX_CONTROL_UNAUTHENTICATED + 1;
+        gw.handle_input(&control_header(len), now);
+        assert_refused_for_size(&mut gw, len, MAX_CONTROL_UNAUTHENTICATED);
+    }
+
+    #[test]
+    fn an_authenticated_peer_may_send_up_to_a_mebibyte() {
+        let now = Instant::now();
+        for auth in [
+            PeerAuth::Technician("alice".into()),
+            PeerAuth::Site("plant-a".into()),
+        ] {
+            let mut gw = GatewayCore::new(now, auth.clone());
+            gw.handle_input(&control_header(MAX_CONTROL_FROM_PEER), now);
+            assert!(!gw.is_closed(), "{auth:?}: at the limit is only incomplete");
+
+            let mut gw = GatewayCore::new(now, auth);
+            let len = MAX_CONTROL_FROM_PEER + 1;
+            gw.handle_input(&control_header(len), now);
+            assert_refused_for_size(&mut gw, len, MAX_CONTROL_FROM_PEER);
         }
     }
 }

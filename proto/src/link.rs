@@ -48,9 +48,16 @@ pub fn clamp_heartbeat(d: Duration) -> Duration {
 }
 
 impl Link {
+    /// A link that accepts control frames up to [`frame::MAX_CONTROL`].
     pub(crate) fn new(now: Instant, heartbeat: Duration) -> Self {
+        Self::with_max_control(now, heartbeat, frame::MAX_CONTROL)
+    }
+
+    /// A link that refuses control frames longer than `max_control` bytes (the refusal is
+    /// sent to the peer before the link closes, as for every framing error).
+    pub(crate) fn with_max_control(now: Instant, heartbeat: Duration, max_control: usize) -> Self {
         Self {
-            decoder: FrameDecoder::new(),
+            decoder: FrameDecoder::with_max_control(max_control),
             transmit: Vec::new(),
             heartbeat: clamp_heartbeat(heartbeat),
             last_sent: now,
@@ -197,6 +204,24 @@ pub(crate) enum Input<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_and_sites_accept_inventories_up_to_the_protocol_limit() {
+        let now = Instant::now();
+        let mut link = Link::new(now, Duration::from_secs(10));
+        let len = u32::try_from(frame::MAX_CONTROL)
+            .expect("fits")
+            .to_be_bytes();
+        link.push_input(
+            &[frame::PROTOCOL_VERSION, 1, len[0], len[1], len[2], len[3]],
+            now,
+        );
+        assert!(link.next_input().is_none());
+        assert!(
+            link.closed().is_none(),
+            "a 4 MiB control frame is only incomplete"
+        );
+    }
 
     #[test]
     fn a_million_heartbeats_in_one_read_are_skipped_by_a_loop() {
