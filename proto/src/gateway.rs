@@ -14,8 +14,13 @@ use crate::frame::PROTOCOL_VERSION;
 use crate::link::{CloseReason, Input, Link};
 use crate::message::{ErrorCode, Message, Role, SiteView};
 
-/// A peer must say `hello` (or `enroll`) this soon after the TLS handshake.
+/// A peer with a certificate must say `hello` this soon after the TLS handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A peer without a certificate must send `enroll` this soon after the TLS handshake: a site
+/// that enrolls has its message ready, and a stranger's idle link is what fills the gateway's
+/// descriptor table.
+pub const HELLO_TIMEOUT_ANONYMOUS: Duration = Duration::from_secs(3);
 
 /// The largest control payload (bytes) a peer without a certificate may send. Its only
 /// message is `enroll` (a token, a name and a public key, under 3 KiB); anything bigger is an
@@ -104,19 +109,20 @@ pub struct GatewayCore {
 
 impl GatewayCore {
     /// A new link, after the TLS handshake that established `auth`. A peer without a
-    /// certificate may send control frames up to [`MAX_CONTROL_UNAUTHENTICATED`], others up to
-    /// [`MAX_CONTROL_FROM_PEER`].
+    /// certificate must enroll within [`HELLO_TIMEOUT_ANONYMOUS`] and may send control frames
+    /// up to [`MAX_CONTROL_UNAUTHENTICATED`]; others must say hello within [`HELLO_TIMEOUT`]
+    /// and may send up to [`MAX_CONTROL_FROM_PEER`].
     pub fn new(now: Instant, auth: PeerAuth) -> Self {
-        let max_control = match auth {
-            PeerAuth::Anonymous => MAX_CONTROL_UNAUTHENTICATED,
-            PeerAuth::Technician(_) | PeerAuth::Site(_) => MAX_CONTROL_FROM_PEER,
+        let (max_control, hello_timeout) = match auth {
+            PeerAuth::Anonymous => (MAX_CONTROL_UNAUTHENTICATED, HELLO_TIMEOUT_ANONYMOUS),
+            PeerAuth::Technician(_) | PeerAuth::Site(_) => (MAX_CONTROL_FROM_PEER, HELLO_TIMEOUT),
         };
         // The interval is replaced by the peer's own once it says hello.
         Self {
             link: Link::with_max_control(now, HELLO_TIMEOUT, max_control),
             auth,
             phase: Phase::AwaitHello,
-            hello_deadline: now + HELLO_TIMEOUT,
+            hello_deadline: now + hello_timeout,
             events: VecDeque::new(),
         }
     }
@@ -441,6 +447,25 @@ mod tests {
             events(gw),
             [GatewayEvent::Closed(CloseReason::Protocol(text))]
         );
+    }
+
+    #[test]
+    fn a_peer_without_a_certificate_has_a_shorter_hello_window() {
+        let now = Instant::now();
+        let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
+        assert_eq!(gw.poll_timeout(), Some(now + HELLO_TIMEOUT_ANONYMOUS));
+        assert_eq!(HELLO_TIMEOUT_ANONYMOUS, Duration::from_secs(3));
+        gw.handle_timeout(now + HELLO_TIMEOUT_ANONYMOUS);
+        assert!(gw.is_closed());
+        assert_eq!(
+            events(&mut gw),
+            [GatewayEvent::Closed(CloseReason::Timeout)]
+        );
+
+        let mut gw = GatewayCore::new(now, PeerAuth::Site("plant-a".into()));
+        assert_eq!(gw.poll_timeout(), Some(now + HELLO_TIMEOUT));
+        gw.handle_timeout(now + Duration::from_secs(3));
+        assert!(!gw.is_closed());
     }
 
     #[test]
