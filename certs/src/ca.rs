@@ -38,9 +38,6 @@ const CLOCK_SKEW: Duration = Duration::minutes(5);
 /// 128 random bits: serials must be unpredictable (RFC 5280 allows up to 20 octets).
 const SERIAL_LEN: usize = 16;
 
-/// The longest name accepted for an account, a site or the CA.
-const MAX_NAME_LEN: usize = 64;
-
 /// Why issuing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
@@ -210,18 +207,12 @@ impl PeerIdentity {
     }
 }
 
-/// Checks a name that goes into a certificate subject.
+/// Checks a name that goes into a certificate subject: the one rule of
+/// [`pinhole_proto::validate::name`] (1 to 64 bytes of letters, digits, `.`, `-`, `_`, `@`),
+/// the same as for names a peer sends. The error carries at most an escaped excerpt of the name.
 pub fn check_name(name: &str) -> Result<(), IssueError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(IssueError::BadName(name.to_owned()))
-    }
+    pinhole_proto::validate::name("name", name)
+        .map_err(|_| IssueError::BadName(pinhole_proto::validate::excerpt(name)))
 }
 
 fn random_serial() -> SerialNumber {
@@ -631,6 +622,15 @@ mod tests {
                 "{bad}"
             );
         }
+        let Err(e) = ca.issue_technician("a\nfake line", &info(), Validity::days_from_now(1))
+        else {
+            panic!("a name with a newline was accepted");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("`a\\nfake line` is not a valid name"),
+            "{e}"
+        );
         let v = Validity::days_from_now(1);
         let backwards = Validity {
             not_before: v.not_after,

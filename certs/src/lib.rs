@@ -6,10 +6,13 @@
 //! profile with the verifiers of the three programs ([`tls`]).
 //!
 //! Depends on: rustls with the aws-lc-rs provider (the only crypto provider of the workspace),
-//! rcgen, x509-parser, p12-keystore. It does no network I/O and starts no runtime; the only
-//! files it touches are the ones a caller names (the TOFU pin file).
+//! rcgen, x509-parser, p12-keystore, and `pinhole-proto` for the one rule of names
+//! (`pinhole_proto::validate::name`: a certificate's subject follows the rule of the names
+//! peers send). It does no network I/O and starts no runtime; the only files it touches are
+//! the ones a caller names (the TOFU pin file).
 //!
-//! Must not depend on: tokio or any other Pinhole crate; everything else builds on this one.
+//! Must not depend on: tokio, or any Pinhole crate but `pinhole-proto` (which depends on no
+//! Pinhole crate); everything else builds on these two.
 //! Anything that weakens verification lives in [`danger`], which only tests can enable.
 
 pub mod bundle;

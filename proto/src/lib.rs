@@ -3,7 +3,8 @@
 //! What it is for: frames ([`frame`]) and control messages ([`message`]) inside the TLS links,
 //! device agents and their port presets ([`agent`]), and the sans-IO state machines of the
 //! three roles ([`ClientCore`], [`SiteCore`], [`GatewayCore`]): input and `now` in; bytes to
-//! send, events and the next wake-up out. The calling contract is documented in [`link`].
+//! send, events and the next wake-up out; the rules for every field a peer controls
+//! ([`validate`]). The calling contract is documented in [`link`].
 //!
 //! Must not depend on: tokio, sockets, files or clocks. Time is always passed in, so the
 //! protocol can be tested in simulation (see `tests/simulation.rs`).
@@ -17,6 +18,7 @@ pub mod gateway;
 pub mod link;
 pub mod message;
 pub mod site;
+pub mod validate;
 
 pub use agent::{Agent, AgentType, Port, Transport};
 pub use backoff::Backoff;
@@ -26,3 +28,4 @@ pub use gateway::{GatewayCore, GatewayEvent, PeerAuth};
 pub use link::CloseReason;
 pub use message::{ErrorCode, Message, Role, SiteView};
 pub use site::{SiteCore, SiteEvent, SiteHello};
+pub use validate::Invalid;
