@@ -1,7 +1,7 @@
 //! The gateway's side of one peer link (a technician, a site, or a site enrolling).
 //!
-//! The core checks the order and shape of messages and that the role declared in `hello`
-//! matches the certificate; every decision that needs the registry (is the account open, which
+//! The core checks the order and shape of messages, every peer-controlled field
+//! ([`crate::validate`]) and that the role declared in `hello` matches the certificate; every decision that needs the registry (is the account open, which
 //! sites may it see, is the token valid) is handed to the caller as an event, and the caller
 //! answers with [`GatewayCore::welcome`], [`GatewayCore::refuse`] and the like.
 
@@ -13,6 +13,7 @@ use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
 use crate::link::{CloseReason, Input, Link};
 use crate::message::{ErrorCode, Message, Role, SiteView};
+use crate::validate::{self, Invalid};
 
 /// A peer with a certificate must say `hello` this soon after the TLS handshake.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,8 +29,11 @@ pub const HELLO_TIMEOUT_ANONYMOUS: Duration = Duration::from_secs(3);
 pub const MAX_CONTROL_UNAUTHENTICATED: usize = 16 * 1024;
 
 /// The largest control payload (bytes) an authenticated peer may send. The largest message a
-/// peer sends is a site's `hello` (or `agents`) with its agents; inventories, the only bigger
-/// messages, flow from the gateway.
+/// peer sends is a site's `hello` (or `agents`) with its agents, and [`validate::agents`]
+/// bounds those: at most 256 agents, each a 64-byte name, an address and 64 ports, about
+/// 2.3 KB of JSON; the largest valid hello is 581 484 bytes (built by the test
+/// `the_largest_valid_hello_fits`). Inventories, the only bigger messages, flow from the
+/// gateway.
 pub const MAX_CONTROL_FROM_PEER: usize = 1024 * 1024;
 
 /// Who the TLS handshake says the peer is.
@@ -95,6 +99,61 @@ enum Phase {
     AwaitHello,
     AwaitDecision,
     Running,
+}
+
+/// Checks every peer-controlled field of a message before it becomes an event (the public key
+/// of `enroll` is checked where it is decoded). Messages the gateway never accepts have nothing
+/// to check: [`GatewayCore`] refuses them as unexpected, without echoing them.
+fn check_fields(m: &Message) -> Result<(), Invalid> {
+    use validate::{MAX_BOOT_ID_LEN, MAX_REASON_LEN, MAX_SOFTWARE_LEN, MAX_TOKEN_LEN};
+    match m {
+        Message::Enroll { token, site, .. } => {
+            validate::text("token", token, MAX_TOKEN_LEN)?;
+            validate::name("site", site)
+        }
+        // Another version's fields may follow other rules: that hello is refused for its
+        // version.
+        Message::Hello { version, .. } if *version != PROTOCOL_VERSION => Ok(()),
+        Message::Hello {
+            software,
+            boot_id,
+            agents,
+            ..
+        } => {
+            validate::text("software", software, MAX_SOFTWARE_LEN)?;
+            if let Some(boot_id) = boot_id {
+                validate::text("boot id", boot_id, MAX_BOOT_ID_LEN)?;
+            }
+            validate::agents(agents)
+        }
+        Message::Agents { agents } => validate::agents(agents),
+        Message::SessionOpen {
+            site, agent, key, ..
+        } => {
+            validate::name("site", site)?;
+            validate::name("agent", agent)?;
+            validate::wg_key("key", key)
+        }
+        Message::SessionOpened { key, agent, .. } => {
+            validate::wg_key("key", key)?;
+            validate::agents(std::slice::from_ref(agent))
+        }
+        Message::SessionRefused { reason, .. } => validate::text("reason", reason, MAX_REASON_LEN),
+        Message::SessionClose { reason, agent, .. } => {
+            validate::text("reason", reason, MAX_REASON_LEN)?;
+            agent
+                .as_deref()
+                .map_or(Ok(()), |agent| validate::name("agent", agent))
+        }
+        Message::Enrolled { .. }
+        | Message::Welcome { .. }
+        | Message::List
+        | Message::Inventory { .. }
+        | Message::InventoryUpdate { .. }
+        | Message::Heartbeat
+        | Message::Logout
+        | Message::Error { .. } => Ok(()),
+    }
 }
 
 /// Sans-IO gateway link; see [`crate::link`] for the calling contract.
@@ -175,6 +234,10 @@ impl GatewayCore {
     }
 
     fn on_message(&mut self, m: Message, now: Instant) {
+        if let Err(e) = check_fields(&m) {
+            self.violation(format!("{}: {e}", m.kind()), now);
+            return;
+        }
         match (self.phase, &self.auth, m) {
             (
                 Phase::AwaitHello,
@@ -184,7 +247,8 @@ impl GatewayCore {
                     site,
                     public_key,
                 },
-            ) => match hex::decode(&public_key) {
+            ) => match validate::hex_bytes("public key", &public_key, validate::MAX_PUBLIC_KEY_LEN)
+            {
                 Ok(public_key) => {
                     self.phase = Phase::AwaitDecision;
                     self.events.push_back(GatewayEvent::Enroll {
@@ -193,7 +257,7 @@ impl GatewayCore {
                         public_key,
                     });
                 }
-                Err(_) => self.violation("enroll: public key is not hex".into(), now),
+                Err(e) => self.violation(format!("enroll: {e}"), now),
             },
             (
                 Phase::AwaitHello,
@@ -497,5 +561,369 @@ mod tests {
             gw.handle_input(&control_header(len), now);
             assert_refused_for_size(&mut gw, len, MAX_CONTROL_FROM_PEER);
         }
+    }
+
+    fn control(m: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame::encode_control(&m.to_json(), &mut out);
+        out
+    }
+
+    fn wg_key() -> String {
+        "ab".repeat(32)
+    }
+
+    fn plc(address: &str) -> Agent {
+        Agent::new(
+            "press-4-plc",
+            crate::agent::AgentType::SiemensS7,
+            address.parse().expect("ip"),
+            [],
+        )
+    }
+
+    fn enroll(site: &str) -> Message {
+        Message::Enroll {
+            token: "00ff".into(),
+            site: site.into(),
+            public_key: hex::encode([1u8; 91]),
+        }
+    }
+
+    fn site_hello(software: &str, agents: Vec<Agent>) -> Message {
+        Message::Hello {
+            role: Role::Site,
+            version: PROTOCOL_VERSION,
+            software: software.into(),
+            heartbeat_secs: 600,
+            boot_id: Some("boot-1".into()),
+            agents,
+        }
+    }
+
+    fn running(auth: PeerAuth, now: Instant) -> GatewayCore {
+        let mut gw = GatewayCore::new(now, auth.clone());
+        let hello = match auth {
+            PeerAuth::Site(_) => site_hello("0.1.0", vec![plc("192.168.0.10")]),
+            _ => Message::Hello {
+                role: Role::Technician,
+                version: PROTOCOL_VERSION,
+                software: "0.1.0".into(),
+                heartbeat_secs: 15,
+                boot_id: None,
+                agents: Vec::new(),
+            },
+        };
+        gw.handle_input(&control(&hello), now);
+        assert_eq!(events(&mut gw).len(), 1);
+        gw.welcome("x", None, None, now);
+        let _ = sent(&mut gw);
+        assert!(gw.is_running());
+        gw
+    }
+
+    /// The peer was told why, the link is closed, and the only event is that closing.
+    fn assert_protocol_refusal(gw: &mut GatewayCore, expected: &str) {
+        assert!(gw.is_closed());
+        let sent = sent(gw);
+        let [Message::Error { code, text }] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(*code, ErrorCode::Protocol);
+        assert!(text.contains(expected), "{text}");
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert_eq!(
+            events(gw),
+            [GatewayEvent::Closed(CloseReason::Protocol(text.clone()))]
+        );
+    }
+
+    fn refused(auth: PeerAuth, running_first: bool, m: &Message, expected: &str) {
+        let now = Instant::now();
+        let mut gw = if running_first {
+            running(auth, now)
+        } else {
+            GatewayCore::new(now, auth)
+        };
+        gw.handle_input(&control(m), now);
+        assert_protocol_refusal(&mut gw, expected);
+    }
+
+    #[test]
+    fn an_enrollment_is_checked_before_it_becomes_an_event() {
+        let now = Instant::now();
+        let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
+        gw.handle_input(&control(&enroll("plant-a")), now);
+        assert!(matches!(
+            events(&mut gw).as_slice(),
+            [GatewayEvent::Enroll { site, public_key, .. }] if site == "plant-a" && public_key.len() == 91
+        ));
+
+        // 3 MB: the frame limit refuses it from the header.
+        let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
+        gw.handle_input(&control(&enroll(&"a".repeat(3_000_000))), now);
+        assert_protocol_refusal(&mut gw, "exceeds the maximum of 16384");
+
+        refused(
+            PeerAuth::Anonymous,
+            false,
+            &enroll(&"a".repeat(200)),
+            "site is 200 bytes long",
+        );
+        refused(
+            PeerAuth::Anonymous,
+            false,
+            &enroll("plant\nSITE ENROLLED"),
+            "site `plant\\nSITE ENROLLED`",
+        );
+        let long_token = Message::Enroll {
+            token: "0".repeat(129),
+            site: "plant-a".into(),
+            public_key: "00".into(),
+        };
+        refused(
+            PeerAuth::Anonymous,
+            false,
+            &long_token,
+            "token is 129 bytes long",
+        );
+        let big_key = Message::Enroll {
+            token: "00".into(),
+            site: "plant-a".into(),
+            public_key: "00".repeat(1025),
+        };
+        refused(
+            PeerAuth::Anonymous,
+            false,
+            &big_key,
+            "public key is 1025 bytes long",
+        );
+        let not_hex = Message::Enroll {
+            token: "00".into(),
+            site: "plant-a".into(),
+            public_key: "xyz".into(),
+        };
+        refused(
+            PeerAuth::Anonymous,
+            false,
+            &not_hex,
+            "public key is not hexadecimal",
+        );
+    }
+
+    #[test]
+    fn a_sites_hello_and_agents_are_checked() {
+        let site = || PeerAuth::Site("plant-a".into());
+        let many: Vec<Agent> = (0..40_000)
+            .map(|i| {
+                let mut a = plc("10.0.0.1");
+                a.name = format!("a{i}");
+                a
+            })
+            .collect();
+        // 40 000 agents are more than a peer's frame limit...
+        refused(
+            site(),
+            false,
+            &site_hello("0.1.0", many.clone()),
+            "exceeds the maximum of 1048576",
+        );
+        // ...and 300 are more than a site may have.
+        refused(
+            site(),
+            false,
+            &site_hello("0.1.0", many[..300].to_vec()),
+            "300 agents; at most 256",
+        );
+        refused(
+            site(),
+            false,
+            &site_hello("0.1.0", vec![plc("10.0.0.1"), plc("10.0.0.2")]),
+            "two agents are named `press-4-plc`",
+        );
+        refused(
+            site(),
+            false,
+            &site_hello("0.1.0", vec![plc("224.0.0.1")]),
+            "224.0.0.1 is a multicast address",
+        );
+        refused(
+            site(),
+            false,
+            &site_hello("0.1\u{1b}[2J", vec![]),
+            "software `0.1\\u{1b}[2J` holds a control character",
+        );
+        let boot = Message::Hello {
+            role: Role::Site,
+            version: PROTOCOL_VERSION,
+            software: "0.1.0".into(),
+            heartbeat_secs: 600,
+            boot_id: Some("b".repeat(65)),
+            agents: Vec::new(),
+        };
+        refused(site(), false, &boot, "boot id is 65 bytes long");
+
+        let agents = |agents| Message::Agents { agents };
+        refused(
+            site(),
+            true,
+            &agents(vec![plc("ff02::1")]),
+            "ff02::1 is a multicast address",
+        );
+        refused(site(), true, &agents(many[..257].to_vec()), "257 agents");
+
+        let now = Instant::now();
+        let mut gw = running(site(), now);
+        gw.handle_input(&control(&agents(vec![plc("10.0.0.7")])), now);
+        assert_eq!(
+            events(&mut gw),
+            [GatewayEvent::Agents(vec![plc("10.0.0.7")])]
+        );
+    }
+
+    #[test]
+    fn session_messages_are_checked() {
+        let site = || PeerAuth::Site("plant-a".into());
+        let tech = || PeerAuth::Technician("alice".into());
+        let open = |site: &str, agent: &str, key: String| Message::SessionOpen {
+            session: 1,
+            site: site.into(),
+            agent: agent.into(),
+            key,
+            tunnel_ip: None,
+        };
+        refused(
+            tech(),
+            true,
+            &open("plant a", "plc", wg_key()),
+            "site `plant a`",
+        );
+        refused(
+            tech(),
+            true,
+            &open("plant-a", &"p".repeat(65), wg_key()),
+            "agent is 65 bytes long",
+        );
+        refused(
+            tech(),
+            true,
+            &open(
+                "plant-a",
+                "plc",
+                "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=".into(),
+            ),
+            "key is not a WireGuard public key",
+        );
+        let now = Instant::now();
+        let mut gw = running(tech(), now);
+        gw.handle_input(&control(&open("plant-a", "plc", wg_key())), now);
+        assert_eq!(
+            events(&mut gw),
+            [GatewayEvent::SessionOpen {
+                session: 1,
+                site: "plant-a".into(),
+                agent: "plc".into(),
+                key: wg_key()
+            }]
+        );
+
+        let opened = |key: String, agent: Agent| Message::SessionOpened {
+            session: 1,
+            key,
+            agent,
+        };
+        refused(
+            site(),
+            true,
+            &opened(wg_key(), plc("239.1.2.3")),
+            "239.1.2.3 is a multicast address",
+        );
+        refused(
+            site(),
+            true,
+            &opened("k".into(), plc("10.0.0.1")),
+            "key is not a WireGuard public key",
+        );
+
+        let refused_msg = Message::SessionRefused {
+            session: 1,
+            reason: "PLC in STOP\n\u{7}".into(),
+        };
+        refused(
+            site(),
+            true,
+            &refused_msg,
+            "reason `PLC in STOP\\n\\u{7}` holds a control character",
+        );
+        let long = Message::SessionRefused {
+            session: 1,
+            reason: "r".repeat(257),
+        };
+        refused(site(), true, &long, "reason is 257 bytes long");
+
+        let close = |reason: &str, agent: Option<&str>| Message::SessionClose {
+            session: 1,
+            reason: reason.into(),
+            agent: agent.map(str::to_owned),
+        };
+        refused(
+            tech(),
+            true,
+            &close("bye\r", None),
+            "reason `bye\\r` holds a control character",
+        );
+        refused(site(), true, &close("bye", Some("a b")), "agent `a b`");
+        let now = Instant::now();
+        let mut gw = running(site(), now);
+        gw.handle_input(&control(&close("bye", Some("plc"))), now);
+        assert_eq!(
+            events(&mut gw),
+            [GatewayEvent::SessionClose {
+                session: 1,
+                reason: "bye".into(),
+                agent: Some("plc".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn the_largest_valid_hello_fits() {
+        // Every field at its limit, with the longest text each can take on the wire.
+        let agents: Vec<Agent> = (0..crate::validate::MAX_AGENTS_PER_SITE)
+            .map(|i| {
+                Agent::new(
+                    format!("{i:0>64}"),
+                    crate::agent::AgentType::EthernetIp,
+                    "fd00:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                        .parse()
+                        .expect("ip"),
+                    (0..crate::validate::MAX_PORTS_PER_AGENT as u16 - 2)
+                        .map(|p| crate::agent::Port::udp(60_000 + p)),
+                )
+            })
+            .collect();
+        crate::validate::agents(&agents).expect("valid");
+        let hello = Message::Hello {
+            role: Role::Site,
+            version: PROTOCOL_VERSION,
+            // A quote takes two bytes in JSON.
+            software: "\"".repeat(crate::validate::MAX_SOFTWARE_LEN),
+            heartbeat_secs: u32::MAX,
+            boot_id: Some("\"".repeat(crate::validate::MAX_BOOT_ID_LEN)),
+            agents,
+        };
+        let len = hello.to_json().len();
+        assert!(len <= MAX_CONTROL_FROM_PEER, "{len}");
+        assert!(
+            len > MAX_CONTROL_FROM_PEER / 2,
+            "the bound is not loose: {len}"
+        );
+        let now = Instant::now();
+        let mut gw = GatewayCore::new(now, PeerAuth::Site("plant-a".into()));
+        gw.handle_input(&control(&hello), now);
+        assert!(matches!(
+            events(&mut gw).as_slice(),
+            [GatewayEvent::SiteHello { .. }]
+        ));
     }
 }

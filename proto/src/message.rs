@@ -17,6 +17,9 @@
 //! | `session_close`   | any                    | the session ends, with a reason |
 //! | `logout`          | client → gateway       | the technician logs out; the gateway closes the link |
 //! | `error`           | gateway → peer         | a code and a text; the connection closes after it |
+//!
+//! The gateway checks every field a peer controls against [`crate::validate`] before the
+//! message becomes an event.
 
 use std::net::Ipv4Addr;
 
@@ -113,14 +116,14 @@ pub enum Message {
         session: u32,
         site: String,
         agent: String,
-        /// The client's WireGuard public key, base64.
+        /// The client's WireGuard public key: 64 hex digits.
         key: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tunnel_ip: Option<Ipv4Addr>,
     },
     SessionOpened {
         session: u32,
-        /// The site's WireGuard public key, base64.
+        /// The site's WireGuard public key: 64 hex digits.
         key: String,
         agent: Agent,
     },
