@@ -537,7 +537,9 @@ async fn run_link(
                 Ok(0) | Err(_) => { close_reason = Some(CloseReason::Local); }
                 Ok(n) => {
                     let now = Instant::now();
-                    core.handle_input(&buf[..n], now);
+                    core.handle_input(&buf[..n], now, &mut |session, datagram| {
+                        relay_data(&gw, id, &auth, session, datagram)
+                    });
                     if n == buf.len() && buf.len() < MAX_READ_BUFFER {
                         buf.resize(buf.len() * 2, 0);
                     }
@@ -959,19 +961,26 @@ fn on_event(
                 close_from(gw, session, agent, &reason, id, false);
             }
         }
-        (PeerAuth::Technician(_), GatewayEvent::Data { session, datagram }) => {
+        (_, ev) => debug!(?ev, "ignored"),
+    }
+}
+
+/// A datagram from a peer, forwarded along its session's route.
+fn relay_data(gw: &Gateway, id: u64, auth: &PeerAuth, session: u32, datagram: &[u8]) {
+    match auth {
+        PeerAuth::Technician(_) => {
             let route = gw.relay().route_up(id, session, datagram.len());
             if let Some((site_link, gsid)) = route {
-                gw.forward_data(site_link, gsid, gsid, datagram);
+                gw.forward_data(site_link, gsid, gsid, datagram.to_vec());
             }
         }
-        (PeerAuth::Site(_), GatewayEvent::Data { session, datagram }) => {
+        PeerAuth::Site(_) => {
             let route = gw.relay().route_down(id, session, datagram.len());
             if let Some((client_link, csid)) = route {
-                gw.forward_data(client_link, csid, session, datagram);
+                gw.forward_data(client_link, csid, session, datagram.to_vec());
             }
         }
-        (_, ev) => debug!(?ev, "ignored"),
+        PeerAuth::Anonymous => {}
     }
 }
 

@@ -45,6 +45,8 @@ pub enum PeerAuth {
     Anonymous,
 }
 
+/// What a peer's control messages ask of the caller, and the link's end. Datagrams are not
+/// events: [`GatewayCore::handle_input`] hands them to its `on_data` callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GatewayEvent {
     /// A technician said hello: check the account and answer.
@@ -85,10 +87,6 @@ pub enum GatewayEvent {
         session: u32,
         reason: String,
         agent: Option<String>,
-    },
-    Data {
-        session: u32,
-        datagram: Vec<u8>,
     },
     Logout,
     Closed(CloseReason),
@@ -203,16 +201,22 @@ impl GatewayCore {
         self.link.heartbeat()
     }
 
-    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+    /// Feeds received bytes. Control messages become events ([`poll_event`](Self::poll_event));
+    /// each data frame is handed to `on_data(session, datagram)` in arrival order, borrowed
+    /// from the receive buffer: no allocation per datagram. Data before the peer is welcomed is
+    /// a protocol violation (refused, the link closed, [`GatewayEvent::Closed`]).
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        on_data: &mut dyn FnMut(u32, &[u8]),
+    ) {
         self.link.push_input(bytes, now);
         while let Some(input) = self.link.next_input() {
             match input {
                 Input::Failed(reason) => self.events.push_back(GatewayEvent::Closed(reason)),
                 Input::Data { session, datagram } if self.phase == Phase::Running => {
-                    self.events.push_back(GatewayEvent::Data {
-                        session,
-                        datagram: datagram.to_vec(),
-                    });
+                    on_data(session, datagram);
                 }
                 Input::Data { .. } => self.violation("data before login".into(), now),
                 Input::Message(m) => self.on_message(m, now),
@@ -486,6 +490,10 @@ mod tests {
         out
     }
 
+    fn no_data(_: u32, _: &[u8]) {
+        panic!("no datagram expected");
+    }
+
     fn events(gw: &mut GatewayCore) -> Vec<GatewayEvent> {
         std::iter::from_fn(|| gw.poll_event()).collect()
     }
@@ -536,12 +544,16 @@ mod tests {
     fn an_anonymous_peer_may_send_only_small_control_frames() {
         let now = Instant::now();
         let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
-        gw.handle_input(&control_header(MAX_CONTROL_UNAUTHENTICATED), now);
+        gw.handle_input(
+            &control_header(MAX_CONTROL_UNAUTHENTICATED),
+            now,
+            &mut no_data,
+        );
         assert!(!gw.is_closed(), "at the limit is only incomplete");
 
         let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
         let len = MAX_CONTROL_UNAUTHENTICATED + 1;
-        gw.handle_input(&control_header(len), now);
+        gw.handle_input(&control_header(len), now, &mut no_data);
         assert_refused_for_size(&mut gw, len, MAX_CONTROL_UNAUTHENTICATED);
     }
 
@@ -553,12 +565,12 @@ mod tests {
             PeerAuth::Site("plant-a".into()),
         ] {
             let mut gw = GatewayCore::new(now, auth.clone());
-            gw.handle_input(&control_header(MAX_CONTROL_FROM_PEER), now);
+            gw.handle_input(&control_header(MAX_CONTROL_FROM_PEER), now, &mut no_data);
             assert!(!gw.is_closed(), "{auth:?}: at the limit is only incomplete");
 
             let mut gw = GatewayCore::new(now, auth);
             let len = MAX_CONTROL_FROM_PEER + 1;
-            gw.handle_input(&control_header(len), now);
+            gw.handle_input(&control_header(len), now, &mut no_data);
             assert_refused_for_size(&mut gw, len, MAX_CONTROL_FROM_PEER);
         }
     }
@@ -614,7 +626,7 @@ mod tests {
                 agents: Vec::new(),
             },
         };
-        gw.handle_input(&control(&hello), now);
+        gw.handle_input(&control(&hello), now, &mut no_data);
         assert_eq!(events(&mut gw).len(), 1);
         gw.welcome("x", None, None, now);
         let _ = sent(&mut gw);
@@ -645,7 +657,7 @@ mod tests {
         } else {
             GatewayCore::new(now, auth)
         };
-        gw.handle_input(&control(m), now);
+        gw.handle_input(&control(m), now, &mut no_data);
         assert_protocol_refusal(&mut gw, expected);
     }
 
@@ -653,7 +665,7 @@ mod tests {
     fn an_enrollment_is_checked_before_it_becomes_an_event() {
         let now = Instant::now();
         let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
-        gw.handle_input(&control(&enroll("plant-a")), now);
+        gw.handle_input(&control(&enroll("plant-a")), now, &mut no_data);
         assert!(matches!(
             events(&mut gw).as_slice(),
             [GatewayEvent::Enroll { site, public_key, .. }] if site == "plant-a" && public_key.len() == 91
@@ -661,7 +673,7 @@ mod tests {
 
         // 3 MB: the frame limit refuses it from the header.
         let mut gw = GatewayCore::new(now, PeerAuth::Anonymous);
-        gw.handle_input(&control(&enroll(&"a".repeat(3_000_000))), now);
+        gw.handle_input(&control(&enroll(&"a".repeat(3_000_000))), now, &mut no_data);
         assert_protocol_refusal(&mut gw, "exceeds the maximum of 16384");
 
         refused(
@@ -774,7 +786,7 @@ mod tests {
 
         let now = Instant::now();
         let mut gw = running(site(), now);
-        gw.handle_input(&control(&agents(vec![plc("10.0.0.7")])), now);
+        gw.handle_input(&control(&agents(vec![plc("10.0.0.7")])), now, &mut no_data);
         assert_eq!(
             events(&mut gw),
             [GatewayEvent::Agents(vec![plc("10.0.0.7")])]
@@ -816,7 +828,11 @@ mod tests {
         );
         let now = Instant::now();
         let mut gw = running(tech(), now);
-        gw.handle_input(&control(&open("plant-a", "plc", wg_key())), now);
+        gw.handle_input(
+            &control(&open("plant-a", "plc", wg_key())),
+            now,
+            &mut no_data,
+        );
         assert_eq!(
             events(&mut gw),
             [GatewayEvent::SessionOpen {
@@ -875,7 +891,7 @@ mod tests {
         refused(site(), true, &close("bye", Some("a b")), "agent `a b`");
         let now = Instant::now();
         let mut gw = running(site(), now);
-        gw.handle_input(&control(&close("bye", Some("plc"))), now);
+        gw.handle_input(&control(&close("bye", Some("plc"))), now, &mut no_data);
         assert_eq!(
             events(&mut gw),
             [GatewayEvent::SessionClose {
@@ -920,10 +936,49 @@ mod tests {
         );
         let now = Instant::now();
         let mut gw = GatewayCore::new(now, PeerAuth::Site("plant-a".into()));
-        gw.handle_input(&control(&hello), now);
+        gw.handle_input(&control(&hello), now, &mut no_data);
         assert!(matches!(
             events(&mut gw).as_slice(),
             [GatewayEvent::SiteHello { .. }]
         ));
+    }
+
+    #[test]
+    fn datagrams_are_handed_over_borrowed_in_arrival_order() {
+        let now = Instant::now();
+        let mut gw = running(PeerAuth::Technician("alice".into()), now);
+        let mut wire = Vec::new();
+        frame::encode_data(1, b"one", &mut wire);
+        wire.extend(control(&Message::List));
+        frame::encode_data(2, b"two", &mut wire);
+        frame::encode_data(1, b"", &mut wire);
+        let mut got = Vec::new();
+        // Cut inside the second datagram: the rest comes with the next read.
+        let cut = wire.len() - 12;
+        gw.handle_input(&wire[..cut], now, &mut |s, d| got.push((s, d.to_vec())));
+        assert_eq!(got, [(1, b"one".to_vec())]);
+        gw.handle_input(&wire[cut..], now, &mut |s, d| got.push((s, d.to_vec())));
+        assert_eq!(
+            got,
+            [(1, b"one".to_vec()), (2, b"two".to_vec()), (1, Vec::new())]
+        );
+        assert_eq!(events(&mut gw), [GatewayEvent::List]);
+        assert!(!gw.is_closed());
+    }
+
+    #[test]
+    fn a_datagram_before_welcome_is_a_protocol_violation() {
+        let now = Instant::now();
+        for auth in [
+            PeerAuth::Anonymous,
+            PeerAuth::Technician("alice".into()),
+            PeerAuth::Site("plant-a".into()),
+        ] {
+            let mut gw = GatewayCore::new(now, auth);
+            let mut wire = Vec::new();
+            frame::encode_data(1, b"early", &mut wire);
+            gw.handle_input(&wire, now, &mut no_data);
+            assert_protocol_refusal(&mut gw, "data before login");
+        }
     }
 }

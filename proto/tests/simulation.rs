@@ -227,7 +227,8 @@ impl Sim {
             // Deliver.
             while c.up.0.front().is_some_and(|x| x.0 <= now) {
                 let (_, b) = c.up.0.pop_front().expect("front");
-                c.gw.handle_input(&b, now);
+                // This simulation relays no data.
+                c.gw.handle_input(&b, now, &mut |_, _| {});
             }
             while c.down.0.front().is_some_and(|x| x.0 <= now) {
                 let (_, b) = c.down.0.pop_front().expect("front");
@@ -408,7 +409,7 @@ fn wrong_role_and_garbage_close_only_that_link() {
     // A site certificate whose peer claims to be a technician.
     let mut gw = GatewayCore::new(now, PeerAuth::Site("plant-a".into()));
     let mut client = ClientCore::new(now, "0.1.0", Duration::from_secs(15));
-    gw.handle_input(&client.poll_transmit().expect("hello"), now);
+    gw.handle_input(&client.poll_transmit().expect("hello"), now, &mut |_, _| {});
     assert!(gw.is_closed());
     assert!(matches!(
         gw.poll_event(),
@@ -416,12 +417,12 @@ fn wrong_role_and_garbage_close_only_that_link() {
     ));
     // Garbage on another link.
     let mut gw2 = GatewayCore::new(now, PeerAuth::Technician("alice".into()));
-    gw2.handle_input(b"GET / HTTP/1.1\r\n\r\n", now);
+    gw2.handle_input(b"GET / HTTP/1.1\r\n\r\n", now, &mut |_, _| {});
     assert!(gw2.is_closed());
     // A third, healthy link is unaffected.
     let mut gw3 = GatewayCore::new(now, PeerAuth::Technician("bob".into()));
     let mut c3 = ClientCore::new(now, "0.1.0", Duration::from_secs(15));
-    gw3.handle_input(&c3.poll_transmit().expect("hello"), now);
+    gw3.handle_input(&c3.poll_transmit().expect("hello"), now, &mut |_, _| {});
     assert!(matches!(
         gw3.poll_event(),
         Some(GatewayEvent::TechnicianHello { .. })

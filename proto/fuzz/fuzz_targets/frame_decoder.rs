@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let now = Instant::now();
     let mut core = GatewayCore::new(now, PeerAuth::Technician("fuzz".into()));
-    core.handle_input(data, now);
+    core.handle_input(data, now, &mut |_, _| {});
     while core.poll_event().is_some() {}
     let _ = core.poll_transmit();
 });
