@@ -498,7 +498,8 @@ pub fn enrollment_client_config(
     Ok(config)
 }
 
-/// The gateway's server configuration: its certificate, and the client verifier.
+/// The gateway's server configuration: its certificate, and the client verifier. Sessions are
+/// never resumed: every handshake is a full one.
 pub fn server_config(
     identity: &Identity,
     verifier: Arc<dyn ClientCertVerifier>,
@@ -508,6 +509,14 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain().to_vec(), identity.private_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption. A resumed handshake does not run the client verifier: the certificate's
+    // revocation and validity would be taken from the first handshake, so a closed account
+    // or a revoked site could come back on a ticket. Without a session cache and without
+    // tickets (stateful: `send_tls13_tickets`; stateless: the builder's `ticketer`, which
+    // produces none and stays so) every connection is a full handshake; it costs one
+    // signature more per login.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
@@ -549,6 +558,33 @@ mod tests {
                 "secp384r1"
             ]
         );
+    }
+
+    #[test]
+    fn the_server_neither_caches_sessions_nor_issues_tickets() {
+        let ca = CertificateAuthority::generate("acme").expect("ca");
+        let server = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("server");
+        let verifier = GatewayClientVerifier::new(
+            ca.certificate(),
+            Arc::new(NoRevocations),
+            Anonymous::Refuse,
+        )
+        .expect("verifier");
+        let config = server_config(&server, verifier).expect("config");
+        assert!(!config.session_storage.can_cache());
+        assert_eq!(config.send_tls13_tickets, 0);
+        assert!(!config.ticketer.enabled());
+    }
+
+    #[derive(Debug)]
+    struct NoRevocations;
+
+    impl RevocationList for NoRevocations {
+        fn is_revoked(&self, _: &[u8]) -> bool {
+            false
+        }
     }
 
     #[test]

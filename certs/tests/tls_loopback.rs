@@ -486,3 +486,63 @@ async fn enrollment_mode_admits_no_certificate_but_still_refuses_a_bad_one() {
     assert!(server.handshake.is_err(), "{server:?}");
     assert!(refused.map(|r| r.is_empty()).unwrap_or(true));
 }
+
+/// A resumed handshake skips the client certificate's revocation and validity checks: the
+/// gateway must run a full handshake every time, even for a client that kept a ticket.
+#[tokio::test]
+async fn the_gateway_never_resumes_a_session() {
+    let w = common::World::new();
+    let tech = w.technician("alice");
+    let verifier = GatewayClientVerifier::new(
+        w.ca.certificate(),
+        Arc::<Revoked>::default(),
+        Anonymous::Refuse,
+    )
+    .expect("verifier");
+    let acceptor = TlsAcceptor::from(Arc::new(
+        tls::server_config(&w.server, verifier).expect("server config"),
+    ));
+    // One client configuration, and so one resumption store, for both connections.
+    let connector = TlsConnector::from(Arc::new(
+        tls::client_config(&tech, PinnedServerVerifier::new(w.info.pin())).expect("client"),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+
+    let server = async move {
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut stream = acceptor.accept(tcp).await.expect("server handshake");
+            kinds.push(stream.get_ref().1.handshake_kind());
+            let mut ping = [0u8; 4];
+            stream.read_exact(&mut ping).await.expect("ping");
+            stream.write_all(b"pong").await.expect("pong");
+            stream.shutdown().await.expect("shutdown");
+        }
+        kinds
+    };
+    let client = async move {
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let mut stream = connector
+                .connect(ServerName::try_from("localhost").expect("name"), tcp)
+                .await
+                .expect("client handshake");
+            stream.write_all(b"ping").await.expect("ping");
+            // Reading to the end also takes in any ticket the server sent.
+            let mut reply = Vec::new();
+            stream.read_to_end(&mut reply).await.expect("pong");
+            assert_eq!(reply, b"pong");
+            kinds.push(stream.get_ref().1.handshake_kind());
+        }
+        kinds
+    };
+    let (server, client) = tokio::time::timeout(TIMEOUT, async { tokio::join!(server, client) })
+        .await
+        .expect("no hang");
+    let full = Some(rustls::HandshakeKind::Full);
+    assert_eq!(client, [full, full], "client side");
+    assert_eq!(server, [full, full], "server side");
+}
