@@ -5,7 +5,8 @@
 //! 0       1     version      PROTOCOL_VERSION (1); anything else closes the connection
 //! 1       1     kind         1 = control (JSON message), 2 = data
 //! 2       4     length       payload length, big-endian: at most MAX_CONTROL (control) or
-//!                            MAX_DATA (data)
+//!                            MAX_DATA (data); a decoder may set a lower control limit
+//!                            (the gateway's: 16 KiB without a certificate, 1 MiB with one)
 //! 6       n     payload
 //! ```
 //!
