@@ -210,7 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(pinhole_gateway::server::serve(&state, &listen))?;
+            runtime.block_on(pinhole_gateway::serve::serve(&state, &listen))?;
         }
         Command::Domain(DomainCmd::Create { domain }) => {
             let created = state.store()?.create_domain(&operator(), &domain)?;

@@ -1,0 +1,495 @@
+//! The hub's decisions, against the real SQLite registry in a temporary directory.
+
+use std::time::{Duration, Instant};
+
+use pinhole_proto::{Agent, AgentType, ErrorCode, GatewayEvent, Message};
+
+use super::*;
+use crate::audit;
+use crate::store::{DomainPath, Store};
+
+struct TestIssuer;
+
+impl Issuer for TestIssuer {
+    fn issue_site(&self, site: &str, _public_key: &[u8]) -> Result<Issued, String> {
+        Ok(Issued {
+            certificate: site.as_bytes().to_vec(),
+            serial: vec![0x51, site.len() as u8],
+        })
+    }
+    fn ca_certificate(&self) -> &[u8] {
+        b"ca"
+    }
+}
+
+const SITE_SERIAL: [u8; 2] = [0x51, 7];
+const ALICE_SERIAL: [u8; 1] = [0xa1];
+
+struct World {
+    _dir: tempfile::TempDir,
+    store: Store,
+    hub: Hub<LinkId>,
+    now: Instant,
+}
+
+fn plc() -> Agent {
+    Agent::new(
+        "plc",
+        AgentType::SiemensS7,
+        "192.168.0.10".parse().expect("ip"),
+        [],
+    )
+}
+
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::from(([192, 0, 2, n], 40000))
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = Store::open(&dir.path().join("gateway.db")).expect("open");
+        let admin = Actor::System;
+        store
+            .create_domain(&admin, &"acme".parse::<DomainPath>().expect("d"))
+            .expect("domain");
+        let (tok, _) = store
+            .create_token(&admin, &"acme".parse().expect("d"), Duration::from_secs(60))
+            .expect("token");
+        // "plant-a" has 7 bytes: the test issuer's serial is [0x51, 7].
+        store
+            .enroll(&tok, "plant-a", || Ok((vec![1], SITE_SERIAL.to_vec())))
+            .expect("enroll");
+        store
+            .create_account(&admin, "alice", &ALICE_SERIAL, 365)
+            .expect("alice");
+        store
+            .set_grant(&admin, "alice", &"acme".parse().expect("d"), true)
+            .expect("grant");
+        let now = Instant::now();
+        Self {
+            _dir: dir,
+            store,
+            hub: Hub::new(Box::new(TestIssuer), now),
+            now,
+        }
+    }
+
+    fn events(&self) -> Vec<String> {
+        audit::list(self.store.conn(), None)
+            .expect("audit")
+            .into_iter()
+            .map(|r| format!("{} | {}", r.event, r.description))
+            .collect()
+    }
+
+    fn event(&mut self, link: LinkId, ev: GatewayEvent) -> Vec<Command> {
+        self.hub.handle_event(&mut self.store, link, ev, self.now)
+    }
+
+    fn connect(&mut self, link: LinkId, role: Role, name: &str, serial: &[u8]) -> Option<PeerAuth> {
+        let presented = Presented {
+            role,
+            name: name.into(),
+            serial: serial.to_vec(),
+            expires: self.now + Duration::from_secs(3600),
+        };
+        self.hub.handle_connect(
+            &mut self.store,
+            link,
+            link,
+            addr(link as u8),
+            Some(presented),
+            self.now,
+        )
+    }
+
+    fn site_online(&mut self, link: LinkId, agents: Vec<Agent>) -> Vec<Command> {
+        self.connect(link, Role::Site, "plant-a", &SITE_SERIAL)
+            .expect("site auth");
+        self.event(
+            link,
+            GatewayEvent::SiteHello {
+                software: "1.0".into(),
+                boot_id: "b1".into(),
+                agents,
+                heartbeat: Duration::from_secs(10),
+            },
+        )
+    }
+
+    fn alice_in(&mut self, link: LinkId) -> Vec<Command> {
+        self.connect(link, Role::Technician, "alice", &ALICE_SERIAL)
+            .expect("alice auth");
+        self.event(
+            link,
+            GatewayEvent::TechnicianHello {
+                software: "1.0".into(),
+            },
+        )
+    }
+
+    /// alice (link 1) opens plant-a/plc through the site (link 2); returns the gateway id.
+    fn open(&mut self) -> u32 {
+        self.site_online(2, vec![plc()]);
+        self.alice_in(1);
+        let cmds = self.event(
+            1,
+            GatewayEvent::SessionOpen {
+                session: 5,
+                site: "plant-a".into(),
+                agent: "plc".into(),
+                key: "c1".repeat(32),
+            },
+        );
+        match cmds.as_slice() {
+            [Command::Send { link: 2, message }] => match &**message {
+                Message::SessionOpen { session, .. } => *session,
+                m => panic!("{m:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_session_opens_with_the_registered_agent_and_relays() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let cmds = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    assert!(
+        matches!(cmds.as_slice(), [Command::Send { link: 1, message }]
+            if matches!(&**message, Message::SessionOpened { session: 5, agent, .. } if *agent == plc())),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        w.hub.route(1, 5, 100),
+        Some(Route {
+            to: 2,
+            session: gsid
+        })
+    );
+    assert_eq!(w.hub.route(2, gsid, 40), Some(Route { to: 1, session: 5 }));
+    assert_eq!(w.hub.route(3, gsid, 40), None, "another link owns nothing");
+    let cmds = w.event(
+        1,
+        GatewayEvent::SessionClose {
+            session: 5,
+            reason: "done".into(),
+            agent: None,
+        },
+    );
+    assert_eq!(cmds.len(), 1, "the site is told: {cmds:?}");
+    let ev = w.events();
+    assert!(
+        ev.iter().any(|e| e
+            .starts_with("session opened | alice connected to plant-a/plc (192.168.0.10 tcp/102)")),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter().any(|e| e.starts_with("session closed")
+            && e.contains("100 bytes to the site, 40 bytes from it")),
+        "{ev:#?}"
+    );
+}
+
+/// Hole 4a: a compromised site chooses which address the technician routes into its tunnel.
+#[test]
+fn a_site_confirming_another_address_is_refused() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let mut forged = plc();
+    forged.address = "10.1.1.1".parse().expect("ip");
+    let cmds = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: forged,
+        },
+    );
+    assert!(
+        cmds.iter().all(|c| !matches!(c, Command::Send { message, .. } if matches!(&**message, Message::SessionOpened { .. }))),
+        "the technician never gets the forged agent: {cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 1, message } if matches!(&**message, Message::SessionRefused { session: 5, .. }))));
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 2, message } if matches!(&**message, Message::SessionClose { .. }))));
+    assert_eq!(w.hub.sessions(), 0);
+    assert!(
+        w.events()
+            .iter()
+            .any(|e| e.starts_with("session refused | site plant-a confirmed plc wrongly"))
+    );
+}
+
+/// Hole 5: a close that closes nothing is not forwarded, audited or acted on.
+#[test]
+fn closes_that_close_nothing_are_ignored() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let before = w.events().len();
+    for _ in 0..100 {
+        let cmds = w.event(
+            1,
+            GatewayEvent::SessionClose {
+                session: 5,
+                reason: "x".into(),
+                agent: Some("not-an-agent".into()),
+            },
+        );
+        assert!(cmds.is_empty(), "{cmds:?}");
+        let cmds = w.event(
+            2,
+            GatewayEvent::SessionClose {
+                session: gsid + 1,
+                reason: "x".into(),
+                agent: None,
+            },
+        );
+        assert!(cmds.is_empty(), "{cmds:?}");
+    }
+    assert_eq!(w.events().len(), before);
+}
+
+/// Hole 6: "session opened" that cannot be recorded is not acknowledged.
+#[test]
+fn a_session_that_cannot_be_recorded_is_refused() {
+    let mut w = World::new();
+    let gsid = w.open();
+    w.store
+        .conn()
+        .execute_batch(
+            "CREATE TRIGGER fail BEFORE INSERT ON audit WHEN NEW.event = 'session opened'
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+        )
+        .expect("trigger");
+    let cmds = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    assert!(
+        cmds.iter().any(|c| matches!(c, Command::Send { link: 1, message } if matches!(&**message, Message::SessionRefused { .. }))),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().all(|c| !matches!(c, Command::Send { message, .. } if matches!(&**message, Message::SessionOpened { .. }))));
+    assert_eq!(w.hub.route(1, 5, 1), None, "nothing relayed");
+}
+
+/// Hole 6: a login that cannot be recorded is refused.
+#[test]
+fn a_login_that_cannot_be_recorded_is_refused() {
+    let mut w = World::new();
+    w.store
+        .conn()
+        .execute_batch("CREATE TRIGGER fail BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+        .expect("trigger");
+    let cmds = w.alice_in(1);
+    assert!(
+        matches!(
+            cmds.as_slice(),
+            [Command::Close {
+                code: ErrorCode::Internal,
+                ..
+            }]
+        ),
+        "{cmds:?}"
+    );
+}
+
+/// Hole 1: a flood of refused enrollments costs one record per source and minute.
+#[test]
+fn refused_enrollments_are_recorded_in_aggregate() {
+    let mut w = World::new();
+    let before = w.events().len();
+    for i in 0..500u64 {
+        let link = 100 + i;
+        w.hub
+            .handle_connect(&mut w.store, link, link, addr(9), None, w.now)
+            .expect("anonymous");
+        let cmds = w.event(
+            link,
+            GatewayEvent::Enroll {
+                token: format!("bogus{i}"),
+                site: format!("s{i}"),
+                public_key: vec![1],
+            },
+        );
+        assert!(
+            matches!(
+                cmds.as_slice(),
+                [Command::Close {
+                    code: ErrorCode::TokenRefused,
+                    ..
+                }]
+            ),
+            "{cmds:?}"
+        );
+        let _ = w
+            .hub
+            .handle_closed(&mut w.store, link, &CloseReason::Local, w.now);
+    }
+    assert_eq!(w.events().len(), before, "nothing written per attempt");
+    let later = w.now + Duration::from_secs(61);
+    assert!(w.hub.poll_timeout().is_some_and(|t| t <= later));
+    let _ = w.hub.handle_timeout(&mut w.store, later);
+    let ev = w.events();
+    assert_eq!(ev.len(), before + 1, "{ev:#?}");
+    assert!(
+        ev[before].starts_with("enrollments refused | 500 from 192.0.2.9"),
+        "{}",
+        ev[before]
+    );
+}
+
+/// Hole 7: a revoked site loses its link and sessions at the next administrative change.
+#[test]
+fn revoking_a_site_ends_its_link_and_sessions() {
+    let mut w = World::new();
+    let _gsid = w.open();
+    w.store
+        .conn()
+        .execute(
+            "INSERT INTO revoked (serial, revoked) VALUES (?1, '2026-01-01T00:00:00Z')",
+            [SITE_SERIAL.to_vec()],
+        )
+        .expect("revoke");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 2,
+                code: ErrorCode::UnknownSite,
+                ..
+            }
+        )),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 1, message } if matches!(&**message, Message::SessionClose { session: 5, .. }))), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 0);
+    assert_eq!(
+        w.connect(9, Role::Site, "plant-a", &SITE_SERIAL),
+        None,
+        "and cannot come back"
+    );
+}
+
+/// Hole 7: a link ends when its certificate expires.
+#[test]
+fn a_link_ends_when_its_certificate_expires() {
+    let mut w = World::new();
+    w.alice_in(1);
+    let expiry = w.now + Duration::from_secs(3600);
+    assert!(w.hub.poll_timeout().is_some_and(|t| t <= expiry));
+    let cmds = w.hub.handle_timeout(&mut w.store, expiry);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::Close { link: 1, .. })),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn withdrawing_a_grant_ends_the_session_and_account_close_the_link() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    w.store
+        .set_grant(&Actor::System, "alice", &"acme".parse().expect("d"), false)
+        .expect("ungrant");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 2, message } if matches!(&**message, Message::SessionClose { .. }))), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 0);
+    w.store
+        .close_account(&Actor::System, "alice")
+        .expect("close");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 1,
+                code: ErrorCode::AccountClosed,
+                ..
+            }
+        )),
+        "{cmds:?}"
+    );
+}
+
+/// A site whose old link is replaced stays online when the old link finally ends.
+#[test]
+fn a_replaced_site_link_does_not_take_the_site_offline() {
+    let mut w = World::new();
+    let _ = w.site_online(2, vec![plc()]);
+    let cmds = w.site_online(3, vec![plc()]);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 2,
+                code: ErrorCode::Replaced,
+                ..
+            }
+        )),
+        "{cmds:?}"
+    );
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 2, &CloseReason::Local, w.now);
+    assert!(w.hub.site_online("plant-a"));
+    let online = w.store.sites().expect("sites")[0].online;
+    assert!(online, "the registry still says online");
+}
+
+/// Inventory updates go only to technicians the change concerns, coalesced.
+#[test]
+fn inventory_updates_only_for_concerned_technicians() {
+    let mut w = World::new();
+    w.store
+        .create_account(&Actor::System, "bob", &[0xb0], 365)
+        .expect("bob");
+    w.alice_in(1);
+    w.connect(4, Role::Technician, "bob", &[0xb0]).expect("bob");
+    let _ = w.event(
+        4,
+        GatewayEvent::TechnicianHello {
+            software: "1".into(),
+        },
+    );
+    let _ = w.site_online(2, vec![plc()]);
+    assert!(
+        w.hub
+            .handle_timeout(&mut w.store, w.now)
+            .iter()
+            .all(|c| !matches!(c, Command::Inventory { .. })),
+        "coalesced"
+    );
+    let cmds = w
+        .hub
+        .handle_timeout(&mut w.store, w.now + INVENTORY_COALESCE);
+    let to: Vec<LinkId> = cmds
+        .iter()
+        .filter(|c| matches!(c, Command::Inventory { .. }))
+        .map(Command::link)
+        .collect();
+    assert_eq!(to, [1], "alice sees plant-a, bob has no grant");
+}

@@ -1,0 +1,310 @@
+//! The gateway server: listeners, one driver per link ([`crate::link`]), and the watcher that
+//! applies administrative changes and the hub's timers.
+//!
+//! Administrative commands (`pinhole-gateway account close …`) write the database directly,
+//! whether or not the server runs. The watcher polls SQLite's `data_version` every
+//! [`WATCH_INTERVAL`]: when another process committed, it reloads the revocation list and
+//! hands the change to the hub, which ends what must end and pushes fresh inventories. That
+//! keeps one source of truth and needs no admin socket.
+//!
+//! Every decision is the hub's ([`crate::hub`]); this module only moves commands to links.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use pinhole_certs::tls::{self, Anonymous};
+use pinhole_certs::{
+    CertificateAuthority, GatewayClientVerifier, PeerIdentity, RevocationList, Validity,
+};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use crate::audit::Actor;
+use crate::hub::{Command, Hub, Issuer, LinkId};
+use crate::listen::{self, Unwelcomed};
+use crate::outbox::Outbox;
+use crate::registry::Issued;
+use crate::state::StateDir;
+use crate::store::Store;
+
+/// How often the server looks for changes made by the CLI; well inside the 1 s within which
+/// `account close` must end a live link.
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Certificates the gateway issues to sites last as long as the server's.
+const SITE_DAYS: i64 = pinhole_certs::ca::SERVER_DAYS;
+
+/// The revocation list the TLS verifier consults, refreshed from the database.
+#[derive(Debug, Default)]
+struct Revoked(RwLock<BTreeSet<Vec<u8>>>);
+
+impl RevocationList for Revoked {
+    fn is_revoked(&self, serial: &[u8]) -> bool {
+        // A poisoned lock means a writer panicked mid-update: fail closed.
+        self.0.read().map(|s| s.contains(serial)).unwrap_or(true)
+    }
+}
+
+/// Site certificates from the gateway CA.
+struct CaIssuer {
+    ca: CertificateAuthority,
+    der: Vec<u8>,
+}
+
+impl Issuer for CaIssuer {
+    fn issue_site(&self, site: &str, public_key: &[u8]) -> Result<Issued, String> {
+        let cert = self
+            .ca
+            .issue_site(site, public_key, Validity::days_from_now(SITE_DAYS))
+            .map_err(|e| e.to_string())?;
+        let serial = PeerIdentity::from_certificate(&cert)
+            .map_err(|e| e.to_string())?
+            .serial;
+        Ok(Issued {
+            certificate: cert.to_vec(),
+            serial,
+        })
+    }
+
+    fn ca_certificate(&self) -> &[u8] {
+        &self.der
+    }
+}
+
+/// The hub and the registry it decides with, behind one lock.
+struct Decider {
+    hub: Hub<Arc<Outbox>>,
+    store: Store,
+}
+
+/// What every link driver shares.
+pub(crate) struct Shared {
+    decider: Mutex<Decider>,
+    outboxes: Mutex<HashMap<LinkId, Arc<Outbox>>>,
+    next_link: AtomicU64,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Runs a hub decision. Decisions may write the registry (SQLite, fsync):
+    /// `block_in_place` keeps them from stalling the other tasks on this worker.
+    pub(crate) fn decide<T>(&self, f: impl FnOnce(&mut Hub<Arc<Outbox>>, &mut Store) -> T) -> T {
+        tokio::task::block_in_place(|| {
+            let mut d = self.decider.lock().unwrap_or_else(|p| p.into_inner());
+            let Decider { hub, store } = &mut *d;
+            f(hub, store)
+        })
+    }
+
+    pub(crate) fn new_link_id(&self) -> LinkId {
+        self.next_link.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn add_outbox(&self, link: LinkId, o: Arc<Outbox>) {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(link, o);
+    }
+
+    pub(crate) fn remove_outbox(&self, link: LinkId) {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&link);
+    }
+
+    /// Hands the hub's commands to their links, in order.
+    pub(crate) fn dispatch(&self, commands: Vec<Command>) {
+        if commands.is_empty() {
+            return;
+        }
+        let outboxes = self.outboxes.lock().unwrap_or_else(|p| p.into_inner());
+        for c in commands {
+            if let Some(o) = outboxes.get(&c.link()) {
+                o.push_command(c);
+            }
+        }
+    }
+
+    /// The data path: one hub lookup, then a copy into the receiving link's outbox.
+    pub(crate) fn forward(&self, link: LinkId, session: u32, datagram: &[u8]) {
+        let route = {
+            let mut d = self.decider.lock().unwrap_or_else(|p| p.into_inner());
+            d.hub.route(link, session, datagram.len())
+        };
+        if let Some(r) = route
+            && !r.to.push_data(r.session, datagram)
+        {
+            self.decider
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .hub
+                .count_drop(link, session);
+        }
+    }
+
+    fn links(&self) -> usize {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()> {
+    let nofile = listen::raise_nofile_limit();
+    let loaded = state.load()?;
+    let mut store = state.store()?;
+    store.mark_all_offline().context("resetting site status")?;
+    let revoked = Arc::new(Revoked(RwLock::new(store.revoked()?)));
+    let verifier = GatewayClientVerifier::new(
+        loaded.ca.certificate(),
+        revoked.clone(),
+        Anonymous::AllowEnrollment,
+    )?;
+    let config = tls::server_config(&loaded.server, verifier)?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let pin = loaded.pin;
+    let issuer = CaIssuer {
+        der: loaded.ca.certificate().to_vec(),
+        ca: loaded.ca,
+    };
+
+    let mut listeners = Vec::new();
+    for addr in listen {
+        let l = listen::listen_on(*addr).with_context(|| format!("listening on {addr}"))?;
+        info!(address = %l.local_addr()?, "listening");
+        listeners.push(l);
+    }
+    store
+        .record(
+            &Actor::System,
+            "gateway",
+            "gateway started",
+            &format!(
+                "listening on {}; server pin {pin}",
+                listen
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+        .context("writing the audit log")?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        decider: Mutex::new(Decider {
+            hub: Hub::new(Box::new(issuer), Instant::now()),
+            store,
+        }),
+        outboxes: Mutex::new(HashMap::new()),
+        next_link: AtomicU64::new(0),
+        acceptor,
+        shutdown: shutdown_rx,
+    });
+    let unwelcomed = Unwelcomed::new(nofile);
+    info!(descriptors = nofile, "descriptor limit");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for l in listeners {
+        let shared = shared.clone();
+        let unwelcomed = unwelcomed.clone();
+        tasks.spawn(async move {
+            let refused = shared.clone();
+            listen::accept_loop(
+                l,
+                unwelcomed,
+                move |ip| {
+                    refused.decide(|hub, _| {
+                        hub.handle_handshake_refused(
+                            ip,
+                            "too many unauthenticated connections",
+                            Instant::now(),
+                        )
+                    })
+                },
+                |tcp, peer, ticket| {
+                    tokio::spawn(crate::link::run(shared.clone(), tcp, peer, ticket));
+                },
+            )
+            .await;
+        });
+    }
+    tasks.spawn(watch_loop(shared.clone(), revoked));
+
+    wait_for_signal().await?;
+    info!("stopping: closing every link");
+    let _ = shutdown_tx.send(true);
+    // Give links a moment to send their goodbye and record disconnections.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && shared.links() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.abort_all();
+    shared
+        .decide(|hub, store| {
+            hub.handle_shutdown(store);
+            store.mark_all_offline()?;
+            store.record(
+                &Actor::System,
+                "gateway",
+                "gateway stopped",
+                "graceful stop",
+            )
+        })
+        .context("writing the audit log")?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Applies administrative changes and the hub's timers.
+async fn watch_loop(shared: Arc<Shared>, revoked: Arc<Revoked>) {
+    let mut last = shared.decide(|_, s| s.data_version().unwrap_or(0));
+    let mut tick = tokio::time::interval(WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let cmds = shared.decide(|hub, store| {
+            let mut out = Vec::new();
+            let v = store.data_version().unwrap_or(last);
+            if v != last {
+                last = v;
+                match store.revoked() {
+                    Ok(r) => {
+                        if let Ok(mut set) = revoked.0.write() {
+                            *set = r;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot reload the revocation list"),
+                }
+                out.extend(hub.handle_admin_change(store, now));
+            }
+            if hub.poll_timeout().is_some_and(|t| t <= now) {
+                out.extend(hub.handle_timeout(store, now));
+            }
+            out
+        });
+        shared.dispatch(cmds);
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
