@@ -10,6 +10,7 @@
 //! connection with `synchronous=FULL`: when the change is committed, its record is on disk; if
 //! the record cannot be written, the change is rolled back and refused.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
@@ -197,6 +198,32 @@ pub fn list(conn: &Connection, since: Option<&str>) -> rusqlite::Result<Vec<Reco
     rows.collect()
 }
 
+/// `s` with every control character and backslash escaped, for a terminal or a log line: a
+/// newline is written as the two characters `\n`, a tab as `\t`, a backslash as `\\`, any
+/// other control character as `\u{1b}` (its hex code point). Borrowed when there is nothing
+/// to escape. Peer-supplied text (a site's agent names, its software version) and operator
+/// text reach listings and logs through it, so no field can start a new line, move the cursor
+/// or recolour the screen.
+///
+/// A stand-in with the signature and behaviour of `pinhole_proto::validate::escape`, which
+/// replaces it.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c.is_control() || c == '\\') {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.extend(c.escape_unicode()),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// One CSV field, quoted when needed (RFC 4180).
 pub fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
@@ -310,6 +337,16 @@ mod tests {
         assert_ne!(
             row_hash(1, "t", "ab", "c", "e", "d", &GENESIS),
             row_hash(1, "t", "a", "bc", "e", "d", &GENESIS)
+        );
+    }
+
+    #[test]
+    fn escape_leaves_one_line_and_borrows_when_clean() {
+        assert!(matches!(escape("plain text, ünïcode"), Cow::Borrowed(_)));
+        assert_eq!(escape("\x1b[31m\nfake row"), "\\u{1b}[31m\\nfake row");
+        assert_eq!(
+            escape("a\tb\\c\r\u{7f}\u{85}"),
+            "a\\tb\\\\c\\u{d}\\u{7f}\\u{85}"
         );
     }
 

@@ -10,6 +10,7 @@
 //! device or a route.
 
 pub mod audit;
+pub mod operator;
 pub mod relay;
 pub mod server;
 pub mod state;

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS;
 use pinhole_certs::fsutil::write_private_atomic;
 use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection, Validity};
-use pinhole_gateway::audit::{self, Actor, Verdict};
+use pinhole_gateway::audit::{self, Actor, Verdict, escape};
 use pinhole_gateway::state::{StateDir, generate_password};
 use pinhole_gateway::store::DomainPath;
 use zeroize::Zeroizing;
@@ -151,12 +151,9 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     pinhole_proto::duration::parse(s).map_err(|e| e.to_string())
 }
 
-/// The operator running the CLI, for the audit log.
+/// The operator running the CLI, for the audit log: the real uid, never `$USER`.
 fn operator() -> Actor {
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "root".into());
-    Actor::Admin(format!("cli:{user}"))
+    pinhole_gateway::operator::cli_operator()
 }
 
 fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
@@ -259,14 +256,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     let agents: Vec<String> = s
                         .agents
                         .iter()
-                        .map(|a| format!("{} ({} {})", a.name, a.address, a.ports_text()))
+                        .map(|a| format!("{} ({} {})", escape(&a.name), a.address, a.ports_text()))
                         .collect();
                     println!(
                         "{:<20} {:<24} {:<8} {:<21} {}",
-                        s.name,
-                        s.domain,
+                        escape(&s.name),
+                        escape(&s.domain),
                         if s.online { "yes" } else { "no" },
-                        s.last_seen.unwrap_or_else(|| "-".into()),
+                        escape(s.last_seen.as_deref().unwrap_or("-")),
                         if agents.is_empty() {
                             "-".into()
                         } else {
@@ -285,13 +282,13 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 for a in accounts {
                     println!(
                         "{:<20} {:<8} {:<16} {}",
-                        a.name,
+                        escape(&a.name),
                         if a.closed.is_some() { "closed" } else { "open" },
                         a.tunnel_ip,
                         if a.grants.is_empty() {
                             "-".into()
                         } else {
-                            a.grants.join(", ")
+                            escape(&a.grants.join(", ")).into_owned()
                         }
                     );
                 }
@@ -375,7 +372,11 @@ fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::Ex
                 } else {
                     println!(
                         "{:>5} {} {:<28} {:<24} {}",
-                        r.id, r.time, r.event, r.actor, r.description
+                        r.id,
+                        escape(&r.time),
+                        escape(&r.event),
+                        escape(&r.actor),
+                        escape(&r.description)
                     );
                 }
             }
