@@ -179,22 +179,38 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<Verdict> {
     })
 }
 
+/// The highest row id, 0 for an empty log.
+pub(crate) fn last_id(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT coalesce(max(id), 0) FROM audit", [], |r| r.get(0))
+}
+
+/// Rows with `id > after`, oldest first.
+pub(crate) fn after(conn: &Connection, after: i64) -> rusqlite::Result<Vec<Record>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, time, actor, object, event, description, hash FROM audit WHERE id > ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([after], record)?;
+    rows.collect()
+}
+
+fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        id: r.get(0)?,
+        time: r.get(1)?,
+        actor: r.get(2)?,
+        object: r.get(3)?,
+        event: r.get(4)?,
+        description: r.get(5)?,
+        hash: r.get(6)?,
+    })
+}
+
 /// Rows with `time >= since` (RFC 3339 text compares in time order for UTC), oldest first.
 pub fn list(conn: &Connection, since: Option<&str>) -> rusqlite::Result<Vec<Record>> {
     let mut stmt = conn.prepare(
         "SELECT id, time, actor, object, event, description, hash FROM audit WHERE time >= ?1 ORDER BY id",
     )?;
-    let rows = stmt.query_map([since.unwrap_or("")], |r| {
-        Ok(Record {
-            id: r.get(0)?,
-            time: r.get(1)?,
-            actor: r.get(2)?,
-            object: r.get(3)?,
-            event: r.get(4)?,
-            description: r.get(5)?,
-            hash: r.get(6)?,
-        })
-    })?;
+    let rows = stmt.query_map([since.unwrap_or("")], record)?;
     rows.collect()
 }
 

@@ -15,3 +15,4 @@ pub mod relay;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod syslog;

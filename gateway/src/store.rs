@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::ops::Deref;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::audit::{self, Actor};
+use crate::syslog::Syslog;
 
 /// First technician tunnel address: 100.64.0.0/10 (RFC 6598 shared space, which no plant or
 /// office network should use), skipping .0 (network) and .1 (reserved for the gateway).
@@ -202,6 +204,36 @@ fn tunnel_ip(id: i64) -> Result<Ipv4Addr> {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    syslog: Syslog,
+}
+
+/// A write transaction whose audit records go to the system log once it commits.
+///
+/// It is `IMMEDIATE`: it holds SQLite's write lock from the start, so the rows after
+/// `last_id` at commit are exactly the ones it appended. Dropped without [`AuditTx::commit`],
+/// it rolls back and sends nothing.
+pub(crate) struct AuditTx<'a> {
+    tx: Transaction<'a>,
+    last_id: i64,
+    syslog: &'a Syslog,
+}
+
+impl<'a> Deref for AuditTx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl AuditTx<'_> {
+    /// Commits, then copies the records this transaction appended to the system log.
+    pub(crate) fn commit(self) -> Result<()> {
+        let records = audit::after(&self.tx, self.last_id)?;
+        self.tx.commit()?;
+        self.syslog.send(&records);
+        Ok(())
+    }
 }
 
 impl Store {
@@ -216,7 +248,20 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
-        Ok(Self { conn })
+        // Unit tests never write to the host's system log.
+        let syslog = if cfg!(test) {
+            Syslog::disabled()
+        } else {
+            Syslog::from_env()
+        };
+        Ok(Self { conn, syslog })
+    }
+
+    /// Sends committed audit records to `syslog` instead of `$PINHOLE_SYSLOG_SOCKET` or
+    /// `/dev/log`.
+    pub fn with_syslog(mut self, syslog: Syslog) -> Self {
+        self.syslog = syslog;
+        self
     }
 
     pub fn conn(&self) -> &Connection {
@@ -231,10 +276,16 @@ impl Store {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    fn tx(&mut self) -> Result<Transaction<'_>> {
-        Ok(self
+    fn tx(&mut self) -> Result<AuditTx<'_>> {
+        let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let last_id = audit::last_id(&tx)?;
+        Ok(AuditTx {
+            tx,
+            last_id,
+            syslog: &self.syslog,
+        })
     }
 
     /// Records an event that changes nothing else (login, logout, refusal).
@@ -912,6 +963,116 @@ mod tests {
             s.create_account(&ADMIN, "alice", &[1], 365),
             Err(StoreError::Exists(_))
         ));
+    }
+
+    /// A bound datagram socket standing in for `/dev/log`.
+    fn syslog_listener(dir: &Path) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+        let path = dir.join("log");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        (sock, path)
+    }
+
+    fn datagrams(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut out = Vec::new();
+        let mut buf = vec![0; 65536];
+        while let Ok(n) = sock.recv(&mut buf) {
+            out.push(String::from_utf8(buf[..n].to_vec()).expect("utf-8"));
+        }
+        out
+    }
+
+    #[test]
+    fn committed_records_reach_syslog_with_their_hash() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        s.create_domain(&ADMIN, &d("acme.plant-a")).expect("create");
+        let got = datagrams(&sock);
+        let rows = audit::list(s.conn(), None).expect("audit");
+        assert_eq!(got.len(), 2, "{got:?}");
+        for (line, row) in got.iter().zip(&rows) {
+            assert!(line.starts_with("<85>"), "authpriv.notice: {line}");
+            assert!(line.contains("pinhole-gateway["), "{line}");
+            assert!(line.contains(&format!("id={} ", row.id)), "{line}");
+            assert!(
+                line.contains(&format!("hash={}", hex::encode(&row.hash))),
+                "{line}"
+            );
+            assert!(line.contains(r#"event="domain created""#), "{line}");
+        }
+    }
+
+    #[test]
+    fn rolled_back_records_never_reach_syslog() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        // The record for `acme` is written, then the one for `acme.plant-a` fails: the whole
+        // transaction rolls back, and neither record may be sent.
+        s.conn
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON audit WHEN NEW.object = 'domain:acme.plant-a'
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            )
+            .expect("trigger");
+        assert!(s.create_domain(&ADMIN, &d("acme.plant-a")).is_err());
+        // A transaction dropped without commit sends nothing either.
+        {
+            let tx = s.tx().expect("tx");
+            audit::append(&tx, &ADMIN, "x", "test", "never committed").expect("append");
+        }
+        assert_eq!(audit::list(s.conn(), None).expect("audit").len(), 0);
+        assert_eq!(datagrams(&sock), Vec::<String>::new());
+        s.conn.execute_batch("DROP TRIGGER fail").expect("drop");
+        s.create_domain(&ADMIN, &d("zeta")).expect("create");
+        assert_eq!(datagrams(&sock).len(), 1);
+    }
+
+    #[test]
+    fn syslog_fields_are_escaped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        s.record(
+            &Actor::Site("s1".into()),
+            "site:s1",
+            "site connected",
+            "x\"\n<13>Jan  1 00:00:00 host forged: \x1b[31m\\",
+        )
+        .expect("record");
+        let got = datagrams(&sock);
+        assert_eq!(got.len(), 1);
+        let line = &got[0];
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.ends_with(r#"description="x\"\n<13>Jan  1 00:00:00 host forged: \u{1b}[31m\\""#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_missing_syslog_socket_warns_and_changes_go_on() {
+        let dir = tempfile::tempdir().expect("dir");
+        let syslog = Syslog::to(dir.path().join("no-such-socket"));
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(syslog);
+        s.create_domain(&ADMIN, &d("acme")).expect("create");
+        s.create_domain(&ADMIN, &d("zeta")).expect("create");
+        assert_eq!(audit::list(s.conn(), None).expect("audit").len(), 2);
+        assert!(
+            s.syslog.failing(),
+            "the failure is remembered (warned once)"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 
 use pinhole_gateway::audit::Actor;
 use pinhole_gateway::store::Store;
+use pinhole_gateway::syslog::Syslog;
 
 struct Gw {
     dir: tempfile::TempDir,
@@ -51,7 +52,9 @@ impl Gw {
     }
 
     fn store(&self) -> Store {
-        Store::open(&self.state().join("gateway.db")).expect("open the store")
+        Store::open(&self.state().join("gateway.db"))
+            .expect("open the store")
+            .with_syslog(Syslog::disabled())
     }
 
     fn audit_json(&self) -> Vec<serde_json::Value> {
@@ -181,5 +184,44 @@ fn under_sudo_the_actor_is_the_invoking_uid() {
     assert_eq!(
         rows.last().expect("row")["actor"],
         "admin:cli:sudo:uid=4000000123"
+    );
+}
+
+#[test]
+fn cli_changes_reach_the_system_log() {
+    let gw = Gw::init();
+    let path = gw.dir.path().join("log");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let out = gw
+        .cmd(&["domain", "create", "acme"])
+        .env("PINHOLE_SYSLOG_SOCKET", &path)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    let mut buf = vec![0; 65536];
+    let n = sock.recv(&mut buf).expect("a datagram");
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let row = gw.audit_json().pop().expect("row");
+    assert!(
+        line.contains(&format!("hash={}", row["hash"].as_str().expect("hash"))),
+        "{line}"
+    );
+    assert!(line.contains(r#"event="domain created""#), "{line}");
+}
+
+#[test]
+fn a_missing_system_log_is_a_warning_not_a_failure() {
+    let gw = Gw::init();
+    // Two records, one warning.
+    let out = gw.run(&["domain", "create", "acme.plant-a"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("cannot copy audit records to the system log")
+            .count(),
+        1,
+        "{err}"
     );
 }
