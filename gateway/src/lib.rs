@@ -10,9 +10,12 @@
 //! device or a route.
 
 pub mod audit;
+pub mod checkpoint;
+pub mod disk;
 pub mod operator;
 pub mod relay;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod store;
 pub mod syslog;

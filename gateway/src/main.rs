@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS;
 use pinhole_certs::fsutil::write_private_atomic;
 use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection, Validity};
-use pinhole_gateway::audit::{self, Actor, Verdict, escape};
+use pinhole_gateway::audit::{self, Actor, AuditPublicKey, Checkpoint, Verdict, escape};
+use pinhole_gateway::disk::{DiskReserve, disk_status};
 use pinhole_gateway::state::{StateDir, generate_password};
 use pinhole_gateway::store::DomainPath;
 use zeroize::Zeroizing;
@@ -35,6 +36,26 @@ struct Cli {
         default_value = "/var/lib/pinhole-gateway"
     )]
     state: PathBuf,
+    /// The key that signs audit checkpoints (Ed25519, PKCS#8 PEM, mode 0600), created on first
+    /// use. Default: STATE/audit.key. Keep it on another file system or device so that whoever
+    /// takes the database cannot sign.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_AUDIT_KEY",
+        value_name = "PATH"
+    )]
+    audit_key: Option<PathBuf>,
+    /// Free space to keep in the state directory's file system, below which the gateway warns
+    /// (log, `status`): a size (512MiB, 2GiB) or a share of the file system (5%). Default: 256MiB
+    /// or 2%, whichever is larger.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_DISK_RESERVE",
+        value_name = "SIZE|PERCENT"
+    )]
+    disk_reserve: Option<DiskReserve>,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,6 +101,13 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The state directory's health: database, audit log, last checkpoint, audit key, free
+    /// space against the reserve. Exits with status 1 while the free space is below the
+    /// reserve.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,8 +166,23 @@ enum AuditCmd {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Check the hash chain; names the first bad row.
-    Verify,
+    /// Check the hash chain (names the first bad row) and, with --checkpoint, that the log
+    /// still holds what each stored checkpoint recorded. Exits with status 1 on any finding.
+    Verify {
+        /// A file of checkpoints (lines from `audit checkpoint`, or log lines that contain
+        /// them). Finds a log cut or rewritten since, and a forged checkpoint.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// The audit public key to trust (64 hex digits, as `init` and `status` print it).
+        /// Default: the public half of the audit key (--audit-key). Give your own stored copy
+        /// to trust nothing on this machine.
+        #[arg(long, value_name = "HEX", requires = "checkpoint")]
+        audit_public_key: Option<AuditPublicKey>,
+    },
+    /// Print a signed checkpoint of the log (its row count and last hash) as one line, and
+    /// record it in the log. Store the line away from the gateway; `audit verify --checkpoint`
+    /// checks the log against it later.
+    Checkpoint,
     /// Write every event to standard output.
     Export {
         #[arg(long, value_enum)]
@@ -154,6 +197,15 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 /// The operator running the CLI, for the audit log: the real uid, never `$USER`.
 fn operator() -> Actor {
     pinhole_gateway::operator::cli_operator()
+}
+
+/// Says so loudly, before the audit log starts failing, when free space is below the reserve.
+fn warn_if_disk_low(state: &StateDir) {
+    if let Ok(status) = disk_status(state.root(), state.disk_reserve())
+        && let Some(warning) = status.warning()
+    {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
@@ -190,17 +242,37 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let state = StateDir::new(&cli.state);
+    let state = StateDir::new(&cli.state)
+        .with_audit_key(cli.audit_key)
+        .with_disk_reserve(cli.disk_reserve.unwrap_or_default());
+    if !matches!(cli.command, Command::Init { .. } | Command::Status { .. }) {
+        warn_if_disk_low(&state);
+    }
     match cli.command {
         Command::Init { public_addresses } => {
             let init = state.init(&public_addresses)?;
             println!("initialized {}", state.root().display());
             println!("server pin: {}", init.pin);
+            println!(
+                "audit public key (store it away from this machine, to verify checkpoints): {}",
+                init.audit_public_key
+            );
             println!("portal administrator: {}", init.admin);
             println!(
                 "one-time password (shown once, change it at first login): {}",
                 init.admin_password.as_str()
             );
+        }
+        Command::Status { json } => {
+            let status = pinhole_gateway::status::status(&state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            if status.disk.low {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
         }
         Command::Serve { listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -356,8 +428,49 @@ fn create_account(
     Ok(())
 }
 
+/// Checks every checkpoint in `file` against the log; prints one verdict per checkpoint.
+/// Returns whether all hold.
+fn verify_checkpoints(
+    conn: &rusqlite::Connection,
+    file: &std::path::Path,
+    trusted: &AuditPublicKey,
+) -> anyhow::Result<bool> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut checked = 0;
+    let mut ok = true;
+    for (n, line) in text.lines().enumerate() {
+        let Some(parsed) = Checkpoint::find(line) else {
+            continue;
+        };
+        let cp = parsed.with_context(|| format!("{} line {}", file.display(), n + 1))?;
+        let verdict = audit::verify_checkpoint(conn, &cp, trusted)?;
+        checked += 1;
+        if verdict == audit::CheckpointVerdict::Holds {
+            println!("checkpoint of {} ({} rows): holds", cp.time, cp.rows);
+        } else {
+            println!(
+                "checkpoint of {} ({} rows, {} line {}): {verdict}",
+                escape(&cp.time),
+                cp.rows,
+                escape(&file.display().to_string()),
+                n + 1
+            );
+            ok = false;
+        }
+    }
+    if checked == 0 {
+        bail!(
+            "{} holds no checkpoint (lines starting `{}`)",
+            file.display(),
+            pinhole_gateway::checkpoint::MARKER
+        );
+    }
+    Ok(ok)
+}
+
 fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::ExitCode> {
-    let store = state.store()?;
+    let mut store = state.store()?;
     match cmd {
         AuditCmd::List { json, since } => {
             if let Some(s) = &since {
@@ -381,13 +494,40 @@ fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::Ex
                 }
             }
         }
-        AuditCmd::Verify => match audit::verify(store.conn())? {
-            Verdict::Intact { rows } => println!("audit log intact: {rows} rows verified"),
-            Verdict::Broken { row, why } => {
-                println!("audit log TAMPERED: first bad row is {row}: {why}");
+        AuditCmd::Verify {
+            checkpoint,
+            audit_public_key,
+        } => {
+            let mut ok = true;
+            match audit::verify(store.conn())? {
+                Verdict::Intact { rows } => println!("audit log intact: {rows} rows verified"),
+                Verdict::Broken { row, why } => {
+                    println!("audit log TAMPERED: first bad row is {row}: {why}");
+                    ok = false;
+                }
+            }
+            if let Some(file) = checkpoint {
+                let trusted = match audit_public_key {
+                    Some(k) => k,
+                    None => state.audit_public_key()?,
+                };
+                ok &= verify_checkpoints(store.conn(), &file, &trusted)?;
+            }
+            if !ok {
                 return Ok(std::process::ExitCode::FAILURE);
             }
-        },
+        }
+        AuditCmd::Checkpoint => {
+            let key = state.audit_key()?;
+            let cp = store
+                .record_checkpoint(&operator(), &key)
+                .context("recording the checkpoint")?;
+            println!("{cp}");
+            eprintln!(
+                "store this line away from the gateway (with the audit public key {}); check the log against it with `pinhole-gateway audit verify --checkpoint FILE`",
+                cp.key
+            );
+        }
         AuditCmd::Export { format } => {
             let rows = audit::list(store.conn(), None)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

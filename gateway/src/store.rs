@@ -302,6 +302,29 @@ impl Store {
         Ok(())
     }
 
+    /// Takes a checkpoint of the audit log ([`audit::checkpoint`]) and records it as the next
+    /// row, in one transaction: no record can come between the two.
+    pub fn record_checkpoint(
+        &mut self,
+        actor: &Actor,
+        key: &audit::AuditKey,
+    ) -> Result<audit::Checkpoint> {
+        let tx = self.tx()?;
+        let cp = audit::checkpoint(&tx, key).map_err(|e| match e {
+            audit::CheckpointError::Sql(e) => StoreError::Sql(e),
+            e => StoreError::Invalid(e.to_string()),
+        })?;
+        audit::append(
+            &tx,
+            actor,
+            "audit",
+            audit::CHECKPOINT_EVENT,
+            &cp.to_string(),
+        )?;
+        tx.commit()?;
+        Ok(cp)
+    }
+
     pub fn create_domain(&mut self, actor: &Actor, path: &DomainPath) -> Result<Vec<String>> {
         let tx = self.tx()?;
         let now = now_rfc3339();
@@ -1073,6 +1096,21 @@ mod tests {
             s.syslog.failing(),
             "the failure is remembered (warned once)"
         );
+    }
+
+    #[test]
+    fn a_recorded_checkpoint_is_the_next_row_and_the_last_checkpoint() {
+        let (_d, mut s) = store();
+        let key = audit::AuditKey::generate().expect("key");
+        assert_eq!(audit::last_checkpoint(s.conn()).expect("last"), None);
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        let cp = s.record_checkpoint(&ADMIN, &key).expect("checkpoint");
+        assert_eq!(cp.rows, 1);
+        let rows = audit::list(s.conn(), None).expect("audit");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].event, audit::CHECKPOINT_EVENT);
+        assert_eq!(rows[1].description, cp.to_string());
+        assert_eq!(audit::last_checkpoint(s.conn()).expect("last"), Some(cp));
     }
 
     #[test]

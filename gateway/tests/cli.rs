@@ -225,3 +225,163 @@ fn a_missing_system_log_is_a_warning_not_a_failure() {
         "{err}"
     );
 }
+
+/// Deletes audit rows after `keep`, through a connection without the append-only triggers, as
+/// someone with the database file would.
+fn cut_audit_log(state: &std::path::Path, keep: i64) {
+    let c = rusqlite::Connection::open(state.join("gateway.db")).expect("open");
+    c.execute_batch("DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;")
+        .expect("drop triggers");
+    c.execute("DELETE FROM audit WHERE id > ?1", [keep])
+        .expect("delete");
+}
+
+#[test]
+fn audit_verify_with_a_checkpoint_finds_a_cut_log_that_the_chain_alone_misses() {
+    let gw = Gw::init();
+    gw.ok(&["domain", "create", "acme.plant-a"]);
+    let line = gw.ok(&["audit", "checkpoint"]);
+    assert_eq!(line.lines().count(), 1, "one line: {line:?}");
+    assert!(
+        line.starts_with("pinhole-audit-checkpoint v1 rows=4 "),
+        "{line}"
+    );
+    let file = gw.dir.path().join("checkpoints");
+    std::fs::write(&file, &line).expect("store the checkpoint");
+    let file = file.to_str().expect("utf-8 path");
+    let key = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("key="))
+        .expect("the public key")
+        .to_owned();
+
+    // Intact and longer: holds, with the local key and with the operator's copy of it.
+    gw.ok(&["domain", "create", "zeta"]);
+    let out = gw.ok(&["audit", "verify", "--checkpoint", file]);
+    assert!(out.contains("holds"), "{out}");
+    gw.ok(&[
+        "audit",
+        "verify",
+        "--checkpoint",
+        file,
+        "--audit-public-key",
+        &key,
+    ]);
+
+    // Cut before the checkpoint: the chain still verifies, the checkpoint does not.
+    cut_audit_log(&gw.state(), 3);
+    gw.ok(&["audit", "verify"]);
+    let out = gw.run(&["audit", "verify", "--checkpoint", file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("CUT: the checkpoint covers 4 rows, the log has 3"),
+        "{}",
+        text(&out)
+    );
+
+    // A checkpoint edited to match the cut log: the signature fails.
+    let forged = gw.dir.path().join("forged");
+    std::fs::write(&forged, line.replace("rows=4", "rows=3")).expect("forge");
+    let out = gw.run(&[
+        "audit",
+        "verify",
+        "--checkpoint",
+        forged.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("signature is NOT VALID"),
+        "{}",
+        text(&out)
+    );
+
+    // Checked against another trusted key: refused.
+    let other = "11".repeat(32);
+    let out = gw.run(&[
+        "audit",
+        "verify",
+        "--checkpoint",
+        file,
+        "--audit-public-key",
+        &other,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("ANOTHER KEY"), "{}", text(&out));
+}
+
+#[test]
+fn the_audit_key_can_live_outside_the_state_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Gw { dir };
+    let keys = gw.dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("mkdir");
+    let key = keys.join("audit.key");
+    let out = gw
+        .cmd(&["init", "--public-address", "gw.example.com:443"])
+        .env("PINHOLE_GATEWAY_AUDIT_KEY", &key)
+        .output()
+        .expect("init");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("audit public key"), "{}", text(&out));
+    assert!(key.exists());
+    assert!(!gw.state().join("audit.key").exists());
+    let key = key.to_str().expect("utf-8");
+    let line = gw.ok(&["--audit-key", key, "audit", "checkpoint"]);
+    let file = gw.dir.path().join("cp");
+    std::fs::write(&file, &line).expect("write");
+    let file = file.to_str().expect("utf-8");
+    gw.ok(&["--audit-key", key, "audit", "verify", "--checkpoint", file]);
+    // Without the key, nothing to trust: a clear refusal, not a new key.
+    let out = gw.run(&["audit", "verify", "--checkpoint", file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--audit-public-key"), "{}", text(&out));
+    assert!(!gw.state().join("audit.key").exists());
+}
+
+#[test]
+fn status_reports_the_log_the_key_and_free_space_against_the_reserve() {
+    let gw = Gw::init();
+    let out = gw.ok(&["status"]);
+    for want in [
+        "state directory",
+        "audit log        2 rows",
+        "last checkpoint  none",
+        "public key",
+        "reserve",
+    ] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    assert!(out.trim_end().ends_with("ok"), "{out}");
+
+    let line = gw.ok(&["audit", "checkpoint"]);
+    let json: serde_json::Value =
+        serde_json::from_str(&gw.ok(&["status", "--json"])).expect("json");
+    assert_eq!(json["audit_rows"], 3);
+    assert_eq!(json["last_checkpoint"]["rows"], 2);
+    assert!(line.contains(json["audit_public_key"].as_str().expect("key")));
+    assert_eq!(json["disk"]["low"], false);
+    assert!(json["database_bytes"].as_u64().expect("size") > 0);
+
+    // Below the reserve: said loudly, and status fails for a monitor to see.
+    let out = gw.run(&["status", "--disk-reserve", "100%"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("LOW"),
+        "{}",
+        text(&out)
+    );
+    let out = gw
+        .cmd(&["domain", "create", "acme"])
+        .env("PINHOLE_GATEWAY_DISK_RESERVE", "100%")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("LOW DISK SPACE"),
+        "{}",
+        text(&out)
+    );
+    let out = gw.run(&["status", "--disk-reserve", "lots"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("e.g. 512MiB"), "{}", text(&out));
+}
