@@ -78,6 +78,9 @@ enum Command {
     /// Domains: the tree that sites belong to and grants name.
     #[command(subcommand)]
     Domain(DomainCmd),
+    /// Enrolled sites: revoke or remove one.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Enrollment tokens for sites.
     #[command(subcommand, name = "site-token")]
     SiteToken(TokenCmd),
@@ -114,6 +117,17 @@ enum Command {
 enum DomainCmd {
     /// Create a domain (and its missing parents), e.g. `acme.plant-a`.
     Create { domain: DomainPath },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCmd {
+    /// Revoke a site's certificate: it cannot log in again, and a running gateway ends its
+    /// link. The site stays listed (as revoked) until `site remove`.
+    Revoke { name: String },
+    /// Revoke a site's certificate and delete the site. To enroll it again, create a new token
+    /// (`site-token create DOMAIN`); on the site, delete site.crt from its state directory and
+    /// set the new token in site.toml.
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,6 +299,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let created = state.store()?.create_domain(&operator(), &domain)?;
             println!("created {}", created.join(", "));
         }
+        Command::Site(SiteCmd::Revoke { name }) => {
+            state.store()?.revoke_site(&operator(), &name)?;
+            println!(
+                "revoked site {name}: its certificate is refused from now on and a running gateway ends its link; to let it back: `pinhole-gateway site remove {name}`, then enroll it with a new token"
+            );
+        }
+        Command::Site(SiteCmd::Remove { name }) => {
+            state.store()?.remove_site(&operator(), &name)?;
+            println!(
+                "removed site {name}: certificate revoked, site deleted; to enroll it again: `pinhole-gateway site-token create DOMAIN`, then on the site delete site.crt from its state directory and set the new token in site.toml"
+            );
+        }
         Command::SiteToken(TokenCmd::Create { domain, ttl }) => {
             let (token, expires) = state.store()?.create_token(&operator(), &domain, ttl)?;
             eprintln!("one-time enrollment token for a site in {domain}, valid until {expires}:");
@@ -321,8 +347,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&sites)?);
             } else {
                 println!(
-                    "{:<20} {:<24} {:<8} {:<21} AGENTS",
-                    "SITE", "DOMAIN", "ONLINE", "LAST SEEN"
+                    "{:<20} {:<24} {:<8} {:<8} {:<21} AGENTS",
+                    "SITE", "DOMAIN", "STATE", "ONLINE", "LAST SEEN"
                 );
                 for s in sites {
                     let agents: Vec<String> = s
@@ -331,9 +357,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                         .map(|a| format!("{} ({} {})", escape(&a.name), a.address, a.ports_text()))
                         .collect();
                     println!(
-                        "{:<20} {:<24} {:<8} {:<21} {}",
+                        "{:<20} {:<24} {:<8} {:<8} {:<21} {}",
                         escape(&s.name),
                         escape(&s.domain),
+                        if s.revoked.is_some() {
+                            "revoked"
+                        } else {
+                            "enrolled"
+                        },
                         if s.online { "yes" } else { "no" },
                         escape(s.last_seen.as_deref().unwrap_or("-")),
                         if agents.is_empty() {

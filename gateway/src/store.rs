@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS sites (
     last_seen TEXT,
     software TEXT,
     boot_id TEXT,
+    revoked TEXT,
     agents TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS accounts (
@@ -171,6 +172,9 @@ pub struct SiteRow {
     pub last_seen: Option<String>,
     pub software: Option<String>,
     pub boot_id: Option<String>,
+    /// When its certificate was revoked (`site revoke`): it cannot log in until removed and
+    /// enrolled again.
+    pub revoked: Option<String>,
     pub agents: Vec<Agent>,
 }
 
@@ -248,6 +252,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
+        Self::upgrade(&conn)?;
         // Unit tests never write to the host's system log.
         let syslog = if cfg!(test) {
             Syslog::disabled()
@@ -262,6 +267,19 @@ impl Store {
     pub fn with_syslog(mut self, syslog: Syslog) -> Self {
         self.syslog = syslog;
         self
+    }
+
+    /// Brings a database created by an older gateway to the current schema.
+    fn upgrade(conn: &Connection) -> Result<()> {
+        let has_revoked: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('sites') WHERE name = 'revoked'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_revoked {
+            conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
+        }
+        Ok(())
     }
 
     pub fn conn(&self) -> &Connection {
@@ -644,7 +662,7 @@ impl Store {
 
     pub fn sites(&self) -> Result<Vec<SiteRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents FROM sites ORDER BY name",
+            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents, revoked FROM sites ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             let agents: String = r.get(7)?;
@@ -656,6 +674,7 @@ impl Store {
                 last_seen: r.get(4)?,
                 software: r.get(5)?,
                 boot_id: r.get(6)?,
+                revoked: r.get(8)?,
                 agents: serde_json::from_str(&agents).unwrap_or_default(),
             })
         })?;
@@ -697,6 +716,87 @@ impl Store {
                 r.get(0)
             })
             .optional()?)
+    }
+
+    /// Whether `site`'s certificate is revoked (`NotFound` for a site that is not enrolled).
+    pub fn site_revoked(&self, site: &str) -> Result<bool> {
+        let revoked: Option<String> = self
+            .conn
+            .query_row("SELECT revoked FROM sites WHERE name = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("site {site}")))?;
+        Ok(revoked.is_some())
+    }
+
+    /// Revokes `site`'s certificate: its serial joins [`Store::revoked`], so it cannot log in
+    /// again, and the site is marked revoked. It keeps its name until [`Store::remove_site`];
+    /// enrolling it again takes a removal and a new token.
+    pub fn revoke_site(&mut self, actor: &Actor, site: &str) -> Result<()> {
+        let tx = self.tx()?;
+        let (serial, revoked) = Self::site_for_revocation(&tx, site)?;
+        if let Some(when) = revoked {
+            return Err(StoreError::Invalid(format!(
+                "site {site} is already revoked (since {when}); `site remove {site}` deletes it"
+            )));
+        }
+        let now = now_rfc3339();
+        tx.execute(
+            "UPDATE sites SET revoked = ?1 WHERE name = ?2",
+            params![now, site],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)",
+            params![serial, now],
+        )?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("site:{site}"),
+            "site revoked",
+            &format!(
+                "site {site} revoked; certificate {} revoked",
+                hex::encode(&serial)
+            ),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Revokes `site`'s certificate (if it is not already) and deletes the site: its name is
+    /// free for a new enrollment, with a new token and a new certificate.
+    pub fn remove_site(&mut self, actor: &Actor, site: &str) -> Result<()> {
+        let tx = self.tx()?;
+        let (serial, _) = Self::site_for_revocation(&tx, site)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)",
+            params![serial, now_rfc3339()],
+        )?;
+        tx.execute("DELETE FROM sites WHERE name = ?1", [site])?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("site:{site}"),
+            "site removed",
+            &format!(
+                "site {site} removed; certificate {} revoked",
+                hex::encode(&serial)
+            ),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The serial and revocation time of `site`, or `NotFound`.
+    fn site_for_revocation(tx: &Connection, site: &str) -> Result<(Vec<u8>, Option<String>)> {
+        tx.query_row(
+            "SELECT serial, revoked FROM sites WHERE name = ?1",
+            [site],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("site {site}")))
     }
 
     /// A site said hello: online, and audit what changed since its last visit.
@@ -1111,6 +1211,112 @@ mod tests {
         assert_eq!(rows[1].event, audit::CHECKPOINT_EVENT);
         assert_eq!(rows[1].description, cp.to_string());
         assert_eq!(audit::last_checkpoint(s.conn()).expect("last"), Some(cp));
+    }
+
+    /// Enrolls `site` in `domain` with a certificate of serial `serial`.
+    fn enroll(s: &mut Store, site: &str, domain: &str, serial: &[u8]) -> Result<Vec<u8>> {
+        let (tok, _) = s
+            .create_token(&ADMIN, &d(domain), Duration::from_secs(60))
+            .expect("token");
+        s.enroll(&tok, site, || Ok((vec![1], serial.to_vec())))
+    }
+
+    fn last_event(s: &Store) -> audit::Record {
+        audit::list(s.conn(), None)
+            .expect("audit")
+            .pop()
+            .expect("a row")
+    }
+
+    #[test]
+    fn a_revoked_site_stays_out_until_removed_and_enrolled_again() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s1", "acme", &[5, 5]).expect("enroll");
+        assert!(!s.site_revoked("s1").expect("state"));
+
+        s.revoke_site(&ADMIN, "s1").expect("revoke");
+        assert!(s.revoked().expect("revoked").contains(&vec![5, 5]));
+        assert!(s.site_revoked("s1").expect("state"));
+        assert!(s.sites().expect("sites")[0].revoked.is_some());
+        let row = last_event(&s);
+        assert_eq!(
+            (row.event.as_str(), row.object.as_str()),
+            ("site revoked", "site:s1")
+        );
+        assert!(row.description.contains("0505"), "{}", row.description);
+        assert!(matches!(
+            s.revoke_site(&ADMIN, "s1"),
+            Err(StoreError::Invalid(e)) if e.contains("already revoked")
+        ));
+        // Its name is still taken: no token brings it back while it is there.
+        assert!(matches!(
+            enroll(&mut s, "s1", "acme", &[6]),
+            Err(StoreError::TokenRefused(_))
+        ));
+
+        s.remove_site(&ADMIN, "s1").expect("remove");
+        assert_eq!(s.site_serial("s1").expect("serial"), None);
+        enroll(&mut s, "s1", "acme", &[6]).expect("enrolled again");
+        assert!(!s.site_revoked("s1").expect("state"));
+        let revoked = s.revoked().expect("revoked");
+        assert!(revoked.contains(&vec![5, 5]) && !revoked.contains(&vec![6]));
+        assert!(matches!(
+            audit::verify(s.conn()).expect("verify"),
+            audit::Verdict::Intact { .. }
+        ));
+    }
+
+    #[test]
+    fn removing_a_site_revokes_and_deletes_it() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s2", "acme", &[7]).expect("enroll");
+        s.remove_site(&ADMIN, "s2").expect("remove");
+        assert!(s.revoked().expect("revoked").contains(&vec![7]));
+        assert!(s.sites().expect("sites").is_empty());
+        assert_eq!(s.site_serial("s2").expect("serial"), None);
+        let row = last_event(&s);
+        assert_eq!(
+            (row.event.as_str(), row.object.as_str()),
+            ("site removed", "site:s2")
+        );
+        for e in [
+            s.remove_site(&ADMIN, "s2").expect_err("gone"),
+            s.revoke_site(&ADMIN, "nowhere").expect_err("unknown"),
+        ] {
+            assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+        }
+        assert!(matches!(s.site_revoked("s2"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_site_revocation_without_its_audit_record_does_not_happen() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s1", "acme", &[5]).expect("enroll");
+        s.conn.execute_batch("CREATE TRIGGER fail BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;").expect("trigger");
+        assert!(s.revoke_site(&ADMIN, "s1").is_err());
+        assert!(s.remove_site(&ADMIN, "s1").is_err());
+        assert!(!s.site_revoked("s1").expect("state"));
+        assert!(s.revoked().expect("revoked").is_empty());
+    }
+
+    #[test]
+    fn a_database_from_before_site_revocation_is_upgraded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gateway.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(&SCHEMA.replace("    revoked TEXT,\n", ""))
+                .expect("old schema");
+            c.execute_batch("INSERT INTO domains VALUES ('acme', 't'); INSERT INTO sites (name, domain, enrolled, serial) VALUES ('old', 'acme', 't', x'09');")
+                .expect("old site");
+        }
+        let mut s = Store::open(&path).expect("upgrade");
+        assert!(!s.site_revoked("old").expect("state"));
+        s.revoke_site(&ADMIN, "old").expect("revoke");
+        assert!(s.revoked().expect("revoked").contains(&vec![9]));
     }
 
     #[test]

@@ -385,3 +385,47 @@ fn status_reports_the_log_the_key_and_free_space_against_the_reserve() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("e.g. 512MiB"), "{}", text(&out));
 }
+
+#[test]
+fn site_revoke_and_remove_say_what_they_did_and_refuse_an_unknown_site() {
+    let gw = Gw::init();
+    let mut store = gw.store();
+    let acme = "acme".parse().expect("domain");
+    store.create_domain(&Actor::System, &acme).expect("domain");
+    let (token, _) = store
+        .create_token(&Actor::System, &acme, std::time::Duration::from_secs(60))
+        .expect("token");
+    store
+        .enroll(&token, "s1", || Ok((vec![1], vec![0x42])))
+        .expect("enroll");
+
+    let out = gw.ok(&["site", "revoke", "s1"]);
+    assert!(out.starts_with("revoked site s1"), "{out}");
+    let sites = gw.ok(&["sites"]);
+    assert!(
+        sites.lines().nth(1).expect("row").contains("revoked"),
+        "{sites}"
+    );
+    assert!(store.revoked().expect("revoked").contains(&vec![0x42]));
+
+    let out = gw.ok(&["site", "remove", "s1"]);
+    assert!(out.starts_with("removed site s1"), "{out}");
+    assert_eq!(gw.ok(&["sites"]).lines().count(), 1, "header only");
+    let events: Vec<String> = gw
+        .audit_json()
+        .iter()
+        .map(|r| r["event"].as_str().expect("event").to_owned())
+        .collect();
+    assert!(
+        events.ends_with(&["site revoked".into(), "site removed".into()]),
+        "{events:?}"
+    );
+
+    let out = gw.run(&["site", "remove", "s1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("pinhole-gateway: site s1 not found"),
+        "{}",
+        text(&out)
+    );
+}
