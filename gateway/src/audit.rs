@@ -18,7 +18,8 @@ use serde::Serialize;
 
 pub use crate::checkpoint::{
     AuditKey, AuditKeyError, AuditPublicKey, CHECKPOINT_EVENT, Checkpoint, CheckpointError,
-    CheckpointVerdict, ParseCheckpointError, checkpoint, last_checkpoint, verify_checkpoint,
+    CheckpointVerdict, ParseCheckpointError, ParseKeyError, checkpoint, last_checkpoint,
+    verify_checkpoint,
 };
 
 /// The `prev` of the first row.

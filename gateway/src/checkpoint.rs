@@ -215,11 +215,16 @@ impl Serialize for AuditPublicKey {
     }
 }
 
+/// Why a text is not an audit public key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an audit public key is 64 hex digits, as `init` and `status` print it")]
+pub struct ParseKeyError;
+
 impl FromStr for AuditPublicKey {
-    type Err = ParseCheckpointError;
+    type Err = ParseKeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(fixed_hex(s, "audit public key")?))
+        fixed_hex(s, "key").map(Self).map_err(|_| ParseKeyError)
     }
 }
 
@@ -430,7 +435,7 @@ impl fmt::Display for CheckpointVerdict {
             Self::Holds => f.write_str("holds"),
             Self::Cut { rows, have } => write!(
                 f,
-                "the log was CUT: the checkpoint covers {rows} rows, the log has {have} (rows {}..={rows} deleted)",
+                "the log was CUT: the checkpoint covers {rows} rows, the log has {have} (rows {} to {rows} deleted)",
                 have + 1
             ),
             Self::Rewritten { row } => write!(

@@ -78,7 +78,7 @@ enum Command {
     /// Domains: the tree that sites belong to and grants name.
     #[command(subcommand)]
     Domain(DomainCmd),
-    /// Enrolled sites: revoke or remove one.
+    /// Revoke or remove an enrolled site.
     #[command(subcommand)]
     Site(SiteCmd),
     /// Enrollment tokens for sites.
@@ -104,10 +104,12 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
-    /// The state directory's health: database, audit log, last checkpoint, audit key, free
-    /// space against the reserve. Exits with status 1 while the free space is below the
-    /// reserve.
+    /// Show the database, audit log, last checkpoint, audit key and free space.
+    ///
+    /// Exits with status 1 while the free space is below the reserve (--disk-reserve). Reads
+    /// only: it creates no key and writes no record.
     Status {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -121,12 +123,15 @@ enum DomainCmd {
 
 #[derive(Debug, Subcommand)]
 enum SiteCmd {
-    /// Revoke a site's certificate: it cannot log in again, and a running gateway ends its
-    /// link. The site stays listed (as revoked) until `site remove`.
+    /// Revoke a site's certificate: it cannot log in again.
+    ///
+    /// A running gateway ends its link. The site stays listed (as revoked) until `site
+    /// remove`.
     Revoke { name: String },
-    /// Revoke a site's certificate and delete the site. To enroll it again, create a new token
-    /// (`site-token create DOMAIN`); on the site, delete site.crt from its state directory and
-    /// set the new token in site.toml.
+    /// Revoke a site's certificate and delete the site.
+    ///
+    /// To enroll it again, create a new token (`site-token create DOMAIN`); on the site,
+    /// delete site.crt from its state directory and set the new token in site.toml.
     Remove { name: String },
 }
 
@@ -180,8 +185,10 @@ enum AuditCmd {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Check the hash chain (names the first bad row) and, with --checkpoint, that the log
-    /// still holds what each stored checkpoint recorded. Exits with status 1 on any finding.
+    /// Check the hash chain and, with --checkpoint, the log against stored checkpoints.
+    ///
+    /// Names the first bad row of the chain, and for each checkpoint whether the log was cut
+    /// or rewritten since, or the checkpoint forged. Exits with status 1 on any finding.
     Verify {
         /// A file of checkpoints (lines from `audit checkpoint`, or log lines that contain
         /// them). Finds a log cut or rewritten since, and a forged checkpoint.
@@ -193,9 +200,11 @@ enum AuditCmd {
         #[arg(long, value_name = "HEX", requires = "checkpoint")]
         audit_public_key: Option<AuditPublicKey>,
     },
-    /// Print a signed checkpoint of the log (its row count and last hash) as one line, and
-    /// record it in the log. Store the line away from the gateway; `audit verify --checkpoint`
-    /// checks the log against it later.
+    /// Print a signed checkpoint of the log as one line, and record it in the log.
+    ///
+    /// The line holds the row count, the last row's hash, the time, the audit public key and
+    /// an Ed25519 signature over them. Store it away from the gateway; `audit verify
+    /// --checkpoint FILE` checks the log against it later.
     Checkpoint,
     /// Write every event to standard output.
     Export {
