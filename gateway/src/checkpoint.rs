@@ -24,8 +24,8 @@
 //!
 //! The key lives in `STATE/audit.key` (PKCS#8 PEM, mode 0600) or wherever `--audit-key` puts
 //! it: kept on another file system or device, a thief of the database alone cannot sign.
-//! Must never: sign without reading the log's end in the same read (the head is the hash of
-//! row `rows`, taken in one query).
+//!
+//! Must never: accept a checkpoint on the strength of the key it names alone.
 
 use std::fmt;
 use std::fs;

@@ -6,12 +6,12 @@
 //! named instead, marked `sudo:` — only root can set it, and root could write the database
 //! directly anyway, so it attributes the action without granting anything.
 //!
-//! | how the command ran           | actor                         |
-//! |-------------------------------|-------------------------------|
-//! | as alice (uid 1000)           | `admin:cli:uid=1000(alice)`   |
+//! | how the command ran               | actor                            |
+//! |-----------------------------------|----------------------------------|
+//! | as alice (uid 1000)               | `admin:cli:uid=1000(alice)`      |
 //! | `sudo pinhole-gateway …` by alice | `admin:cli:sudo:uid=1000(alice)` |
-//! | as root, no sudo              | `admin:cli:uid=0(root)`       |
-//! | a uid without a passwd entry  | `admin:cli:uid=4000`          |
+//! | as root, no sudo                  | `admin:cli:uid=0(root)`          |
+//! | a uid without a passwd entry      | `admin:cli:uid=4000`             |
 //!
 //! Must never read `$USER` or `$SUDO_USER`.
 
