@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS;
 use pinhole_certs::fsutil::write_private_atomic;
 use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection, Validity};
-use pinhole_gateway::audit::{self, Actor, Verdict};
+use pinhole_gateway::audit::{self, Actor, AuditPublicKey, Checkpoint, Verdict, escape};
+use pinhole_gateway::disk::{DiskReserve, disk_status};
 use pinhole_gateway::state::{StateDir, generate_password};
 use pinhole_gateway::store::DomainPath;
 use zeroize::Zeroizing;
@@ -35,6 +36,26 @@ struct Cli {
         default_value = "/var/lib/pinhole-gateway"
     )]
     state: PathBuf,
+    /// The key that signs audit checkpoints (Ed25519, PKCS#8 PEM, mode 0600), created on first
+    /// use. Default: STATE/audit.key. Keep it on another file system or device so that whoever
+    /// takes the database cannot sign.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_AUDIT_KEY",
+        value_name = "PATH"
+    )]
+    audit_key: Option<PathBuf>,
+    /// Free space to keep in the state directory's file system, below which the gateway warns
+    /// (log, `status`): a size (512MiB, 2GiB) or a share of the file system (5%). Default: 256MiB
+    /// or 2%, whichever is larger.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_DISK_RESERVE",
+        value_name = "SIZE|PERCENT"
+    )]
+    disk_reserve: Option<DiskReserve>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +78,9 @@ enum Command {
     /// Domains: the tree that sites belong to and grants name.
     #[command(subcommand)]
     Domain(DomainCmd),
+    /// Revoke or remove an enrolled site.
+    #[command(subcommand)]
+    Site(SiteCmd),
     /// Enrollment tokens for sites.
     #[command(subcommand, name = "site-token")]
     SiteToken(TokenCmd),
@@ -80,12 +104,35 @@ enum Command {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Show the database, audit log, last checkpoint, audit key and free space.
+    ///
+    /// Exits with status 1 while the free space is below the reserve (--disk-reserve). Reads
+    /// only: it creates no key and writes no record.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum DomainCmd {
     /// Create a domain (and its missing parents), e.g. `acme.plant-a`.
     Create { domain: DomainPath },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCmd {
+    /// Revoke a site's certificate: it cannot log in again.
+    ///
+    /// A running gateway ends its link. The site stays listed (as revoked) until `site
+    /// remove`.
+    Revoke { name: String },
+    /// Revoke a site's certificate and delete the site.
+    ///
+    /// To enroll it again, create a new token (`site-token create DOMAIN`); on the site,
+    /// delete site.crt from its state directory and set the new token in site.toml.
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,8 +185,27 @@ enum AuditCmd {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Check the hash chain; names the first bad row.
-    Verify,
+    /// Check the hash chain and, with --checkpoint, the log against stored checkpoints.
+    ///
+    /// Names the first bad row of the chain, and for each checkpoint whether the log was cut
+    /// or rewritten since, or the checkpoint forged. Exits with status 1 on any finding.
+    Verify {
+        /// A file of checkpoints (lines from `audit checkpoint`, or log lines that contain
+        /// them). Finds a log cut or rewritten since, and a forged checkpoint.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
+        /// The audit public key to trust (64 hex digits, as `init` and `status` print it).
+        /// Default: the public half of the audit key (--audit-key). Give your own stored copy
+        /// to trust nothing on this machine.
+        #[arg(long, value_name = "HEX", requires = "checkpoint")]
+        audit_public_key: Option<AuditPublicKey>,
+    },
+    /// Print a signed checkpoint of the log as one line, and record it in the log.
+    ///
+    /// The line holds the row count, the last row's hash, the time, the audit public key and
+    /// an Ed25519 signature over them. Store it away from the gateway; `audit verify
+    /// --checkpoint FILE` checks the log against it later.
+    Checkpoint,
     /// Write every event to standard output.
     Export {
         #[arg(long, value_enum)]
@@ -151,12 +217,18 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     pinhole_proto::duration::parse(s).map_err(|e| e.to_string())
 }
 
-/// The operator running the CLI, for the audit log.
+/// The operator running the CLI, for the audit log: the real uid, never `$USER`.
 fn operator() -> Actor {
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .unwrap_or_else(|_| "root".into());
-    Actor::Admin(format!("cli:{user}"))
+    pinhole_gateway::operator::cli_operator()
+}
+
+/// Says so loudly, before the audit log starts failing, when free space is below the reserve.
+fn warn_if_disk_low(state: &StateDir) {
+    if let Ok(status) = disk_status(state.root(), state.disk_reserve())
+        && let Some(warning) = status.warning()
+    {
+        tracing::warn!("{warning}");
+    }
 }
 
 fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
@@ -193,17 +265,37 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let state = StateDir::new(&cli.state);
+    let state = StateDir::new(&cli.state)
+        .with_audit_key(cli.audit_key)
+        .with_disk_reserve(cli.disk_reserve.unwrap_or_default());
+    if !matches!(cli.command, Command::Init { .. } | Command::Status { .. }) {
+        warn_if_disk_low(&state);
+    }
     match cli.command {
         Command::Init { public_addresses } => {
             let init = state.init(&public_addresses)?;
             println!("initialized {}", state.root().display());
             println!("server pin: {}", init.pin);
+            println!(
+                "audit public key (store it away from this machine, to verify checkpoints): {}",
+                init.audit_public_key
+            );
             println!("portal administrator: {}", init.admin);
             println!(
                 "one-time password (shown once, change it at first login): {}",
                 init.admin_password.as_str()
             );
+        }
+        Command::Status { json } => {
+            let status = pinhole_gateway::status::status(&state)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            if status.disk.low {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
         }
         Command::Serve { listen } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -215,6 +307,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Domain(DomainCmd::Create { domain }) => {
             let created = state.store()?.create_domain(&operator(), &domain)?;
             println!("created {}", created.join(", "));
+        }
+        Command::Site(SiteCmd::Revoke { name }) => {
+            state.store()?.revoke_site(&operator(), &name)?;
+            println!(
+                "revoked site {name}: its certificate is refused from now on and a running gateway ends its link; to let it back: `pinhole-gateway site remove {name}`, then enroll it with a new token"
+            );
+        }
+        Command::Site(SiteCmd::Remove { name }) => {
+            state.store()?.remove_site(&operator(), &name)?;
+            println!(
+                "removed site {name}: certificate revoked, site deleted; to enroll it again: `pinhole-gateway site-token create DOMAIN`, then on the site delete site.crt from its state directory and set the new token in site.toml"
+            );
         }
         Command::SiteToken(TokenCmd::Create { domain, ttl }) => {
             let (token, expires) = state.store()?.create_token(&operator(), &domain, ttl)?;
@@ -252,21 +356,26 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&sites)?);
             } else {
                 println!(
-                    "{:<20} {:<24} {:<8} {:<21} AGENTS",
-                    "SITE", "DOMAIN", "ONLINE", "LAST SEEN"
+                    "{:<20} {:<24} {:<8} {:<8} {:<21} AGENTS",
+                    "SITE", "DOMAIN", "STATE", "ONLINE", "LAST SEEN"
                 );
                 for s in sites {
                     let agents: Vec<String> = s
                         .agents
                         .iter()
-                        .map(|a| format!("{} ({} {})", a.name, a.address, a.ports_text()))
+                        .map(|a| format!("{} ({} {})", escape(&a.name), a.address, a.ports_text()))
                         .collect();
                     println!(
-                        "{:<20} {:<24} {:<8} {:<21} {}",
-                        s.name,
-                        s.domain,
+                        "{:<20} {:<24} {:<8} {:<8} {:<21} {}",
+                        escape(&s.name),
+                        escape(&s.domain),
+                        if s.revoked.is_some() {
+                            "revoked"
+                        } else {
+                            "enrolled"
+                        },
                         if s.online { "yes" } else { "no" },
-                        s.last_seen.unwrap_or_else(|| "-".into()),
+                        escape(s.last_seen.as_deref().unwrap_or("-")),
                         if agents.is_empty() {
                             "-".into()
                         } else {
@@ -285,13 +394,13 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 for a in accounts {
                     println!(
                         "{:<20} {:<8} {:<16} {}",
-                        a.name,
+                        escape(&a.name),
                         if a.closed.is_some() { "closed" } else { "open" },
                         a.tunnel_ip,
                         if a.grants.is_empty() {
                             "-".into()
                         } else {
-                            a.grants.join(", ")
+                            escape(&a.grants.join(", ")).into_owned()
                         }
                     );
                 }
@@ -359,8 +468,49 @@ fn create_account(
     Ok(())
 }
 
+/// Checks every checkpoint in `file` against the log; prints one verdict per checkpoint.
+/// Returns whether all hold.
+fn verify_checkpoints(
+    conn: &rusqlite::Connection,
+    file: &std::path::Path,
+    trusted: &AuditPublicKey,
+) -> anyhow::Result<bool> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut checked = 0;
+    let mut ok = true;
+    for (n, line) in text.lines().enumerate() {
+        let Some(parsed) = Checkpoint::find(line) else {
+            continue;
+        };
+        let cp = parsed.with_context(|| format!("{} line {}", file.display(), n + 1))?;
+        let verdict = audit::verify_checkpoint(conn, &cp, trusted)?;
+        checked += 1;
+        if verdict == audit::CheckpointVerdict::Holds {
+            println!("checkpoint of {} ({} rows): holds", cp.time, cp.rows);
+        } else {
+            println!(
+                "checkpoint of {} ({} rows, {} line {}): {verdict}",
+                escape(&cp.time),
+                cp.rows,
+                escape(&file.display().to_string()),
+                n + 1
+            );
+            ok = false;
+        }
+    }
+    if checked == 0 {
+        bail!(
+            "{} holds no checkpoint (lines starting `{}`)",
+            file.display(),
+            pinhole_gateway::checkpoint::MARKER
+        );
+    }
+    Ok(ok)
+}
+
 fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::ExitCode> {
-    let store = state.store()?;
+    let mut store = state.store()?;
     match cmd {
         AuditCmd::List { json, since } => {
             if let Some(s) = &since {
@@ -375,18 +525,49 @@ fn audit_cmd(state: &StateDir, cmd: AuditCmd) -> anyhow::Result<std::process::Ex
                 } else {
                     println!(
                         "{:>5} {} {:<28} {:<24} {}",
-                        r.id, r.time, r.event, r.actor, r.description
+                        r.id,
+                        escape(&r.time),
+                        escape(&r.event),
+                        escape(&r.actor),
+                        escape(&r.description)
                     );
                 }
             }
         }
-        AuditCmd::Verify => match audit::verify(store.conn())? {
-            Verdict::Intact { rows } => println!("audit log intact: {rows} rows verified"),
-            Verdict::Broken { row, why } => {
-                println!("audit log TAMPERED: first bad row is {row}: {why}");
+        AuditCmd::Verify {
+            checkpoint,
+            audit_public_key,
+        } => {
+            let mut ok = true;
+            match audit::verify(store.conn())? {
+                Verdict::Intact { rows } => println!("audit log intact: {rows} rows verified"),
+                Verdict::Broken { row, why } => {
+                    println!("audit log TAMPERED: first bad row is {row}: {why}");
+                    ok = false;
+                }
+            }
+            if let Some(file) = checkpoint {
+                let trusted = match audit_public_key {
+                    Some(k) => k,
+                    None => state.audit_public_key()?,
+                };
+                ok &= verify_checkpoints(store.conn(), &file, &trusted)?;
+            }
+            if !ok {
                 return Ok(std::process::ExitCode::FAILURE);
             }
-        },
+        }
+        AuditCmd::Checkpoint => {
+            let key = state.audit_key()?;
+            let cp = store
+                .record_checkpoint(&operator(), &key)
+                .context("recording the checkpoint")?;
+            println!("{cp}");
+            eprintln!(
+                "store this line away from the gateway (with the audit public key {}); check the log against it with `pinhole-gateway audit verify --checkpoint FILE`",
+                cp.key
+            );
+        }
         AuditCmd::Export { format } => {
             let rows = audit::list(store.conn(), None)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -36,6 +36,14 @@ use crate::store::Store;
 /// `account close` must end a live link.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
+/// A signed audit checkpoint is recorded at start and this often (`audit verify --checkpoint`
+/// detects a log cut or rewritten before any checkpoint an operator kept).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Free space in the state directory is checked this often; below the reserve the gateway says
+/// so loudly, before audit writes start failing.
+pub const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Certificates the gateway issues to sites last as long as the server's.
 const SITE_DAYS: i64 = pinhole_certs::ca::SERVER_DAYS;
 
@@ -199,6 +207,11 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
             ),
         )
         .context("writing the audit log")?;
+    let audit_key = state.audit_key().context("loading the audit key")?;
+    let cp = store
+        .record_checkpoint(&Actor::System, &audit_key)
+        .context("recording an audit checkpoint")?;
+    info!(checkpoint = %cp, "audit checkpoint");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -240,6 +253,7 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
         });
     }
     tasks.spawn(watch_loop(shared.clone(), revoked));
+    tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
 
     wait_for_signal().await?;
     info!("stopping: closing every link");
@@ -295,6 +309,33 @@ async fn watch_loop(shared: Arc<Shared>, revoked: Arc<Revoked>) {
             out
         });
         shared.dispatch(cmds);
+    }
+}
+
+/// Hourly checkpoints and the disk reserve.
+async fn housekeeping(shared: Arc<Shared>, state: StateDir, key: crate::checkpoint::AuditKey) {
+    let mut disk = tokio::time::interval(DISK_CHECK_INTERVAL);
+    let mut checkpoint = tokio::time::interval_at(
+        tokio::time::Instant::now() + CHECKPOINT_INTERVAL,
+        CHECKPOINT_INTERVAL,
+    );
+    loop {
+        tokio::select! {
+            _ = disk.tick() => match crate::disk::disk_status(state.root(), state.disk_reserve()) {
+                Ok(status) => {
+                    if let Some(w) = status.warning() {
+                        warn!("{w}");
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot read the free space of the state directory"),
+            },
+            _ = checkpoint.tick() => {
+                match shared.decide(|_, store| store.record_checkpoint(&Actor::System, &key)) {
+                    Ok(cp) => info!(checkpoint = %cp, "audit checkpoint"),
+                    Err(e) => warn!(error = %e, "could not record an audit checkpoint"),
+                }
+            }
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 //!   ca.crt  ca.key       the CA certificate, and its key (0600)
 //!   server.crt server.key the server certificate, and its key (0600)
 //!   gateway.db           SQLite registry and audit log (0600; WAL files beside it)
+//!   audit.key            the key that signs audit checkpoints (0600; see `checkpoint`),
+//!                        unless `--audit-key` keeps it elsewhere
 //! ```
 
 use std::fs;
@@ -20,6 +22,8 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::audit::{AuditKey, AuditPublicKey};
+use crate::disk::DiskReserve;
 use crate::store::Store;
 
 /// The first portal administrator.
@@ -31,10 +35,12 @@ struct Config {
     public_addresses: Vec<String>,
 }
 
-/// Paths in the state directory.
+/// Paths in the state directory, and the settings that go with it.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
+    audit_key: Option<PathBuf>,
+    disk_reserve: DiskReserve,
 }
 
 /// What `init` created, for the operator.
@@ -43,6 +49,7 @@ pub struct Initialized {
     pub pin: Pin,
     pub admin: String,
     pub admin_password: Zeroizing<String>,
+    pub audit_public_key: AuditPublicKey,
 }
 
 /// Everything `serve` and the account commands need.
@@ -90,7 +97,53 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 
 impl StateDir {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            audit_key: None,
+            disk_reserve: DiskReserve::default(),
+        }
+    }
+
+    /// Keeps the audit key at `path` instead of `STATE/audit.key`.
+    pub fn with_audit_key(mut self, path: Option<PathBuf>) -> Self {
+        self.audit_key = path;
+        self
+    }
+
+    /// The free space below which the gateway warns (see [`crate::disk`]).
+    pub fn with_disk_reserve(mut self, reserve: DiskReserve) -> Self {
+        self.disk_reserve = reserve;
+        self
+    }
+
+    pub fn disk_reserve(&self) -> DiskReserve {
+        self.disk_reserve
+    }
+
+    /// Where the audit key is: `--audit-key`, else `STATE/audit.key`.
+    pub fn audit_key_path(&self) -> PathBuf {
+        self.audit_key
+            .clone()
+            .unwrap_or_else(|| self.file("audit.key"))
+    }
+
+    /// The audit key, created on first use (state directories initialized before it existed
+    /// get theirs at the first checkpoint or server start).
+    pub fn audit_key(&self) -> anyhow::Result<AuditKey> {
+        Ok(AuditKey::load_or_create(&self.audit_key_path())?)
+    }
+
+    /// The audit key's public half, for verifying: never creates a key (a new key would not
+    /// verify anything).
+    pub fn audit_public_key(&self) -> anyhow::Result<AuditPublicKey> {
+        let path = self.audit_key_path();
+        if !path.exists() {
+            bail!(
+                "there is no audit key at {}: give the audit public key you stored (--audit-public-key HEX), or point --audit-key at the key",
+                path.display()
+            );
+        }
+        Ok(AuditKey::load(&path)?.public_key())
     }
 
     pub fn root(&self) -> &Path {
@@ -126,6 +179,7 @@ impl StateDir {
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("securing {}", self.root.display()))?;
 
+        let audit_key = self.audit_key()?;
         let ca = CertificateAuthority::generate("gateway").context("creating the CA")?;
         let mut names: Vec<String> = addresses.iter().map(|a| a.host().to_owned()).collect();
         names.dedup();
@@ -153,12 +207,13 @@ impl StateDir {
                 "gateway",
                 "gateway initialized",
                 &format!(
-                    "public addresses {}; server pin {pin}",
+                    "public addresses {}; server pin {pin}; audit key {}",
                     addresses
                         .iter()
                         .map(ToString::to_string)
                         .collect::<Vec<_>>()
-                        .join(", ")
+                        .join(", "),
+                    audit_key.public_key()
                 ),
             )
             .context("writing the audit log")?;
@@ -180,6 +235,7 @@ impl StateDir {
             pin,
             admin: FIRST_ADMIN.into(),
             admin_password: password,
+            audit_public_key: audit_key.public_key(),
         })
     }
 
@@ -258,6 +314,7 @@ mod tests {
         assert_eq!(loaded.pin, init.pin);
         assert_eq!(loaded.addresses, addrs);
         for (f, mode) in [
+            ("audit.key", 0o600),
             ("ca.key", 0o600),
             ("server.key", 0o600),
             ("gateway.db", 0o600),
@@ -278,6 +335,10 @@ mod tests {
             0o700
         );
         assert!(state.init(&addrs).is_err());
+        assert_eq!(
+            state.audit_public_key().expect("audit key"),
+            init.audit_public_key
+        );
     }
 
     #[test]

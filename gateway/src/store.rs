@@ -10,6 +10,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::ops::Deref;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::audit::{self, Actor};
+use crate::syslog::Syslog;
 
 /// First technician tunnel address: 100.64.0.0/10 (RFC 6598 shared space, which no plant or
 /// office network should use), skipping .0 (network) and .1 (reserved for the gateway).
@@ -46,6 +48,7 @@ CREATE TABLE IF NOT EXISTS sites (
     last_seen TEXT,
     software TEXT,
     boot_id TEXT,
+    revoked TEXT,
     agents TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS accounts (
@@ -169,6 +172,9 @@ pub struct SiteRow {
     pub last_seen: Option<String>,
     pub software: Option<String>,
     pub boot_id: Option<String>,
+    /// When its certificate was revoked (`site revoke`): it cannot log in until removed and
+    /// enrolled again.
+    pub revoked: Option<String>,
     pub agents: Vec<Agent>,
 }
 
@@ -202,6 +208,36 @@ fn tunnel_ip(id: i64) -> Result<Ipv4Addr> {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    syslog: Syslog,
+}
+
+/// A write transaction whose audit records go to the system log once it commits.
+///
+/// It is `IMMEDIATE`: it holds SQLite's write lock from the start, so the rows after
+/// `last_id` at commit are exactly the ones it appended. Dropped without [`AuditTx::commit`],
+/// it rolls back and sends nothing.
+pub(crate) struct AuditTx<'a> {
+    tx: Transaction<'a>,
+    last_id: i64,
+    syslog: &'a Syslog,
+}
+
+impl<'a> Deref for AuditTx<'a> {
+    type Target = Transaction<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl AuditTx<'_> {
+    /// Commits, then copies the records this transaction appended to the system log.
+    pub(crate) fn commit(self) -> Result<()> {
+        let records = audit::after(&self.tx, self.last_id)?;
+        self.tx.commit()?;
+        self.syslog.send(&records);
+        Ok(())
+    }
 }
 
 impl Store {
@@ -216,7 +252,34 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(audit::SCHEMA)?;
-        Ok(Self { conn })
+        Self::upgrade(&conn)?;
+        // Unit tests never write to the host's system log.
+        let syslog = if cfg!(test) {
+            Syslog::disabled()
+        } else {
+            Syslog::from_env()
+        };
+        Ok(Self { conn, syslog })
+    }
+
+    /// Sends committed audit records to `syslog` instead of `$PINHOLE_SYSLOG_SOCKET` or
+    /// `/dev/log`.
+    pub fn with_syslog(mut self, syslog: Syslog) -> Self {
+        self.syslog = syslog;
+        self
+    }
+
+    /// Brings a database created by an older gateway to the current schema.
+    fn upgrade(conn: &Connection) -> Result<()> {
+        let has_revoked: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('sites') WHERE name = 'revoked'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_revoked {
+            conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
+        }
+        Ok(())
     }
 
     pub fn conn(&self) -> &Connection {
@@ -231,10 +294,16 @@ impl Store {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    pub(crate) fn tx(&mut self) -> Result<Transaction<'_>> {
-        Ok(self
+    pub(crate) fn tx(&mut self) -> Result<AuditTx<'_>> {
+        let tx = self
             .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let last_id = audit::last_id(&tx)?;
+        Ok(AuditTx {
+            tx,
+            last_id,
+            syslog: &self.syslog,
+        })
     }
 
     /// Records an event that changes nothing else (login, logout, refusal).
@@ -249,6 +318,29 @@ impl Store {
         audit::append(&tx, actor, object, event, description)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// Takes a checkpoint of the audit log ([`audit::checkpoint`]) and records it as the next
+    /// row, in one transaction: no record can come between the two.
+    pub fn record_checkpoint(
+        &mut self,
+        actor: &Actor,
+        key: &audit::AuditKey,
+    ) -> Result<audit::Checkpoint> {
+        let tx = self.tx()?;
+        let cp = audit::checkpoint(&tx, key).map_err(|e| match e {
+            audit::CheckpointError::Sql(e) => StoreError::Sql(e),
+            e => StoreError::Invalid(e.to_string()),
+        })?;
+        audit::append(
+            &tx,
+            actor,
+            "audit",
+            audit::CHECKPOINT_EVENT,
+            &cp.to_string(),
+        )?;
+        tx.commit()?;
+        Ok(cp)
     }
 
     pub fn create_domain(&mut self, actor: &Actor, path: &DomainPath) -> Result<Vec<String>> {
@@ -566,7 +658,7 @@ impl Store {
 
     pub fn sites(&self) -> Result<Vec<SiteRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents FROM sites ORDER BY name",
+            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents, revoked FROM sites ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             let agents: String = r.get(7)?;
@@ -578,6 +670,7 @@ impl Store {
                 last_seen: r.get(4)?,
                 software: r.get(5)?,
                 boot_id: r.get(6)?,
+                revoked: r.get(8)?,
                 agents: serde_json::from_str(&agents).unwrap_or_default(),
             })
         })?;
@@ -619,6 +712,87 @@ impl Store {
                 r.get(0)
             })
             .optional()?)
+    }
+
+    /// Whether `site`'s certificate is revoked (`NotFound` for a site that is not enrolled).
+    pub fn site_revoked(&self, site: &str) -> Result<bool> {
+        let revoked: Option<String> = self
+            .conn
+            .query_row("SELECT revoked FROM sites WHERE name = ?1", [site], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("site {site}")))?;
+        Ok(revoked.is_some())
+    }
+
+    /// Revokes `site`'s certificate: its serial joins [`Store::revoked`], so it cannot log in
+    /// again, and the site is marked revoked. It keeps its name until [`Store::remove_site`];
+    /// enrolling it again takes a removal and a new token.
+    pub fn revoke_site(&mut self, actor: &Actor, site: &str) -> Result<()> {
+        let tx = self.tx()?;
+        let (serial, revoked) = Self::site_for_revocation(&tx, site)?;
+        if let Some(when) = revoked {
+            return Err(StoreError::Invalid(format!(
+                "site {site} is already revoked (since {when}); `site remove {site}` deletes it"
+            )));
+        }
+        let now = now_rfc3339();
+        tx.execute(
+            "UPDATE sites SET revoked = ?1 WHERE name = ?2",
+            params![now, site],
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)",
+            params![serial, now],
+        )?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("site:{site}"),
+            "site revoked",
+            &format!(
+                "site {site} revoked; certificate {} revoked",
+                hex::encode(&serial)
+            ),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Revokes `site`'s certificate (if it is not already) and deletes the site: its name is
+    /// free for a new enrollment, with a new token and a new certificate.
+    pub fn remove_site(&mut self, actor: &Actor, site: &str) -> Result<()> {
+        let tx = self.tx()?;
+        let (serial, _) = Self::site_for_revocation(&tx, site)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO revoked (serial, revoked) VALUES (?1, ?2)",
+            params![serial, now_rfc3339()],
+        )?;
+        tx.execute("DELETE FROM sites WHERE name = ?1", [site])?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("site:{site}"),
+            "site removed",
+            &format!(
+                "site {site} removed; certificate {} revoked",
+                hex::encode(&serial)
+            ),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The serial and revocation time of `site`, or `NotFound`.
+    fn site_for_revocation(tx: &Connection, site: &str) -> Result<(Vec<u8>, Option<String>)> {
+        tx.query_row(
+            "SELECT serial, revoked FROM sites WHERE name = ?1",
+            [site],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(format!("site {site}")))
     }
 
     /// A site said hello: online, and audit what changed since its last visit.
@@ -913,6 +1087,237 @@ mod tests {
             s.create_account(&ADMIN, "alice", &[1], 365),
             Err(StoreError::Exists(_))
         ));
+    }
+
+    /// A bound datagram socket standing in for `/dev/log`.
+    fn syslog_listener(dir: &Path) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+        let path = dir.join("log");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        (sock, path)
+    }
+
+    fn datagrams(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+        sock.set_nonblocking(true).expect("nonblocking");
+        let mut out = Vec::new();
+        let mut buf = vec![0; 65536];
+        while let Ok(n) = sock.recv(&mut buf) {
+            out.push(String::from_utf8(buf[..n].to_vec()).expect("utf-8"));
+        }
+        out
+    }
+
+    #[test]
+    fn committed_records_reach_syslog_with_their_hash() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        s.create_domain(&ADMIN, &d("acme.plant-a")).expect("create");
+        let got = datagrams(&sock);
+        let rows = audit::list(s.conn(), None).expect("audit");
+        assert_eq!(got.len(), 2, "{got:?}");
+        for (line, row) in got.iter().zip(&rows) {
+            assert!(line.starts_with("<85>"), "authpriv.notice: {line}");
+            assert!(line.contains("pinhole-gateway["), "{line}");
+            assert!(line.contains(&format!("id={} ", row.id)), "{line}");
+            assert!(
+                line.contains(&format!("hash={}", hex::encode(&row.hash))),
+                "{line}"
+            );
+            assert!(line.contains(r#"event="domain created""#), "{line}");
+        }
+    }
+
+    #[test]
+    fn rolled_back_records_never_reach_syslog() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        // The record for `acme` is written, then the one for `acme.plant-a` fails: the whole
+        // transaction rolls back, and neither record may be sent.
+        s.conn
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON audit WHEN NEW.object = 'domain:acme.plant-a'
+                 BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            )
+            .expect("trigger");
+        assert!(s.create_domain(&ADMIN, &d("acme.plant-a")).is_err());
+        // A transaction dropped without commit sends nothing either.
+        {
+            let tx = s.tx().expect("tx");
+            audit::append(&tx, &ADMIN, "x", "test", "never committed").expect("append");
+        }
+        assert_eq!(audit::list(s.conn(), None).expect("audit").len(), 0);
+        assert_eq!(datagrams(&sock), Vec::<String>::new());
+        s.conn.execute_batch("DROP TRIGGER fail").expect("drop");
+        s.create_domain(&ADMIN, &d("zeta")).expect("create");
+        assert_eq!(datagrams(&sock).len(), 1);
+    }
+
+    #[test]
+    fn syslog_fields_are_escaped() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (sock, path) = syslog_listener(dir.path());
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(Syslog::to(&path));
+        s.record(
+            &Actor::Site("s1".into()),
+            "site:s1",
+            "site connected",
+            "x\"\n<13>Jan  1 00:00:00 host forged: \x1b[31m\\",
+        )
+        .expect("record");
+        let got = datagrams(&sock);
+        assert_eq!(got.len(), 1);
+        let line = &got[0];
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.ends_with(r#"description="x\"\n<13>Jan  1 00:00:00 host forged: \u{1b}[31m\\""#),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_missing_syslog_socket_warns_and_changes_go_on() {
+        let dir = tempfile::tempdir().expect("dir");
+        let syslog = Syslog::to(dir.path().join("no-such-socket"));
+        let mut s = Store::open(&dir.path().join("gateway.db"))
+            .expect("open")
+            .with_syslog(syslog);
+        s.create_domain(&ADMIN, &d("acme")).expect("create");
+        s.create_domain(&ADMIN, &d("zeta")).expect("create");
+        assert_eq!(audit::list(s.conn(), None).expect("audit").len(), 2);
+        assert!(
+            s.syslog.failing(),
+            "the failure is remembered (warned once)"
+        );
+    }
+
+    #[test]
+    fn a_recorded_checkpoint_is_the_next_row_and_the_last_checkpoint() {
+        let (_d, mut s) = store();
+        let key = audit::AuditKey::generate().expect("key");
+        assert_eq!(audit::last_checkpoint(s.conn()).expect("last"), None);
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        let cp = s.record_checkpoint(&ADMIN, &key).expect("checkpoint");
+        assert_eq!(cp.rows, 1);
+        let rows = audit::list(s.conn(), None).expect("audit");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].event, audit::CHECKPOINT_EVENT);
+        assert_eq!(rows[1].description, cp.to_string());
+        assert_eq!(audit::last_checkpoint(s.conn()).expect("last"), Some(cp));
+    }
+
+    /// Enrolls `site` in `domain` with a certificate of serial `serial`.
+    fn enroll(s: &mut Store, site: &str, domain: &str, serial: &[u8]) -> Result<Vec<u8>> {
+        let (tok, _) = s
+            .create_token(&ADMIN, &d(domain), Duration::from_secs(60))
+            .expect("token");
+        s.enroll(&tok, site, || Ok((vec![1], serial.to_vec())))
+    }
+
+    fn last_event(s: &Store) -> audit::Record {
+        audit::list(s.conn(), None)
+            .expect("audit")
+            .pop()
+            .expect("a row")
+    }
+
+    #[test]
+    fn a_revoked_site_stays_out_until_removed_and_enrolled_again() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s1", "acme", &[5, 5]).expect("enroll");
+        assert!(!s.site_revoked("s1").expect("state"));
+
+        s.revoke_site(&ADMIN, "s1").expect("revoke");
+        assert!(s.revoked().expect("revoked").contains(&vec![5, 5]));
+        assert!(s.site_revoked("s1").expect("state"));
+        assert!(s.sites().expect("sites")[0].revoked.is_some());
+        let row = last_event(&s);
+        assert_eq!(
+            (row.event.as_str(), row.object.as_str()),
+            ("site revoked", "site:s1")
+        );
+        assert!(row.description.contains("0505"), "{}", row.description);
+        assert!(matches!(
+            s.revoke_site(&ADMIN, "s1"),
+            Err(StoreError::Invalid(e)) if e.contains("already revoked")
+        ));
+        // Its name is still taken: no token brings it back while it is there.
+        assert!(matches!(
+            enroll(&mut s, "s1", "acme", &[6]),
+            Err(StoreError::TokenRefused(_))
+        ));
+
+        s.remove_site(&ADMIN, "s1").expect("remove");
+        assert_eq!(s.site_serial("s1").expect("serial"), None);
+        enroll(&mut s, "s1", "acme", &[6]).expect("enrolled again");
+        assert!(!s.site_revoked("s1").expect("state"));
+        let revoked = s.revoked().expect("revoked");
+        assert!(revoked.contains(&vec![5, 5]) && !revoked.contains(&vec![6]));
+        assert!(matches!(
+            audit::verify(s.conn()).expect("verify"),
+            audit::Verdict::Intact { .. }
+        ));
+    }
+
+    #[test]
+    fn removing_a_site_revokes_and_deletes_it() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s2", "acme", &[7]).expect("enroll");
+        s.remove_site(&ADMIN, "s2").expect("remove");
+        assert!(s.revoked().expect("revoked").contains(&vec![7]));
+        assert!(s.sites().expect("sites").is_empty());
+        assert_eq!(s.site_serial("s2").expect("serial"), None);
+        let row = last_event(&s);
+        assert_eq!(
+            (row.event.as_str(), row.object.as_str()),
+            ("site removed", "site:s2")
+        );
+        for e in [
+            s.remove_site(&ADMIN, "s2").expect_err("gone"),
+            s.revoke_site(&ADMIN, "nowhere").expect_err("unknown"),
+        ] {
+            assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+        }
+        assert!(matches!(s.site_revoked("s2"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_site_revocation_without_its_audit_record_does_not_happen() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        enroll(&mut s, "s1", "acme", &[5]).expect("enroll");
+        s.conn.execute_batch("CREATE TRIGGER fail BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'disk full'); END;").expect("trigger");
+        assert!(s.revoke_site(&ADMIN, "s1").is_err());
+        assert!(s.remove_site(&ADMIN, "s1").is_err());
+        assert!(!s.site_revoked("s1").expect("state"));
+        assert!(s.revoked().expect("revoked").is_empty());
+    }
+
+    #[test]
+    fn a_database_from_before_site_revocation_is_upgraded() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gateway.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(&SCHEMA.replace("    revoked TEXT,\n", ""))
+                .expect("old schema");
+            c.execute_batch("INSERT INTO domains VALUES ('acme', 't'); INSERT INTO sites (name, domain, enrolled, serial) VALUES ('old', 'acme', 't', x'09');")
+                .expect("old site");
+        }
+        let mut s = Store::open(&path).expect("upgrade");
+        assert!(!s.site_revoked("old").expect("state"));
+        s.revoke_site(&ADMIN, "old").expect("revoke");
+        assert!(s.revoked().expect("revoked").contains(&vec![9]));
     }
 
     #[test]
