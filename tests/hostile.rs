@@ -129,7 +129,7 @@ fn anonymous_floods_neither_fill_the_disk_nor_flood_the_audit_log() {
         .collect();
     assert_eq!(aggregated.len(), 1, "{events:#?}");
     assert!(
-        aggregated[0].contains("200 from 127.0.0.1"),
+        aggregated[0].contains("220 from 127.0.0.1"),
         "{aggregated:?}"
     );
 }

@@ -1166,6 +1166,11 @@ impl<H: Clone> Hub<H> {
             return out;
         };
         self.dirty.remove(&link);
+        if let (PeerAuth::Anonymous, CloseReason::Protocol(what)) = (&l.auth, reason) {
+            // A malformed or oversized enrollment is a refused enrollment too.
+            self.refusals
+                .add(l.source.ip(), RefusalKind::Enrollment, what, now);
+        }
         let why = match &l.auth {
             PeerAuth::Site(_) => "the site disconnected",
             _ => "the technician disconnected",
