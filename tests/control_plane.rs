@@ -154,6 +154,45 @@ fn closing_an_account_ends_its_link_within_a_second_and_refuses_login() {
     );
 }
 
+/// A revoked site loses its live link within a second and cannot come back; a removed one
+/// disappears from the registry and from technicians' inventories.
+#[test]
+fn revoking_a_site_ends_its_link_within_a_second_and_keeps_it_out() {
+    let w = world();
+    let (p12, pw) = w.gw.account("carol");
+    w.gw.ok(&["grant", "carol", "acme"]);
+    let client = Client::start(w.dir.path(), "carol");
+    client.import_and_login(&p12, &pw);
+    let start = Instant::now();
+    w.gw.ok(&["site", "revoke", "plant-a"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || !w.gw.site_online("plant-a")),
+        "site still online"
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        start.elapsed()
+    );
+    // It keeps dialling, and every handshake is refused.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!w.gw.site_online("plant-a"), "a revoked site came back");
+    let ls = client.ls();
+    assert_eq!(ls[0]["online"], false, "{ls}");
+    assert!(w.gw.site_online("plant-z"), "other sites are untouched");
+    w.gw.ok(&["site", "remove", "plant-z"]);
+    assert!(
+        wait_until(Duration::from_secs(2), || !w.gw.site_online("plant-z")
+            && !w.gw.sites_json().to_string().contains("plant-z")),
+        "removed site still there"
+    );
+    let events = w.gw.audit_events();
+    assert!(
+        events.iter().any(|e| e.starts_with("site revoked")),
+        "{events:#?}"
+    );
+}
+
 #[test]
 fn technician_messages_for_wrong_password_unreachable_gateway_and_foreign_key() {
     let dir = tempfile::tempdir().expect("dir");

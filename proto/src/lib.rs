@@ -7,7 +7,8 @@
 //! ([`validate`]). The calling contract is documented in [`link`].
 //!
 //! Must not depend on: tokio, sockets, files or clocks. Time is always passed in, so the
-//! protocol can be tested in simulation (see `tests/simulation.rs`).
+//! protocol can be tested in simulation (`gateway/tests/simulation.rs` wires these cores to the
+//! real gateway hub over an in-memory network with a virtual clock).
 
 pub mod agent;
 pub mod backoff;
