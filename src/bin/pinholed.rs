@@ -23,6 +23,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    pinhole_clidoc::hook::<Cli>("pinholed"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
