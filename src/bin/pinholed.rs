@@ -8,7 +8,7 @@ use clap::Parser;
 /// Pinhole client daemon: keeps the technician's bundle, logs in to the gateway and keeps the
 /// link up. The `pinhole` command talks to it; root and members of the `pinhole` group may.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(name = "pinholed", version, about, long_about)]
 struct Cli {
     /// State directory: the imported bundle (still encrypted).
     #[arg(long, default_value = "/var/lib/pinhole")]
