@@ -232,18 +232,7 @@ for u in pinhole-gateway pinhole-site; do
 done
 
 mainpid() { ct systemctl show -p MainPID --value "$1"; }
-capeff() { sed -n 's/^CapEff:\t//p' "/proc/$(pid_on_host "$1")/status"; }
-pid_on_host() { # UNIT: its main PID as this machine sees it (the container has its own PID namespace)
-    local inner
-    inner=$(mainpid "$1")
-    for p in $(ls /proc | grep -x '[0-9]*'); do
-        if [ "$(sed -n 's/^NSpid:\t[0-9]*\t//p' "/proc/$p/status" 2>/dev/null)" = "$inner" ] &&
-            [ "$(readlink "/proc/$p/ns/pid")" = "$(readlink "/proc/$leader/ns/pid")" ]; then
-            echo "$p"
-            return
-        fi
-    done
-}
+capeff() { ct sed -n 's/^CapEff:\t//p' "/proc/$(mainpid "$1")/status"; }
 wait_for() { # SECONDS DESCRIPTION COMMAND...
     local n=$(($1 * 5)) what=$2
     shift 2
