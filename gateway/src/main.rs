@@ -246,6 +246,7 @@ fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
 }
 
 fn main() -> std::process::ExitCode {
+    pinhole_clidoc::hook::<Cli>("pinhole-gateway"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

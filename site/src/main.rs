@@ -54,6 +54,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    pinhole_clidoc::hook::<Cli>("pinhole-site"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -118,6 +118,7 @@ fn call(req: &Request) -> anyhow::Result<Response> {
 }
 
 fn main() -> std::process::ExitCode {
+    pinhole_clidoc::hook::<Cli>("pinhole"); // `__generate-docs DIR`, for packaging/build
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

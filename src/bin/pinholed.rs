@@ -8,7 +8,7 @@ use clap::Parser;
 /// Pinhole client daemon: keeps the technician's bundle, logs in to the gateway and keeps the
 /// link up. The `pinhole` command talks to it; root and members of the `pinhole` group may.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(name = "pinholed", version, about, long_about)]
 struct Cli {
     /// State directory: the imported bundle (still encrypted).
     #[arg(long, default_value = "/var/lib/pinhole")]
@@ -23,6 +23,7 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    pinhole_clidoc::hook::<Cli>("pinholed"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
