@@ -331,6 +331,7 @@ fn empty_status() -> Status {
         sites: 0,
         sessions: Vec::new(),
         filter: Default::default(),
+        refused: Vec::new(),
     }
 }
 

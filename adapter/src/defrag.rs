@@ -92,7 +92,7 @@ impl Defrag {
         let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
         let payload = &packet[20..total_len];
         let end = f.offset + payload.len();
-        let bad_len = (f.more && (payload.is_empty() || payload.len() % 8 != 0))
+        let bad_len = (f.more && (payload.is_empty() || !payload.len().is_multiple_of(8)))
             || end > MAX_PAYLOAD
             || (payload.is_empty() && f.offset == 0);
         if !self.partial.contains_key(&key) {
@@ -261,7 +261,10 @@ mod tests {
         // A fragment that overlaps the middle of another.
         let shifted = fragments(&whole, 1020);
         assert_eq!(d.add(&frag(&frags[0]), &frags[0], now), Added::Held);
-        assert_eq!(d.add(&frag(&shifted[1]), &shifted[1], now), Added::Refused(2));
+        assert_eq!(
+            d.add(&frag(&shifted[1]), &shifted[1], now),
+            Added::Refused(2)
+        );
     }
 
     #[test]

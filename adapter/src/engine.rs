@@ -124,8 +124,8 @@ struct RateLimit {
 impl RateLimit {
     fn allow(&mut self, now: Instant) -> bool {
         let last = *self.last.get_or_insert(now);
-        let refill = now.saturating_duration_since(last).as_millis() as u64 * ANSWERS_PER_SECOND
-            / 1000;
+        let refill =
+            now.saturating_duration_since(last).as_millis() as u64 * ANSWERS_PER_SECOND / 1000;
         if refill > 0 {
             self.tokens = (self.tokens + refill).min(ANSWER_BURST);
             self.last = Some(now);
@@ -655,9 +655,7 @@ fn to_device(side: Side, t: &mut Tunnel, s: &Summary, now: Instant) -> Result<()
             }
         }
         L4::Error(_) => Err(DropReason::NoFlow),
-        L4::Echo { request: false, .. } | L4::OtherIcmp | L4::Other(_) => {
-            Err(DropReason::Protocol)
-        }
+        L4::Echo { request: false, .. } | L4::OtherIcmp | L4::Other(_) => Err(DropReason::Protocol),
     }
 }
 

@@ -332,8 +332,14 @@ mod tests {
     #[test]
     fn the_union_of_agents_and_removing_one() {
         let mut d = Device::default();
-        d.connect("plc", [Port::tcp(102), Port::udp(161)].into_iter().collect());
-        d.connect("modbus", [Port::tcp(502), Port::tcp(102)].into_iter().collect());
+        d.connect(
+            "plc",
+            [Port::tcp(102), Port::udp(161)].into_iter().collect(),
+        );
+        d.connect(
+            "modbus",
+            [Port::tcp(502), Port::tcp(102)].into_iter().collect(),
+        );
         assert!(d.allows(PROTO_TCP, 102) && d.allows(PROTO_TCP, 502) && d.allows(PROTO_UDP, 161));
         assert!(!d.allows(PROTO_UDP, 102));
         assert!(d.disconnect("plc"));

@@ -41,7 +41,10 @@ pub enum L4 {
         dst_port: u16,
     },
     /// ICMP or ICMPv6 echo request (`request`) or reply.
-    Echo { request: bool, id: u16 },
+    Echo {
+        request: bool,
+        id: u16,
+    },
     /// An ICMP error (destination unreachable, fragmentation needed / packet too big, time
     /// exceeded, parameter problem) and the packet it quotes.
     Error(Quoted),
@@ -206,7 +209,13 @@ fn parse_l4(proto: u8, l4: &[u8], v6: bool) -> Result<L4, DropReason> {
         }
         PROTO_ICMP if !v6 => {
             let i = Icmpv4Slice::from_slice(l4).map_err(|_| DropReason::Malformed)?;
-            Ok(icmp(i.type_u8(), i.code_u8(), i.bytes5to8(), i.payload(), false))
+            Ok(icmp(
+                i.type_u8(),
+                i.code_u8(),
+                i.bytes5to8(),
+                i.payload(),
+                false,
+            ))
         }
         PROTO_ICMPV6 if v6 => {
             let i = Icmpv6Slice::from_slice(l4).map_err(|_| DropReason::Malformed)?;
@@ -646,8 +655,13 @@ mod tests {
         assert!(tcp_reset(&syn, &s, &mut out));
         let r = whole(&out);
         assert_eq!((r.src, r.dst), (B.into(), A.into()));
-        assert!(matches!(r.l4, L4::Tcp { src_port: 22, dst_port: 40000, flags } if flags.rst && flags.ack));
-        assert_eq!(fold(sum16(pseudo(B.into(), A.into(), 6, 20), &out[20..])), 0);
+        assert!(
+            matches!(r.l4, L4::Tcp { src_port: 22, dst_port: 40000, flags } if flags.rst && flags.ack)
+        );
+        assert_eq!(
+            fold(sum16(pseudo(B.into(), A.into(), 6, 20), &out[20..])),
+            0
+        );
         let u = udp(A, 5000, B, 5001, b"x");
         admin_prohibited(&u, &whole(&u), &mut out);
         match whole(&out).l4 {

@@ -180,7 +180,10 @@ mod tests {
         );
         let mut out = vec![0u8; BUFFER];
         // A's first packet is queued behind a handshake initiation.
-        let init = a.encapsulate(&packet, &mut out).expect("initiation").to_vec();
+        let init = a
+            .encapsulate(&packet, &mut out)
+            .expect("initiation")
+            .to_vec();
         let (p, to_a) = feed(&mut b, &init);
         assert!(p.is_empty());
         assert_eq!(to_a.len(), 1, "handshake response");
@@ -210,7 +213,11 @@ mod tests {
         let mut c = Peer::new(&c_key, &b_key.public_hex(), 3).expect("c");
         let mut out = vec![0u8; BUFFER];
         let init = c.encapsulate(b"x", &mut out).expect("init").to_vec();
-        assert_eq!(feed(&mut b, &init), (vec![], vec![]), "an unknown key gets no answer");
+        assert_eq!(
+            feed(&mut b, &init),
+            (vec![], vec![]),
+            "an unknown key gets no answer"
+        );
         let mut init = a.encapsulate(b"x", &mut out).expect("init").to_vec();
         init[40] ^= 1;
         assert_eq!(feed(&mut b, &init), (vec![], vec![]));

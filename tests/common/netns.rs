@@ -13,7 +13,8 @@ use super::{Proc, bin, text, wait_until};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The plant services: TCP 102 answers with the byte count and SHA-256 of what it received;
-/// TCP 22 answers a banner (no agent allows it); UDP 161 echoes.
+/// TCP 22 answers a banner (no agent allows it); TCP 502 echoes each read (a Modbus stand-in);
+/// UDP 161 echoes with a 4-byte prefix, whatever the size. UDP 2222 has no listener.
 pub const SERVICES: &str = r#"
 import hashlib, socket, socketserver, threading
 class Sha(socketserver.StreamRequestHandler):
@@ -26,15 +27,41 @@ class Sha(socketserver.StreamRequestHandler):
         self.request.sendall(f"PLC {n} {h.hexdigest()}\n".encode())
 class Banner(socketserver.StreamRequestHandler):
     def handle(self): self.request.sendall(b"SSH-2.0-forbidden\n")
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        while True:
+            b = self.request.recv(65536)
+            if not b: break
+            self.request.sendall(b)
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer.daemon_threads = True
-for port, h in [(102, Sha), (22, Banner)]:
+for port, h in [(102, Sha), (22, Banner), (502, Echo)]:
     s = socketserver.ThreadingTCPServer(("0.0.0.0", port), h)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 161))
 print("ready", flush=True)
 while True:
     d, a = u.recvfrom(65535); u.sendto(b"UDP " + d, a)
+"#;
+
+/// Probes run inside a technician's namespace. `udp` sends `size` bytes on a connected socket
+/// and prints `OK <reply length>`, `REFUSED`, `UNREACHABLE` or `TIMEOUT`; `tcp` connects and
+/// prints `OPEN`, `REFUSED`, `UNREACHABLE` or `TIMEOUT`. Both append the elapsed milliseconds.
+pub const PROBE: &str = r#"
+import errno, socket, sys, time
+kind, host, port, size, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+t = time.monotonic()
+def done(what): print(f"{what} {round((time.monotonic() - t) * 1000)}"); sys.exit(0)
+try:
+    if kind == "udp":
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(timeout)
+        u.connect((host, port)); u.send(b"x" * size)
+        done(f"OK {len(u.recv(65535))}")
+    s = socket.create_connection((host, port), timeout=timeout); done("OPEN")
+except ConnectionRefusedError: done("REFUSED")
+except socket.timeout: done("TIMEOUT")
+except OSError as e:
+    done("UNREACHABLE" if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) else f"ERROR {e.errno}")
 "#;
 
 /// A client program run inside a namespace: sends `size` random bytes to host:102 and checks
@@ -276,6 +303,67 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Runs [`PROBE`]: returns its outcome word(s) and the elapsed milliseconds.
+    pub fn probe(&self, ns: &str, kind: &str, host: &str, port: u16, size: usize) -> (String, u64) {
+        let script = self.dir.join("probe.py");
+        if !script.exists() {
+            std::fs::write(&script, PROBE).expect("probe.py");
+        }
+        let out = self.exec(
+            ns,
+            &[
+                "/usr/bin/python3",
+                script.to_str().expect("utf8"),
+                kind,
+                host,
+                &port.to_string(),
+                &size.to_string(),
+                "5",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (what, ms) = text.rsplit_once(' ').unwrap_or((&text, ""));
+        (what.to_owned(), ms.parse().unwrap_or(u64::MAX))
+    }
+
+    /// Gives namespace `ns` a LAN of its own: a veth to a new namespace `{ns}lan`, `ns` at
+    /// `addr` and the LAN host at `host`, both in `prefix`.
+    pub fn add_lan(&mut self, ns: &str, addr: &str, host: &str, prefix: u8) {
+        let lan = format!("{ns}lan");
+        let name = self.ns(&lan);
+        must(&["ip", "netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        must(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        let (a, b) = (self.ifname("l0"), self.ifname("l1"));
+        let ns_name = self.ns(ns);
+        must(&[
+            "ip", "link", "add", &a, "netns", &ns_name, "type", "veth", "peer", "name", &b,
+            "netns", &name,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "addr",
+            "add",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            &a,
+        ]);
+        must(&["ip", "-n", &ns_name, "link", "set", &a, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{host}/{prefix}"),
+            "dev",
+            &b,
+        ]);
+        must(&["ip", "-n", &name, "link", "set", &b, "up"]);
+    }
+
     /// Whether a TCP connection to host:port opens within 2 s.
     pub fn tcp_open(&self, ns: &str, host: &str, port: u16) -> bool {
         let code = format!(
@@ -376,7 +464,7 @@ impl System {
                 token_a,
                 lab.ifname("s1"),
                 format!(
-                    "[light]\npath = \"{}\"\n[[agent]]\nname = \"press-4-plc\"\ntype = \"siemens-s7\"\naddress = \"192.168.0.10\"\nports = [\"udp/161\"]\n",
+                    "[light]\npath = \"{}\"\n[[agent]]\nname = \"press-4-plc\"\ntype = \"siemens-s7\"\naddress = \"192.168.0.10\"\nports = [\"udp/161\"]\n[[agent]]\nname = \"press-4-modbus\"\ntype = \"modbus\"\naddress = \"192.168.0.10\"\nports = [\"udp/2222\"]\n",
                     light.display()
                 ),
                 "site",

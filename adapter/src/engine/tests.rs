@@ -50,7 +50,12 @@ impl Rig {
         }
         let ports = |p: &[Port]| p.iter().copied().collect::<BTreeSet<Port>>();
         engine
-            .connect(A, "plc", PLC.into(), ports(&[Port::tcp(101), Port::udp(102)]))
+            .connect(
+                A,
+                "plc",
+                PLC.into(),
+                ports(&[Port::tcp(101), Port::udp(102)]),
+            )
             .expect("plc");
         engine
             .connect(A, "extra", PLC.into(), ports(&[Port::tcp(103)]))
@@ -101,13 +106,13 @@ impl Rig {
         out
     }
 
-    fn from_tun(&mut self, p: &[u8]) -> Out {
+    fn tun_in(&mut self, p: &[u8]) -> Out {
         self.engine.handle_tun_packet(p, self.now);
         self.pump()
     }
 
     /// The far end of `id` sends `p` into the tunnel.
-    fn from_site(&mut self, id: TunnelId, p: &[u8]) -> Out {
+    fn site_in(&mut self, id: TunnelId, p: &[u8]) -> Out {
         let mut buf = vec![0u8; wg::BUFFER];
         let far = self.far.get_mut(&id).expect("far end");
         let d = far.encapsulate(p, &mut buf).expect("established").to_vec();
@@ -124,20 +129,20 @@ impl Rig {
 fn cryptokey_routing_each_tunnel_speaks_only_for_its_devices() {
     let mut rig = Rig::client();
     let syn = tcp(TECH, 40000, DRIVE, 101);
-    assert_eq!(rig.from_tun(&syn).far, vec![(B, syn.clone())], "to B only");
+    assert_eq!(rig.tun_in(&syn).far, vec![(B, syn.clone())], "to B only");
     let reply = tcp_ack(DRIVE, 101, TECH, 40000);
     // Tunnel A injects a reply with B's device as source: dropped.
-    assert_eq!(rig.from_site(A, &reply), Out::default());
+    assert_eq!(rig.site_in(A, &reply), Out::default());
     assert_eq!(rig.drops(DropReason::WrongTunnel), 1);
     // The same from B passes.
-    assert_eq!(rig.from_site(B, &reply).tun, vec![reply]);
+    assert_eq!(rig.site_in(B, &reply).tun, vec![reply]);
     // An ICMP error from A quoting B's flow: dropped too.
     let err = icmp_error(PLC, TECH, 3, 3, &syn);
-    assert_eq!(rig.from_site(A, &err), Out::default());
+    assert_eq!(rig.site_in(A, &err), Out::default());
     assert_eq!(rig.drops(DropReason::WrongTunnel), 2);
     // A packet from the TUN with another source is not the technician's.
     let other = tcp(Ipv4Addr::new(172, 17, 0, 2), 1, PLC, 101);
-    assert_eq!(rig.from_tun(&other), Out::default());
+    assert_eq!(rig.tun_in(&other), Out::default());
     assert_eq!(rig.drops(DropReason::WrongSource), 1);
 }
 
@@ -145,7 +150,7 @@ fn cryptokey_routing_each_tunnel_speaks_only_for_its_devices() {
 fn refusals_are_answered_locally_and_counted_per_device() {
     let mut rig = Rig::client();
     let syn = tcp(TECH, 40000, PLC, 22);
-    let out = rig.from_tun(&syn);
+    let out = rig.tun_in(&syn);
     assert!(out.far.is_empty());
     let rst = match packet::parse(&out.tun[0]) {
         Ok(Parsed::Whole(s)) => s,
@@ -154,10 +159,13 @@ fn refusals_are_answered_locally_and_counted_per_device() {
     assert_eq!((rst.src, rst.dst), (PLC.into(), TECH.into()));
     assert!(matches!(rst.l4, L4::Tcp { flags, .. } if flags.rst));
     let udp = udp(TECH, 5000, PLC, 5001, b"x");
-    let out = rig.from_tun(&udp);
+    let out = rig.tun_in(&udp);
     assert!(matches!(
         packet::parse(&out.tun[0]),
-        Ok(Parsed::Whole(Summary { l4: L4::Error(_), .. }))
+        Ok(Parsed::Whole(Summary {
+            l4: L4::Error(_),
+            ..
+        }))
     ));
     let (_, plc) = rig
         .engine
@@ -169,7 +177,7 @@ fn refusals_are_answered_locally_and_counted_per_device() {
     // The answers are rate-limited: a flood gets at most a burst.
     let mut answered = 0;
     for port in 0..1000u16 {
-        answered += rig.from_tun(&tcp(TECH, 1000 + port, PLC, 2000)).tun.len();
+        answered += rig.tun_in(&tcp(TECH, 1000 + port, PLC, 2000)).tun.len();
     }
     assert!(answered as u64 <= ANSWER_BURST, "{answered}");
     // An RST is never answered.
@@ -184,32 +192,36 @@ fn refusals_are_answered_locally_and_counted_per_device() {
         },
     );
     rig.now += Duration::from_secs(1);
-    assert!(rig.from_tun(&rst).tun.is_empty());
+    assert!(rig.tun_in(&rst).tun.is_empty());
 }
 
 #[test]
 fn related_icmp_errors_pass_both_ways_for_live_flows_only() {
     let mut rig = Rig::client();
     let req = udp(TECH, 5000, PLC, 102, b"get");
-    assert_eq!(rig.from_tun(&req).far.len(), 1);
+    assert_eq!(rig.tun_in(&req).far.len(), 1);
     // Port unreachable from the device, and fragmentation needed from a router on the way.
     let unreachable = icmp_error(PLC, TECH, 3, 3, &req);
-    assert_eq!(rig.from_site(A, &unreachable).tun, vec![unreachable]);
+    assert_eq!(rig.site_in(A, &unreachable).tun, vec![unreachable]);
     let router = Ipv4Addr::new(192, 168, 0, 1);
     let frag_needed = icmp_error(router, TECH, 3, 4, &req);
-    assert_eq!(rig.from_site(A, &frag_needed).tun, vec![frag_needed]);
+    assert_eq!(rig.site_in(A, &frag_needed).tun, vec![frag_needed]);
     // An error about a flow never opened: dropped.
     let other = udp(TECH, 5001, PLC, 102, b"get");
-    assert!(rig.from_site(A, &icmp_error(PLC, TECH, 3, 3, &other)).tun.is_empty());
+    assert!(
+        rig.site_in(A, &icmp_error(PLC, TECH, 3, 3, &other))
+            .tun
+            .is_empty()
+    );
     // The technician's host reports a device's reply as unwanted: passes toward the device.
     let reply = udp(PLC, 102, TECH, 5000, b"resp");
-    assert_eq!(rig.from_site(A, &reply).tun.len(), 1);
+    assert_eq!(rig.site_in(A, &reply).tun.len(), 1);
     let back = icmp_error(TECH, PLC, 3, 3, &reply);
-    assert_eq!(rig.from_tun(&back).far, vec![(A, back.clone())]);
+    assert_eq!(rig.tun_in(&back).far, vec![(A, back.clone())]);
     // Echo to a connected device, and its reply.
-    assert_eq!(rig.from_tun(&echo(TECH, PLC, true, 9)).far.len(), 1);
-    assert_eq!(rig.from_site(A, &echo(PLC, TECH, false, 9)).tun.len(), 1);
-    assert!(rig.from_site(A, &echo(PLC, TECH, true, 9)).tun.is_empty());
+    assert_eq!(rig.tun_in(&echo(TECH, PLC, true, 9)).far.len(), 1);
+    assert_eq!(rig.site_in(A, &echo(PLC, TECH, false, 9)).tun.len(), 1);
+    assert!(rig.site_in(A, &echo(PLC, TECH, true, 9)).tun.is_empty());
 }
 
 #[test]
@@ -219,25 +231,25 @@ fn fragments_are_reassembled_filtered_whole_and_sent_whole() {
     let frags = fragments(&big, 1420);
     let mut far = Vec::new();
     for f in &frags {
-        far.extend(rig.from_tun(f).far);
+        far.extend(rig.tun_in(f).far);
     }
     assert_eq!(far, vec![(A, big.clone())]);
     // The answer arrives whole through the tunnel and is fragmented to the TUN's MTU.
     let answer = may_fragment(udp(PLC, 102, TECH, 5000, &[2u8; 3004]));
-    let tun = rig.from_site(A, &answer).tun;
+    let tun = rig.site_in(A, &answer).tun;
     assert!(tun.len() > 1 && tun.iter().all(|p| p.len() <= usize::from(crate::tun::MTU)));
     // Fragments to a port no agent allows: refused whole, answered once.
     let denied = may_fragment(udp(TECH, 5000, PLC, 999, &[1u8; 3000]));
     let mut out = Out::default();
     for f in fragments(&denied, 1420) {
-        let o = rig.from_tun(&f);
+        let o = rig.tun_in(&f);
         out.tun.extend(o.tun);
         out.far.extend(o.far);
     }
     assert!(out.far.is_empty());
     assert_eq!(out.tun.len(), 1);
     // A datagram never completed is dropped and counted when it times out.
-    rig.from_tun(&frags[0]);
+    rig.tun_in(&frags[0]);
     rig.engine
         .handle_timeout(rig.now + crate::defrag::TIMEOUT + Duration::from_secs(1));
     assert_eq!(rig.drops(DropReason::FragmentTimeout), 1);
@@ -247,11 +259,11 @@ fn fragments_are_reassembled_filtered_whole_and_sent_whole() {
 fn disconnecting_one_agent_keeps_the_device_for_the_other() {
     let mut rig = Rig::client();
     let s103 = tcp(TECH, 1, PLC, 103);
-    assert_eq!(rig.from_tun(&s103).far.len(), 1);
+    assert_eq!(rig.tun_in(&s103).far.len(), 1);
     assert_eq!(rig.engine.disconnect(A, "extra"), None, "plc remains");
-    assert!(rig.from_tun(&tcp_ack(TECH, 1, PLC, 103)).far.is_empty());
-    assert!(rig.from_site(A, &tcp_ack(PLC, 103, TECH, 1)).tun.is_empty());
-    assert_eq!(rig.from_tun(&tcp(TECH, 2, PLC, 101)).far.len(), 1);
+    assert!(rig.tun_in(&tcp_ack(TECH, 1, PLC, 103)).far.is_empty());
+    assert!(rig.site_in(A, &tcp_ack(PLC, 103, TECH, 1)).tun.is_empty());
+    assert_eq!(rig.tun_in(&tcp(TECH, 2, PLC, 101)).far.len(), 1);
     assert_eq!(rig.engine.disconnect(A, "plc"), Some(PLC.into()));
     assert_eq!(rig.engine.owner(&PLC.into()), None);
     // A device of tunnel B cannot be connected through A.
@@ -272,7 +284,12 @@ fn the_site_accepts_only_its_technician_and_its_devices() {
         .add_tunnel(TunnelId(5), peer, Some(TECH.into()))
         .expect("tunnel");
     engine
-        .connect(TunnelId(5), "plc", PLC.into(), [Port::tcp(102)].into_iter().collect())
+        .connect(
+            TunnelId(5),
+            "plc",
+            PLC.into(),
+            [Port::tcp(102)].into_iter().collect(),
+        )
         .expect("plc");
     let mut far = BTreeMap::new();
     far.insert(
@@ -286,27 +303,46 @@ fn the_site_accepts_only_its_technician_and_its_devices() {
     };
     // The technician side initiates.
     let mut buf = vec![0u8; wg::BUFFER];
-    let init = rig.far.get_mut(&TunnelId(5)).expect("far").initiate(&mut buf).expect("init").to_vec();
+    let init = rig
+        .far
+        .get_mut(&TunnelId(5))
+        .expect("far")
+        .initiate(&mut buf)
+        .expect("init")
+        .to_vec();
     rig.engine.handle_datagram(TunnelId(5), &init, rig.now);
     rig.pump();
     let syn = tcp(TECH, 40000, PLC, 102);
-    assert_eq!(rig.from_site(TunnelId(5), &syn).tun, vec![syn]);
+    assert_eq!(rig.site_in(TunnelId(5), &syn).tun, vec![syn]);
     let spoofed = tcp(Ipv4Addr::new(100, 64, 0, 9), 40000, PLC, 102);
-    assert!(rig.from_site(TunnelId(5), &spoofed).tun.is_empty());
+    assert!(rig.site_in(TunnelId(5), &spoofed).tun.is_empty());
     assert_eq!(rig.drops(DropReason::WrongTunnel), 1);
     let reply = tcp_ack(PLC, 102, TECH, 40000);
-    assert_eq!(rig.from_tun(&reply).far, vec![(TunnelId(5), reply)]);
+    assert_eq!(rig.tun_in(&reply).far, vec![(TunnelId(5), reply)]);
     let other = tcp_ack(Ipv4Addr::new(192, 168, 0, 11), 102, TECH, 40000);
-    assert!(rig.from_tun(&other).far.is_empty());
+    assert!(rig.tun_in(&other).far.is_empty());
 }
 
 /// The reference model: which (device, protocol, port) each agent allows, and the flows opened.
 #[derive(Debug, Clone)]
 enum Op {
     /// From the TUN: a SYN, an ACK, a UDP datagram (fragmented when `big`), an echo request.
-    Out { kind: u8, sport: u16, dev: u8, dport: u16, big: bool },
+    Out {
+        kind: u8,
+        sport: u16,
+        dev: u8,
+        dport: u16,
+        big: bool,
+    },
     /// From tunnel `via`: a reply from device `dev`, or an ICMP error quoting a flow.
-    In { via: bool, kind: u8, dev: u8, sport: u16, dport: u16, error: bool },
+    In {
+        via: bool,
+        kind: u8,
+        dev: u8,
+        sport: u16,
+        dport: u16,
+        error: bool,
+    },
     /// The `extra` agent of the PLC disconnects.
     DropExtra,
 }
@@ -355,7 +391,7 @@ proptest! {
                     let mut out = Out::default();
                     let frags = if kind == 2 && big { fragments(&p, 1420) } else { vec![p.clone()] };
                     for f in frags {
-                        let o = rig.from_tun(&f);
+                        let o = rig.tun_in(&f);
                         out.tun.extend(o.tun);
                         out.far.extend(o.far);
                     }
@@ -389,7 +425,7 @@ proptest! {
                         reply
                     };
                     let pass = owner(d) == Some(id) && opened.contains(&key);
-                    let out = rig.from_site(id, &p);
+                    let out = rig.site_in(id, &p);
                     prop_assert!(out.far.is_empty());
                     prop_assert_eq!(out.tun, if pass { vec![p] } else { vec![] }, "{:?}", o);
                 }
@@ -408,9 +444,9 @@ proptest! {
     ) {
         let mut rig = Rig::client();
         for c in &chunks {
-            let out = rig.from_tun(c);
+            let out = rig.tun_in(c);
             prop_assert!(out.far.is_empty() || matches!(packet::parse(c), Ok(Parsed::Whole(_)) | Ok(Parsed::Fragment(_))));
-            let out = rig.from_site(A, c);
+            let out = rig.site_in(A, c);
             prop_assert!(out.tun.is_empty(), "nothing answers a flow never opened");
         }
     }
