@@ -91,8 +91,17 @@ fn refusals_come_back_at_once_and_show_in_the_status() {
     let (what, ms) = sys.lab.probe("tech", "udp", PLC, 5000, 10);
     assert_eq!(what, "UNREACHABLE");
     assert!(ms < FAST, "{ms} ms");
-    // The technician sees which device refused which port, and whose port set it was.
-    let status = alice.status();
+    // The technician sees which device refused which port, and whose port set it was (the
+    // status is refreshed every quarter second).
+    let mut status = alice.status();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            status = alice.status();
+            status["refused"].as_array().is_some_and(|r| !r.is_empty())
+        }),
+        "{status}\n{}",
+        sys.log("pinholed-alice.log")
+    );
     let refused = status["refused"].as_array().expect("refused");
     let plc = refused
         .iter()
