@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use crate::control::{LinkState, Status};
-use crate::plane::Plane;
+use crate::plane::{AdapterConfig, Plane};
 
 /// TCP connect and TLS handshake to one address must finish this soon.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,7 +136,7 @@ fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
 /// attempt: `pinhole login` reports it and the link gives up if it failed.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    tun_name: String,
+    adapter: AdapterConfig,
     bundle: Bundle,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
@@ -145,7 +145,7 @@ pub async fn run(
 ) {
     let mut first = Some(first);
     let mut backoff = Backoff::new();
-    let mut plane = Plane::new(&tun_name);
+    let mut plane = Plane::new(&adapter);
     loop {
         update(&status, |s| {
             s.state = if first.is_some() {

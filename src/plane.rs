@@ -24,6 +24,17 @@ pub const TUN_NAME: &str = "pinhole0";
 /// Overrides the TUN name (tests run several daemons in one network namespace).
 pub const TUN_ENV: &str = "PINHOLE_TUN";
 
+/// How the adapter is set up, from the daemon's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterConfig {
+    /// The TUN's name.
+    pub tun_name: String,
+    /// Let packets with another source than the tunnel address into the tunnel (a VM or
+    /// container behind the laptop routed into it). Off by default: only the technician's own
+    /// programs use the tunnel.
+    pub other_sources: bool,
+}
+
 /// Why a device cannot be connected, in a technician's words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
@@ -93,6 +104,7 @@ struct SiteTunnel {
 /// The data plane of one login.
 pub struct Plane {
     tun_name: String,
+    other_sources: bool,
     keys: Keypair,
     tun: Option<Tun>,
     routes: Option<Routes>,
@@ -111,10 +123,11 @@ impl std::fmt::Debug for Plane {
 }
 
 impl Plane {
-    /// A plane with a fresh WireGuard key (one per login), whose TUN will be `tun_name`.
-    pub fn new(tun_name: &str) -> Self {
+    /// A plane with a fresh WireGuard key (one per login) and the TUN `config` names.
+    pub fn new(config: &AdapterConfig) -> Self {
         Self {
-            tun_name: tun_name.to_owned(),
+            tun_name: config.tun_name.clone(),
+            other_sources: config.other_sources,
             keys: Keypair::from_secret(pinhole_certs::random::<32>()),
             tun: None,
             routes: None,
@@ -155,7 +168,7 @@ impl Plane {
         self.routes = Some(routes);
         self.engine = Some(Engine::new(Side::Client {
             address: addr.into(),
-            any_source: false,
+            any_source: self.other_sources,
         }));
         Ok(())
     }
@@ -498,7 +511,10 @@ mod tests {
 
     #[test]
     fn device_addresses_that_would_break_the_computer_are_refused() {
-        let mut p = Plane::new("pht-test");
+        let mut p = Plane::new(&AdapterConfig {
+            tun_name: "pht-test".into(),
+            other_sources: false,
+        });
         p.set_gateway(Some("10.9.2.2".parse().expect("ip")));
         let sid = p.session_for("plant-a");
         for (addr, want) in [
@@ -520,7 +536,10 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime");
-        let mut p = Plane::new("pht-test");
+        let mut p = Plane::new(&AdapterConfig {
+            tun_name: "pht-test".into(),
+            other_sources: false,
+        });
         let sid = p.session_for("plant-a");
         p.request(sid, &plc("192.0.2.10")).expect("request");
         // The same name, another address: refused, and nothing is left pending.
