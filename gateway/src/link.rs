@@ -112,12 +112,10 @@ async fn write<W: AsyncWrite + Unpin>(
 ) -> bool {
     let write = tokio::time::timeout(stall, wr.write_all(bytes));
     tokio::pin!(write);
-    loop {
-        tokio::select! {
-            r = &mut write => return matches!(r, Ok(Ok(()))),
-            _ = outbox.changed() => if outbox.is_closing() {
-                return matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))));
-            },
+    tokio::select! {
+        r = &mut write => matches!(r, Ok(Ok(()))),
+        _ = outbox.closing() => {
+            matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))))
         }
     }
 }
