@@ -266,7 +266,17 @@ impl Checkpoint {
 
     /// The checkpoint inside `line` (e.g. a system log line), if it holds one.
     pub fn find(line: &str) -> Option<Result<Self, ParseCheckpointError>> {
-        line.find(MARKER).map(|i| line[i..].trim_end().parse())
+        let rest = &line[line.find(MARKER)?..];
+        // A checkpoint ends with its signature's hex digits: what a log line or an export
+        // wraps around it (a closing quote, a JSON brace) is not part of it.
+        let end = rest.find(" sig=").map_or(rest.len(), |s| {
+            let hex = s + " sig=".len();
+            hex + rest[hex..]
+                .bytes()
+                .take_while(u8::is_ascii_hexdigit)
+                .count()
+        });
+        Some(rest[..end].trim_end().parse())
     }
 }
 

@@ -110,7 +110,12 @@ async fn write<W: AsyncWrite + Unpin>(
     stall: Duration,
     outbox: &Outbox,
 ) -> bool {
-    let write = tokio::time::timeout(stall, wr.write_all(bytes));
+    // `write_all` on a TLS stream may leave ciphertext buffered: flush it, or the tail of a
+    // burst waits for the next write (a heartbeat, minutes later).
+    let write = tokio::time::timeout(stall, async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    });
     tokio::pin!(write);
     tokio::select! {
         r = &mut write => matches!(r, Ok(Ok(()))),
@@ -212,15 +217,18 @@ async fn drive(
     }
     // Flush a goodbye if there is one; the peer may already be gone.
     while let Some(bytes) = core.poll_transmit() {
-        if !matches!(
-            tokio::time::timeout(CLOSING_GRACE, wr.write_all(&bytes)).await,
-            Ok(Ok(()))
-        ) {
+        let flushed = tokio::time::timeout(CLOSING_GRACE, async {
+            wr.write_all(&bytes).await?;
+            wr.flush().await
+        });
+        if !matches!(flushed.await, Ok(Ok(()))) {
             break;
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    let reason = close_reason.unwrap_or(CloseReason::Local);
+    let reason = close_reason
+        .or_else(|| core.close_reason().cloned())
+        .unwrap_or(CloseReason::Local);
     match &reason {
         CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
         other => debug!(reason = ?other, "closed"),
