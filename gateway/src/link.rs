@@ -59,7 +59,16 @@ fn presented(
 pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(pinhole_certs::tls::LINK_SEND_BUFFER);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp));
+    let handshake = async {
+        tokio::select! {
+            r = handshake => r,
+            _ = ticket.evicted() => Ok(Err(std::io::Error::other(
+                "evicted by newer connections while at the limit",
+            ))),
+        }
+    };
+    let stream = match handshake.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake refused");
@@ -213,6 +222,17 @@ async fn drive(
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
             _ = outbox.changed() => {}
             _ = shutdown.changed() => core.refuse(ErrorCode::Shutdown, "the gateway is restarting", Instant::now()),
+            _ = async {
+                match &ticket {
+                    Some(t) => t.evicted().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                debug!("evicted by newer connections before saying hello");
+                close_reason = Some(CloseReason::Protocol(
+                    "not welcomed before newer connections took its place".into(),
+                ));
+            }
         }
     }
     // Flush a goodbye if there is one; the peer may already be gone.
