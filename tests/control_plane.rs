@@ -156,7 +156,7 @@ fn closing_an_account_ends_its_link_within_a_second_and_refuses_login() {
     w.gw.stop();
     let events = w.gw.audit_events();
     assert!(
-        events.iter().any(|e| e.starts_with("handshakes refused")
+        events.iter().any(|e| e.starts_with("certificates refused")
             && e.contains("from 127.0.0.1")
             && e.contains("Revoked")),
         "{events:#?}"

@@ -329,8 +329,13 @@ impl<H: Clone> Hub<H> {
     /// A TLS handshake failed (revoked, expired or foreign certificate, or not TLS at all).
     /// Counted and recorded in aggregate.
     pub fn handle_handshake_refused(&mut self, source: IpAddr, reason: &str, now: Instant) {
-        self.refusals
-            .add(source, RefusalKind::Handshake, reason, now);
+        // rustls words every refusal of the peer's certificate this way.
+        let kind = if reason.contains("invalid peer certificate") {
+            RefusalKind::Certificate
+        } else {
+            RefusalKind::Handshake
+        };
+        self.refusals.add(source, kind, reason, now);
     }
 
     /// A TLS handshake finished. Returns who the peer is, or `None` if its certificate is not
