@@ -196,11 +196,25 @@ impl Link {
 /// bytes (a parser's "unknown variant `…`"), and it ends up in logs and the audit log.
 pub const MAX_REASON_TEXT: usize = 200;
 
-/// `what`, with control characters escaped and cut to [`MAX_REASON_TEXT`] bytes.
+/// `what`, with control characters escaped and cut to [`MAX_REASON_TEXT`] bytes. Backslashes
+/// stay as they are: texts that quote a value escaped it already, and a literal `\n` breaks no
+/// line.
 pub fn bounded_reason(what: &str) -> String {
-    let escaped = crate::validate::escape(what);
+    let escaped: String = if what.chars().any(char::is_control) {
+        what.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        what.to_owned()
+    };
     if escaped.len() <= MAX_REASON_TEXT {
-        return escaped.into_owned();
+        return escaped;
     }
     let mut end = MAX_REASON_TEXT;
     while !escaped.is_char_boundary(end) {
