@@ -59,7 +59,16 @@ fn presented(
 pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(pinhole_certs::tls::LINK_SEND_BUFFER);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp));
+    let handshake = async {
+        tokio::select! {
+            r = handshake => r,
+            _ = ticket.evicted() => Ok(Err(std::io::Error::other(
+                "evicted by newer connections while at the limit",
+            ))),
+        }
+    };
+    let stream = match handshake.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake refused");
@@ -110,14 +119,17 @@ async fn write<W: AsyncWrite + Unpin>(
     stall: Duration,
     outbox: &Outbox,
 ) -> bool {
-    let write = tokio::time::timeout(stall, wr.write_all(bytes));
+    // `write_all` on a TLS stream may leave ciphertext buffered: flush it, or the tail of a
+    // burst waits for the next write (a heartbeat, minutes later).
+    let write = tokio::time::timeout(stall, async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    });
     tokio::pin!(write);
-    loop {
-        tokio::select! {
-            r = &mut write => return matches!(r, Ok(Ok(()))),
-            _ = outbox.changed() => if outbox.is_closing() {
-                return matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))));
-            },
+    tokio::select! {
+        r = &mut write => matches!(r, Ok(Ok(()))),
+        _ = outbox.closing() => {
+            matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))))
         }
     }
 }
@@ -210,19 +222,33 @@ async fn drive(
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
             _ = outbox.changed() => {}
             _ = shutdown.changed() => core.refuse(ErrorCode::Shutdown, "the gateway is restarting", Instant::now()),
+            _ = async {
+                match &ticket {
+                    Some(t) => t.evicted().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                debug!("evicted by newer connections before saying hello");
+                close_reason = Some(CloseReason::Protocol(
+                    "not welcomed before newer connections took its place".into(),
+                ));
+            }
         }
     }
     // Flush a goodbye if there is one; the peer may already be gone.
     while let Some(bytes) = core.poll_transmit() {
-        if !matches!(
-            tokio::time::timeout(CLOSING_GRACE, wr.write_all(&bytes)).await,
-            Ok(Ok(()))
-        ) {
+        let flushed = tokio::time::timeout(CLOSING_GRACE, async {
+            wr.write_all(&bytes).await?;
+            wr.flush().await
+        });
+        if !matches!(flushed.await, Ok(Ok(()))) {
             break;
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    let reason = close_reason.unwrap_or(CloseReason::Local);
+    let reason = close_reason
+        .or_else(|| core.close_reason().cloned())
+        .unwrap_or(CloseReason::Local);
     match &reason {
         CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
         other => debug!(reason = ?other, "closed"),

@@ -26,7 +26,11 @@ pub const MAX_SOURCES: usize = 4096;
 pub enum Kind {
     /// An `enroll` with a bad token, a taken name or malformed fields.
     Enrollment,
-    /// A TLS handshake that failed (revoked, expired or foreign certificate; not TLS at all).
+    /// A TLS handshake that failed on the peer's certificate (revoked, expired, foreign): kept
+    /// apart from other failures, because a closed account trying to come back is what an
+    /// auditor looks for.
+    Certificate,
+    /// A TLS handshake that failed otherwise (not TLS at all, cut short, timed out).
     Handshake,
     /// A certificate that verified but is not current for its site or account.
     StaleCertificate,
@@ -36,6 +40,7 @@ impl Kind {
     fn event(self) -> &'static str {
         match self {
             Kind::Enrollment => "enrollments refused",
+            Kind::Certificate => "certificates refused",
             Kind::Handshake => "handshakes refused",
             Kind::StaleCertificate => "stale certificates refused",
         }
