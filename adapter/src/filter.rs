@@ -303,8 +303,9 @@ impl Flows {
             if f.entry != seq {
                 continue;
             }
-            if f.alive(key.proto, now) {
-                let entry = self.schedule(key, f.last + f.idle(key.proto));
+            let due = f.last + f.idle(key.proto);
+            if due > now {
+                let entry = self.schedule(key, due);
                 if let Some(f) = self.map.get_mut(&key) {
                     f.entry = entry;
                 }

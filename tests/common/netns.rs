@@ -394,6 +394,16 @@ impl Drop for Lab {
         for p in &mut self.procs {
             p.terminate();
         }
+        // PINHOLE_TEST_LOGS=DIR keeps every process log of the lab for diagnosis.
+        if let Some(keep) = std::env::var_os("PINHOLE_TEST_LOGS") {
+            let to = std::path::Path::new(&keep).join(&self.p);
+            let _ = std::fs::create_dir_all(&to);
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+                }
+            }
+        }
         for ns in &self.namespaces {
             // Anything still running inside (children of children) goes too.
             let pids = sh(&["ip", "netns", "pids", ns]);
