@@ -55,7 +55,7 @@ pub fn raise_nofile_limit() -> u64 {
         && lim.current != Some(max)
     {
         lim.current = Some(max);
-        if let Err(e) = setrlimit(Resource::Nofile, lim.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
             warn!(error = %e, "could not raise the descriptor limit");
         }
     }
