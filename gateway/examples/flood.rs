@@ -66,6 +66,7 @@ struct Args {
     cli: Option<PathBuf>,
     cli_password_file: Option<PathBuf>,
     cli_target: String,
+    baseline_probes: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -84,6 +85,7 @@ fn args() -> anyhow::Result<Args> {
         cli: None,
         cli_password_file: None,
         cli_target: String::new(),
+        baseline_probes: 20,
     };
     let mut state = None;
     let mut it = std::env::args().skip(1);
@@ -107,6 +109,7 @@ fn args() -> anyhow::Result<Args> {
             "--cli" => a.cli = Some(v.into()),
             "--cli-password-file" => a.cli_password_file = Some(v.into()),
             "--cli-target" => a.cli_target = v,
+            "--baseline-probes" => a.baseline_probes = v.parse()?,
             other => bail!("unknown option {other}"),
         }
     }
@@ -227,6 +230,7 @@ struct Sample {
     gw_ticks: u64,
     tool_ticks: u64,
     fds: usize,
+    threads: u64,
 }
 
 fn sample(pid: u32) -> Sample {
@@ -236,6 +240,7 @@ fn sample(pid: u32) -> Sample {
         gw_ticks: common::cpu_ticks(pid),
         tool_ticks: common::cpu_ticks(std::process::id()),
         fds: common::fds(pid),
+        threads: common::threads(pid),
     }
 }
 
@@ -265,6 +270,7 @@ fn window(samples: &[Sample], from: Instant, to: Instant) -> Value {
         "gateway_cpu_percent_mean": pct(first.gw_ticks, last.gw_ticks),
         "gateway_cpu_percent_max_1s": round1(max_1s),
         "gateway_fds_peak": w.iter().map(|s| s.fds).max().unwrap_or(0),
+        "gateway_threads_peak": w.iter().map(|s| s.threads).max().unwrap_or(0),
         "tool_cpu_percent_mean": pct(first.tool_ticks, last.tool_ticks),
     })
 }
@@ -300,15 +306,16 @@ fn prober(
                 let config = configs[k % configs.len()].clone();
                 let site = &sites[k % sites.len()];
                 let at = Instant::now();
+                let stage = std::cell::Cell::new("dial");
                 let result = match tokio::time::timeout(
                     Duration::from_secs(10),
-                    common::probe(addr, None, config, site),
+                    common::probe(addr, None, config, site, &stage),
                 )
                 .await
                 {
                     Ok(Ok(t)) => Ok(t),
                     Ok(Err(e)) => Err(format!("{e:#}")),
-                    Err(_) => Err("no answer within 10 s".into()),
+                    Err(_) => Err(format!("no answer within 10 s ({})", stage.get())),
                 };
                 out.push(ProbeResult { at, result });
                 k += 1;
@@ -566,6 +573,9 @@ fn garbage(kind: usize, n: u64) -> Vec<u8> {
     }
 }
 
+/// How the gateway's refusal starts (a control frame's JSON).
+const ERROR: &[u8] = br#""type":"error""#;
+
 async fn anonymous(
     addr: SocketAddr,
     source: IpAddr,
@@ -600,7 +610,7 @@ async fn anonymous(
         .await;
         match closed {
             Err(_) => 4,
-            Ok(()) if said.windows(15).any(|w| w == br#""type":"error""#) => 2,
+            Ok(()) if said.windows(ERROR.len()).any(|w| w == ERROR) => 2,
             Ok(()) => 3,
         }
     }
@@ -971,7 +981,7 @@ async fn main() -> anyhow::Result<()> {
         addr,
         probe_configs.clone(),
         probe_sites.clone(),
-        20,
+        a.baseline_probes,
         Duration::from_millis(100),
         stop_probes.clone(),
     )
@@ -1165,6 +1175,7 @@ async fn main() -> anyhow::Result<()> {
             "all_back_s": back.is_ok().then(|| at(1.0)).flatten(),
             "refused_or_failed_dials": notes.failed_dials_since(t_restart),
             "gateway_rss_mb": round1(rss as f64 / 1024.0),
+            "gateway_threads": common::threads(gw.pid()),
         });
         log(format!("restart: {restart}"));
         gw.stop()?;

@@ -51,7 +51,7 @@ pub fn raise_nofile() -> u64 {
     pinhole_gateway::listen::raise_nofile_limit()
 }
 
-fn proc_status_kb(pid: u32, field: &str) -> u64 {
+fn proc_status(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -64,7 +64,7 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 
 /// Resident memory of `pid`, in KB.
 pub fn rss_kb(pid: u32) -> u64 {
-    proc_status_kb(pid, "VmRSS:")
+    proc_status(pid, "VmRSS:")
 }
 
 /// utime + stime of `pid` in clock ticks (100 per second on Linux).
@@ -77,6 +77,11 @@ pub fn cpu_ticks(pid: u32) -> u64 {
             Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
+}
+
+/// Threads of `pid`.
+pub fn threads(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
 }
 
 /// Open descriptors of `pid`.
@@ -350,6 +355,7 @@ async fn site_link(
         while let Some(b) = core.poll_transmit() {
             s.write_all(&b).await?;
         }
+        s.flush().await?;
         let timeout = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
@@ -456,6 +462,7 @@ async fn technician_link(
         while let Some(b) = core.poll_transmit() {
             s.write_all(&b).await?;
         }
+        s.flush().await?;
         let timeout = core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
@@ -486,15 +493,19 @@ pub struct ProbeTimes {
     pub connect: Duration,
 }
 
-/// One technician login and session open, over a fresh link, then logout.
+/// One technician login and session open, over a fresh link, then logout. `stage` tells how far
+/// it got (for a caller that gives up waiting).
 pub async fn probe(
     addr: SocketAddr,
     source: Option<IpAddr>,
     config: Arc<ClientConfig>,
     site: &str,
+    stage: &std::cell::Cell<&'static str>,
 ) -> anyhow::Result<ProbeTimes> {
     let t0 = Instant::now();
+    stage.set("dial");
     let mut s = tls_link(addr, source, config).await.context("dial")?;
+    stage.set("login");
     let mut core = ClientCore::new(t0, "probe", IDLE_HEARTBEAT);
     let mut buf = vec![0u8; 64 * 1024];
     let (mut login, mut asked) = (None, t0);
@@ -504,6 +515,7 @@ pub async fn probe(
                 ClientEvent::LoggedIn { .. } => {
                     login = Some(t0.elapsed());
                     asked = Instant::now();
+                    stage.set("session open");
                     core.open_session(1, site, "plc", CLIENT_KEY, asked);
                 }
                 ClientEvent::SessionOpened { .. } => {
@@ -512,6 +524,7 @@ pub async fn probe(
                         connect: asked.elapsed(),
                     };
                     let now = Instant::now();
+                    stage.set("logout");
                     core.close_session(1, None, "probe done", now);
                     core.logout(now);
                     while let Some(b) = core.poll_transmit() {
@@ -528,6 +541,7 @@ pub async fn probe(
         while let Some(b) = core.poll_transmit() {
             s.write_all(&b).await?;
         }
+        s.flush().await?;
         let n = s.read(&mut buf).await?;
         if n == 0 {
             bail!(
