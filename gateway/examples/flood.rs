@@ -1173,6 +1173,8 @@ async fn main() -> anyhow::Result<()> {
             "p90_back_s": at(0.9),
             "p99_back_s": at(0.99),
             "all_back_s": back.is_ok().then(|| at(1.0)).flatten(),
+            // The sites' backoff grows while the gateway is down: the stop counts too.
+            "all_back_from_sigterm_s": back.is_ok().then(|| times.last().map(|t| since_s(*t, t_sigterm))).flatten(),
             "refused_or_failed_dials": notes.failed_dials_since(t_restart),
             "gateway_rss_mb": round1(rss as f64 / 1024.0),
             "gateway_threads": common::threads(gw.pid()),
