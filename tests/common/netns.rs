@@ -65,16 +65,21 @@ except OSError as e:
 "#;
 
 /// A client program run inside a namespace: sends `size` random bytes to host:102 and checks
-/// the device's answer (byte count and SHA-256). Prints OK or the failure.
+/// the device's answer (byte count and SHA-256). Prints OK or the failure. The bytes are a
+/// random 1 MiB block repeated, so that sending starts at once whatever the size.
 pub const TCP_CHECK: &str = r#"
 import hashlib, os, socket, sys
 host, size, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-data = os.urandom(size)
+block = os.urandom(1 << 20)
 try:
     s = socket.create_connection((host, 102), timeout=timeout)
-    s.sendall(data); s.shutdown(socket.SHUT_WR)
+    digest, left = hashlib.sha256(), size
+    while left:
+        chunk = block[:min(left, len(block))]
+        s.sendall(chunk); digest.update(chunk); left -= len(chunk)
+    s.shutdown(socket.SHUT_WR)
     reply = s.recv(200).decode()
-    want = f"PLC {size} {hashlib.sha256(data).hexdigest()}"
+    want = f"PLC {size} {digest.hexdigest()}"
     print("OK" if reply.strip() == want else f"MISMATCH {reply!r}")
 except Exception as e:
     print(f"FAIL {type(e).__name__} {e}")
