@@ -13,3 +13,4 @@ pub mod config;
 pub mod firewall;
 pub mod forward;
 pub mod light;
+pub mod proxy;
