@@ -53,7 +53,7 @@ impl fmt::Display for Auth {
 }
 
 /// Proxy credentials: a user (for NTLM optionally `DOMAIN\user`) and a password.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
     pub user: String,
     pub password: Zeroizing<String>,
@@ -101,7 +101,7 @@ impl Credentials {
 }
 
 /// Where the proxy is and how to authenticate to it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Proxy {
     /// Host name or address of the proxy.
     pub host: String,
@@ -112,6 +112,40 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// A proxy from its settings (`site.toml`'s `[proxy]`, pinholed's `--proxy*` options):
+    /// the URL checked, the credentials read from their file.
+    ///
+    /// # Errors
+    /// A bad URL; `basic` or `ntlm` without a credentials file, or `none` with one; an
+    /// unusable credentials file (see [`Credentials::from_file`]).
+    pub fn from_setting(
+        url: &str,
+        auth: Auth,
+        credentials: Option<&Path>,
+    ) -> Result<Self, ProxyError> {
+        let (host, port) = Self::parse_url(url)?;
+        let credentials = match (auth, credentials) {
+            (Auth::None, None) => None,
+            (Auth::None, Some(_)) => {
+                return Err(ProxyError::Credentials(
+                    "given, but auth is \"none\": set auth = \"basic\" or \"ntlm\"".into(),
+                ));
+            }
+            (_, None) => {
+                return Err(ProxyError::Credentials(format!(
+                    "missing: auth = \"{auth}\" needs a credentials file"
+                )));
+            }
+            (_, Some(path)) => Some(Credentials::from_file(path)?),
+        };
+        Ok(Self {
+            host,
+            port,
+            auth,
+            credentials,
+        })
+    }
+
     /// Parses `http://HOST[:PORT][/]` (port 3128 by default, as squid's). Credentials in the
     /// URL are refused: they would end up in process listings, environments and logs.
     ///
