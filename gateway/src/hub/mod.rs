@@ -29,6 +29,7 @@
 //! registry inside the decision, durably, before the command that acknowledges the action is
 //! returned; a record that cannot be written turns the action into a refusal.
 
+mod live;
 mod refusals;
 pub mod relay;
 
@@ -46,6 +47,7 @@ use crate::audit::Actor;
 use crate::registry::{
     Account, AuditRecord, EnrollError, Issued, Registry, RegistryError, SiteReport,
 };
+pub use live::{EndSessionError, LiveSession};
 pub use refusals::Kind as RefusalKind;
 use refusals::Refusals;
 pub use relay::Route;
