@@ -279,6 +279,7 @@ impl Store {
         if !has_revoked {
             conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
         }
+        crate::portal::admins::upgrade(conn)?;
         Ok(())
     }
 
