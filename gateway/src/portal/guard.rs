@@ -61,11 +61,17 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<SessionId> {
         .and_then(|(_, v)| SessionId::parse(v))
 }
 
-/// A state-changing request must come from a page of this portal: `Origin` (sent by every
-/// browser on a POST) must be this origin, and `Sec-Fetch-Site`, when present, same-origin.
-/// A request with neither is refused.
+/// A state-changing request must come from a page of this portal: `Origin` must be this
+/// origin, and `Sec-Fetch-Site`, when present, same-origin. A request with neither is refused.
+///
+/// Under `Referrer-Policy: no-referrer` browsers send `Origin: null` on form posts; such a
+/// request passes only on `Sec-Fetch-Site: same-origin` (which every current browser sends
+/// and no page can forge).
 fn same_origin(headers: &HeaderMap, host: &str) -> bool {
-    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .filter(|o| *o != "null");
     let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let origin_ok = origin.map(|o| o == format!("https://{host}"));
     let site_ok = site.map(|s| s == "same-origin");
@@ -172,6 +178,14 @@ mod tests {
             host
         ));
         assert!(!same_origin(&headers(&[("origin", "null")]), host));
+        assert!(same_origin(
+            &headers(&[("origin", "null"), ("sec-fetch-site", "same-origin")]),
+            host
+        ));
+        assert!(!same_origin(
+            &headers(&[("origin", "null"), ("sec-fetch-site", "cross-site")]),
+            host
+        ));
         assert!(!same_origin(
             &headers(&[
                 ("origin", "https://gw.example:8443"),
