@@ -183,8 +183,10 @@ pub async fn audit(
             let mut stmt = s
                 .conn()
                 .prepare("SELECT DISTINCT event FROM audit ORDER BY event")?;
-            let v = stmt.query_map([], |r| r.get(0))?.collect();
-            v
+            let v = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(v)
         })
         .unwrap_or_default();
     Ok(render(&AuditPage {
