@@ -46,8 +46,12 @@ fn an_administrator_logs_in_with_totp_and_closes_an_account_in_a_real_browser() 
     );
     let downloads = dir.path().join("downloads");
     std::fs::create_dir(&downloads).expect("downloads");
-    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/portal");
-    std::fs::create_dir_all(&shots).expect("docs/portal");
+    // README's screenshots: `PINHOLE_PORTAL_SCREENSHOTS=docs/portal tests/run --test portal`
+    // refreshes them; otherwise they stay in the test's directory.
+    let shots = std::env::var_os("PINHOLE_PORTAL_SCREENSHOTS")
+        .map(|d| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d))
+        .unwrap_or_else(|| dir.path().join("screenshots"));
+    std::fs::create_dir_all(&shots).expect("screenshots");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/portal_e2e.py");
     let out = Command::new("/usr/bin/python3")
         .arg(script)
