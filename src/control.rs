@@ -83,12 +83,32 @@ pub struct Status {
     /// number it passed.
     #[serde(default)]
     pub filter: FilterCounters,
+    /// Per connected device that refused something: which agents' ports refused it.
+    #[serde(default)]
+    pub refused: Vec<RefusedView>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FilterCounters {
     pub passed: u64,
+    /// Refused packets answered at once (TCP RST, ICMP administratively prohibited).
+    #[serde(default)]
+    pub answered: u64,
     pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+/// What a connected device's agents refused: the technician's tools got a RST or an ICMP
+/// "administratively prohibited" for it at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedView {
+    pub device: std::net::IpAddr,
+    /// The connected agents (`site/agent`) whose ports were checked.
+    pub agents: Vec<String>,
+    /// Their ports together: what the device allows.
+    pub allowed: String,
+    pub count: u64,
+    /// The last refused port, e.g. `tcp/22`.
+    pub last: String,
 }
 
 /// One connected device.

@@ -75,7 +75,7 @@ fn peer_allowed(uid: u32, gid: u32) -> bool {
 }
 
 struct Daemon {
-    tun_name: String,
+    adapter: crate::plane::AdapterConfig,
     bundle_path: PathBuf,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
@@ -241,7 +241,7 @@ impl Daemon {
                 let (tx, rx) = mpsc::channel(8);
                 let (first_tx, first_rx) = oneshot::channel();
                 let handle = tokio::spawn(link::run(
-                    self.tun_name.clone(),
+                    self.adapter.clone(),
                     bundle,
                     self.status.clone(),
                     self.inventory.clone(),
@@ -331,6 +331,7 @@ fn empty_status() -> Status {
         sites: 0,
         sessions: Vec::new(),
         filter: Default::default(),
+        refused: Vec::new(),
     }
 }
 
@@ -397,7 +398,11 @@ async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(state: &Path, socket: &Path, tun_name: &str) -> anyhow::Result<()> {
+pub async fn run(
+    state: &Path,
+    socket: &Path,
+    adapter: crate::plane::AdapterConfig,
+) -> anyhow::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -410,7 +415,7 @@ pub async fn run(state: &Path, socket: &Path, tun_name: &str) -> anyhow::Result<
         initial.state = LinkState::LoggedOut;
     }
     let daemon = Arc::new(Daemon {
-        tun_name: tun_name.to_owned(),
+        adapter,
         bundle_path,
         status: Arc::new(Mutex::new(initial)),
         inventory: Arc::new(Mutex::new(Vec::new())),

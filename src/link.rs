@@ -16,7 +16,7 @@ use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use crate::control::{LinkState, Status};
-use crate::plane::Plane;
+use crate::plane::{AdapterConfig, Plane};
 
 /// TCP connect and TLS handshake to one address must finish this soon.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -136,7 +136,7 @@ fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
 /// attempt: `pinhole login` reports it and the link gives up if it failed.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    tun_name: String,
+    adapter: AdapterConfig,
     bundle: Bundle,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
@@ -145,7 +145,7 @@ pub async fn run(
 ) {
     let mut first = Some(first);
     let mut backoff = Backoff::new();
-    let mut plane = Plane::new(&tun_name);
+    let mut plane = Plane::new(&adapter);
     loop {
         update(&status, |s| {
             s.state = if first.is_some() {
@@ -246,10 +246,11 @@ pub async fn run(
 
 /// Copies the plane's sessions and counters into the shared status.
 fn publish(status: &Mutex<Status>, plane: &Plane) {
-    let (sessions, filter) = plane.views();
+    let (sessions, filter, refused) = plane.views();
     update(status, |s| {
         s.sessions = sessions;
         s.filter = filter;
+        s.refused = refused;
     });
 }
 
@@ -264,6 +265,7 @@ async fn connected(
     backoff: &mut Backoff,
     plane: &mut Plane,
 ) -> End {
+    plane.set_gateway(stream.get_ref().0.peer_addr().ok().map(|a| a.ip()));
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut core = ClientCore::new(
         Instant::now(),
@@ -329,8 +331,10 @@ async fn connected(
                     let now = Instant::now();
                     let name = agent.name.clone();
                     let result = plane
-                        .opened(session, &key, agent, &mut |s, d| core.send_data(s, d, now))
-                        .await;
+                        .opened(session, &key, agent)
+                        .await
+                        .map_err(|e| e.to_string());
+                    plane.flush(&mut core, now).await;
                     if result.is_err() {
                         core.close_session(
                             session,
@@ -374,11 +378,8 @@ async fn connected(
                 }
                 ClientEvent::Data { session, datagram } => {
                     let now = Instant::now();
-                    plane
-                        .from_site(session, &datagram, now, &mut |s, d| {
-                            core.send_data(s, d, now)
-                        })
-                        .await;
+                    plane.handle_datagram(session, &datagram, now);
+                    plane.flush(&mut core, now).await;
                 }
                 ClientEvent::Closed(CloseReason::Error {
                     code: ErrorCode::AccountClosed,
@@ -447,13 +448,14 @@ async fn connected(
             n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
                 if let Ok(n) = n {
                     let now = Instant::now();
-                    plane.from_tun(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
-                    plane.drain_tun(&mut tun_buf, now, &mut |s, d| core.send_data(s, d, now));
+                    plane.handle_tun_packets(&mut tun_buf, n, now);
+                    plane.flush(&mut core, now).await;
                 }
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                plane.tick(&mut |s, d| core.send_data(s, d, now));
+                plane.handle_timeout(now);
+                plane.flush(&mut core, now).await;
                 publish(status, plane);
             }
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
@@ -493,7 +495,7 @@ async fn connected(
                     }
                     let sid = plane.session_for(&site);
                     if let Err(e) = plane.request(sid, &a) {
-                        let _ = reply.send(Err(e));
+                        let _ = reply.send(Err(e.to_string()));
                         continue;
                     }
                     core.open_session(sid, &site, &agent, &plane.public_key(), Instant::now());

@@ -1,29 +1,91 @@
 //! The client's data plane: the TUN adapter `pinhole0`, one host route per connected device,
-//! the packet filter, and one WireGuard tunnel per site.
+//! and the tunnel engine ([`pinhole_adapter::engine`]) with one tunnel per site.
 //!
-//! Packets read from the TUN pass the filter forward (destination a connected device, protocol
-//! and port in its agent's set) and are encrypted to that device's site; datagrams from a site
-//! are decrypted and pass the filter in reverse (replies on flows the technician opened) before
-//! they reach the TUN. The filter and tunnels are plain values; the link task moves bytes.
+//! Every per-packet decision is the engine's. This keeps what the technician connected (site
+//! tunnels, agents, since when), checks a site's answer against the agent asked for, keeps a
+//! device's host route while any of its agents is connected, and moves the engine's output.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
-use pinhole_adapter::filter::{Filter, Verdict};
 use pinhole_adapter::tun::Tun;
-use pinhole_adapter::wg::{self, Decapsulated, Keypair, Peer};
-use pinhole_proto::Agent;
+use pinhole_adapter::wg::{Keypair, Peer};
+use pinhole_adapter::{Dest, Engine, Side, TunnelId};
+use pinhole_proto::{Agent, ClientCore};
 use pinhole_routes::Routes;
-use tracing::{info, trace, warn};
+use tracing::{debug, info, warn};
 
-use crate::control::{FilterCounters, SessionView};
+use crate::control::{FilterCounters, RefusedView, SessionView};
 
 /// The client's TUN device.
 pub const TUN_NAME: &str = "pinhole0";
 
 /// Overrides the TUN name (tests run several daemons in one network namespace).
 pub const TUN_ENV: &str = "PINHOLE_TUN";
+
+/// How the adapter is set up, from the daemon's options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterConfig {
+    /// The TUN's name.
+    pub tun_name: String,
+    /// Let packets with another source than the tunnel address into the tunnel (a VM or
+    /// container behind the laptop routed into it). Off by default: only the technician's own
+    /// programs use the tunnel.
+    pub other_sources: bool,
+}
+
+/// Why a device cannot be connected, in a technician's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "{address} is already connected (as {site}/{agent}); two sites' devices on one address cannot be connected at once"
+    )]
+    AddressTaken {
+        address: IpAddr,
+        site: String,
+        agent: String,
+    },
+    #[error("{0} is being connected")]
+    Pending(String),
+    #[error("{0} is not the unicast address of one device; not connected")]
+    NotUnicast(IpAddr),
+    #[error("{0} is this computer's own address; connecting it would cut this computer off")]
+    OwnAddress(IpAddr),
+    #[error("{0} is the gateway's address; connecting it would cut the link to the gateway")]
+    GatewayAddress(IpAddr),
+    #[error("the answer names another agent than the one asked for ({asked}); not connected")]
+    NotAsked { asked: String },
+    #[error("the site answered with another key for the same tunnel")]
+    KeyChanged,
+    #[error("the site's WireGuard key is not valid")]
+    BadKey,
+    #[error("no such session")]
+    NoSession,
+    #[error("not logged in")]
+    NoTunnelAddress,
+    #[error("cannot add the route to {0}: {1}")]
+    Route(Ipv4Addr, String),
+}
+
+/// Whether `addr` is the unicast address of one device.
+fn unicast(addr: IpAddr) -> bool {
+    match addr {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local())
+        }
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+    }
+}
+
+/// Whether `addr` is one of this computer's own addresses: only a local address can be bound.
+fn own_address(addr: IpAddr) -> bool {
+    std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
 
 struct Connected {
     agent: Agent,
@@ -33,27 +95,23 @@ struct Connected {
 /// One site's tunnel.
 struct SiteTunnel {
     site: String,
-    peer: Option<Peer>,
     site_key: Option<String>,
     agents: BTreeMap<String, Connected>,
-    /// Agents asked for and not answered yet.
-    pending: BTreeSet<String>,
-    bytes_out: u64,
-    bytes_in: u64,
+    /// Agents asked for and not answered yet, as the inventory showed them.
+    pending: BTreeMap<String, Agent>,
 }
 
 /// The data plane of one login.
 pub struct Plane {
     tun_name: String,
+    other_sources: bool,
     keys: Keypair,
     tun: Option<Tun>,
     routes: Option<Routes>,
-    filter: Filter,
+    engine: Option<Engine>,
     tunnels: BTreeMap<u32, SiteTunnel>,
-    by_device: BTreeMap<IpAddr, u32>,
+    gateway: Option<IpAddr>,
     next_sid: u32,
-    buf: Vec<u8>,
-    out: Vec<u8>,
 }
 
 impl std::fmt::Debug for Plane {
@@ -65,19 +123,18 @@ impl std::fmt::Debug for Plane {
 }
 
 impl Plane {
-    /// A plane with a fresh WireGuard key (one per login), whose TUN will be `tun_name`.
-    pub fn new(tun_name: &str) -> Self {
+    /// A plane with a fresh WireGuard key (one per login) and the TUN `config` names.
+    pub fn new(config: &AdapterConfig) -> Self {
         Self {
-            tun_name: tun_name.to_owned(),
+            tun_name: config.tun_name.clone(),
+            other_sources: config.other_sources,
             keys: Keypair::from_secret(pinhole_certs::random::<32>()),
             tun: None,
             routes: None,
-            filter: Filter::new(),
+            engine: None,
             tunnels: BTreeMap::new(),
-            by_device: BTreeMap::new(),
+            gateway: None,
             next_sid: 0,
-            buf: vec![0; wg::BUFFER],
-            out: vec![0; wg::BUFFER],
         }
     }
 
@@ -87,6 +144,11 @@ impl Plane {
 
     pub fn tun(&self) -> Option<&Tun> {
         self.tun.as_ref()
+    }
+
+    /// The gateway's address on the current link (a device may not take it).
+    pub fn set_gateway(&mut self, addr: Option<IpAddr>) {
+        self.gateway = addr;
     }
 
     /// Creates the TUN with the tunnel address (once per login; kept across reconnects).
@@ -100,9 +162,14 @@ impl Plane {
         })?;
         let index = tun.index().map_err(|e| format!("{name}: {e}"))?;
         let routes = Routes::new(index).map_err(|e| format!("netlink: {e}"))?;
-        info!(tun = tun.name(), %addr, "virtual adapter up");
+        info!(tun = tun.name(), "virtual adapter up");
+        debug!(%addr, "tunnel address");
         self.tun = Some(tun);
         self.routes = Some(routes);
+        self.engine = Some(Engine::new(Side::Client {
+            address: addr.into(),
+            any_source: self.other_sources,
+        }));
         Ok(())
     }
 
@@ -117,68 +184,110 @@ impl Plane {
             id,
             SiteTunnel {
                 site: site.into(),
-                peer: None,
                 site_key: None,
                 agents: BTreeMap::new(),
-                pending: BTreeSet::new(),
-                bytes_out: 0,
-                bytes_in: 0,
+                pending: BTreeMap::new(),
             },
         );
         id
     }
 
-    /// Checks that `agent` can be connected, and marks it pending.
-    pub fn request(&mut self, sid: u32, agent: &Agent) -> Result<(), String> {
-        if let Some(&other) = self.by_device.get(&agent.address) {
-            let t = &self.tunnels[&other];
-            let name = t
+    /// Checks that `agent` (from the inventory) can be connected, and marks it pending.
+    pub fn request(&mut self, sid: u32, agent: &Agent) -> Result<(), ConnectError> {
+        let address = agent.address;
+        if !unicast(address) {
+            return Err(ConnectError::NotUnicast(address));
+        }
+        if self.gateway == Some(address) {
+            return Err(ConnectError::GatewayAddress(address));
+        }
+        if own_address(address) {
+            return Err(ConnectError::OwnAddress(address));
+        }
+        for (id, t) in &self.tunnels {
+            if *id == sid {
+                continue;
+            }
+            let holder = t
                 .agents
                 .values()
-                .find(|c| c.agent.address == agent.address)
-                .map(|c| c.agent.name.clone())
-                .unwrap_or_default();
-            return Err(format!(
-                "{} is already connected (as {}/{name})",
-                agent.address, t.site
-            ));
+                .map(|c| &c.agent)
+                .chain(t.pending.values())
+                .find(|a| a.address == address);
+            if let Some(a) = holder {
+                return Err(ConnectError::AddressTaken {
+                    address,
+                    site: t.site.clone(),
+                    agent: a.name.clone(),
+                });
+            }
         }
-        let t = self.tunnels.get_mut(&sid).ok_or("no such session")?;
-        if !t.pending.insert(agent.name.clone()) {
-            return Err(format!("{}/{} is being connected", t.site, agent.name));
+        let t = self.tunnels.get_mut(&sid).ok_or(ConnectError::NoSession)?;
+        if t.pending.contains_key(&agent.name) {
+            return Err(ConnectError::Pending(format!("{}/{}", t.site, agent.name)));
         }
+        t.pending.insert(agent.name.clone(), agent.clone());
         Ok(())
     }
 
-    /// The site confirmed an agent: tunnel, filter rule, host route.
+    /// The site's answer for an agent: it must be exactly the agent asked for. Then the tunnel,
+    /// the engine's rules, the host route (once per device).
     pub async fn opened(
         &mut self,
         sid: u32,
         site_key: &str,
         agent: Agent,
-        send: &mut (dyn FnMut(u32, &[u8]) + Send),
-    ) -> Result<String, String> {
-        let t = self.tunnels.get_mut(&sid).ok_or("unknown session")?;
-        t.pending.remove(&agent.name);
-        if t.peer.is_none() {
-            let mut peer = Peer::new(&self.keys, site_key, sid).map_err(|e| e.to_string())?;
-            // Start the handshake now: the first packet then finds the tunnel ready.
-            peer.initiate(&mut self.out, &mut |d| send(sid, d));
-            t.peer = Some(peer);
-            t.site_key = Some(site_key.to_owned());
-        } else if t.site_key.as_deref() != Some(site_key) {
-            return Err("the site answered with another key for the same tunnel".into());
+    ) -> Result<String, ConnectError> {
+        let t = self.tunnels.get_mut(&sid).ok_or(ConnectError::NoSession)?;
+        let Some(asked) = t.pending.remove(&agent.name) else {
+            return Err(ConnectError::NotAsked {
+                asked: t.pending.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        };
+        if asked != agent {
+            warn!(site = %t.site, agent = %asked.name, "the session answer is not the agent asked for");
+            return Err(ConnectError::NotAsked {
+                asked: format!(
+                    "{}/{}: {} {}",
+                    t.site,
+                    asked.name,
+                    asked.address,
+                    asked.ports_text()
+                ),
+            });
         }
-        self.filter.allow(agent.address, agent.ports.clone(), None);
-        tracing::debug!(device = %agent.address, "adding the host route");
-        if let (Some(routes), IpAddr::V4(v4)) = (self.routes.as_mut(), agent.address)
-            && let Err(e) = routes.add(v4).await
-        {
-            self.filter.revoke(agent.address);
-            return Err(format!("cannot add the route to {v4}: {e}"));
+        let engine = self.engine.as_mut().ok_or(ConnectError::NoTunnelAddress)?;
+        let id = TunnelId(sid);
+        match &t.site_key {
+            None => {
+                let peer =
+                    Peer::new(&self.keys, site_key, sid).map_err(|_| ConnectError::BadKey)?;
+                engine
+                    .add_tunnel(id, peer, None)
+                    .map_err(|_| ConnectError::NoSession)?;
+                // Start the handshake now: the first packet then finds the tunnel ready.
+                engine.initiate(id);
+                t.site_key = Some(site_key.to_owned());
+            }
+            Some(k) if k != site_key => return Err(ConnectError::KeyChanged),
+            Some(_) => {}
         }
-        tracing::debug!(device = %agent.address, "host route added");
-        self.by_device.insert(agent.address, sid);
+        let routed = engine.owner(&agent.address).is_some();
+        if let Err(e) = engine.connect(id, &agent.name, agent.address, agent.ports.clone()) {
+            warn!(error = %e, "cannot connect the device");
+            return Err(ConnectError::AddressTaken {
+                address: agent.address,
+                site: t.site.clone(),
+                agent: agent.name.clone(),
+            });
+        }
+        if !routed && let (Some(routes), IpAddr::V4(v4)) = (self.routes.as_mut(), agent.address) {
+            debug!(device = %v4, "adding the host route");
+            if let Err(e) = routes.add(v4).await {
+                engine.disconnect(id, &agent.name);
+                return Err(ConnectError::Route(v4, e.to_string()));
+            }
+        }
         let text = format!(
             "connected to {}/{}: device {}, ports {}",
             t.site,
@@ -186,7 +295,7 @@ impl Plane {
             agent.address,
             agent.ports_text()
         );
-        info!(site = %t.site, agent = %agent.name, device = %agent.address, "connected");
+        info!(site = %t.site, agent = %agent.name, "connected");
         t.agents.insert(
             agent.name.clone(),
             Connected {
@@ -202,40 +311,48 @@ impl Plane {
         let Some(t) = self.tunnels.get_mut(&sid) else {
             return Vec::new();
         };
-        let pending: Vec<String> = std::mem::take(&mut t.pending).into_iter().collect();
+        let pending: Vec<String> = std::mem::take(&mut t.pending).into_keys().collect();
         if t.agents.is_empty() {
             self.tunnels.remove(&sid);
+            if let Some(e) = self.engine.as_mut() {
+                e.remove_tunnel(TunnelId(sid));
+            }
         }
         pending
     }
 
-    /// Disconnects an agent (or the whole site tunnel with `None`): filter, route, tunnel.
+    /// Disconnects an agent (or the whole site tunnel with `None`): its ports go; the device's
+    /// route goes with its last agent.
     pub async fn close(&mut self, sid: u32, agent: Option<&str>) {
         let Some(t) = self.tunnels.get_mut(&sid) else {
             return;
         };
-        let names: Vec<String> = match agent {
-            Some(a) => vec![a.to_owned()],
-            None => t.agents.keys().cloned().collect(),
-        };
-        let mut gone = Vec::new();
-        for n in names {
-            t.pending.remove(&n);
-            if let Some(c) = t.agents.remove(&n) {
-                gone.push(c.agent.address);
+        let id = TunnelId(sid);
+        let mut unrouted = Vec::new();
+        match agent {
+            Some(a) => {
+                t.pending.remove(a);
+                t.agents.remove(a);
+                if let Some(device) = self.engine.as_mut().and_then(|e| e.disconnect(id, a)) {
+                    unrouted.push(device);
+                }
+            }
+            None => {
+                t.pending.clear();
+                t.agents.clear();
             }
         }
-        let empty = t.agents.is_empty() && t.pending.is_empty();
-        if empty || agent.is_none() {
+        if t.agents.is_empty() && t.pending.is_empty() {
             self.tunnels.remove(&sid);
+            if let Some(e) = self.engine.as_mut() {
+                unrouted.extend(e.remove_tunnel(id));
+            }
         }
-        for device in gone {
-            self.filter.revoke(device);
-            self.by_device.remove(&device);
+        for device in unrouted {
             if let (Some(routes), IpAddr::V4(v4)) = (self.routes.as_mut(), device)
                 && let Err(e) = routes.remove(v4).await
             {
-                warn!(%v4, error = %e, "cannot remove the route");
+                warn!(error = %e, "cannot remove a host route");
             }
         }
     }
@@ -255,6 +372,7 @@ impl Plane {
             let _ = r.clear().await;
         }
         self.tun = None;
+        self.engine = None;
     }
 
     /// The session of a connected `site/agent`.
@@ -269,86 +387,63 @@ impl Plane {
         self.tunnels.keys().copied().collect()
     }
 
-    /// A packet read from the TUN: filter, then encrypt to its site.
-    pub fn from_tun(&mut self, packet: &[u8], now: Instant, send: &mut dyn FnMut(u32, &[u8])) {
-        if let Verdict::Drop(reason) = self.filter.forward(packet, now) {
-            trace!(reason = reason.name(), "dropped on the way out");
-            return;
-        }
-        // The filter passed it, so its destination is a connected device.
-        let Ok(summary) = pinhole_adapter::filter::parse(packet) else {
+    /// A packet read from the TUN (the first `first` bytes of `buf`), and what else the TUN already holds (up to a batch): the
+    /// caller then writes the whole burst to the link at once.
+    pub fn handle_tun_packets(&mut self, buf: &mut [u8], first: usize, now: Instant) {
+        let (Some(engine), Some(tun)) = (self.engine.as_mut(), self.tun.as_ref()) else {
             return;
         };
-        let Some(&sid) = self.by_device.get(&summary.dst) else {
-            return;
-        };
-        let Some(t) = self.tunnels.get_mut(&sid) else {
-            return;
-        };
-        let Some(peer) = t.peer.as_mut() else { return };
-        if let Some(d) = peer.encapsulate(packet, &mut self.out) {
-            t.bytes_out += d.len() as u64;
-            send(sid, d);
-        }
-    }
-
-    /// After a packet was read: takes what else the TUN already holds (up to a batch) through
-    /// the same path, so the caller writes the whole burst to the link at once.
-    pub fn drain_tun(&mut self, buf: &mut [u8], now: Instant, send: &mut dyn FnMut(u32, &[u8])) {
+        engine.handle_tun_packet(&buf[..first], now);
         for _ in 1..pinhole_adapter::tun::BATCH {
-            let n = match self.tun.as_ref().map(|t| t.try_recv(buf)) {
-                Some(Ok(n)) => n,
-                _ => return,
-            };
-            self.from_tun(&buf[..n], now, send);
+            match tun.try_recv(buf) {
+                Ok(n) => engine.handle_tun_packet(&buf[..n], now),
+                Err(_) => break,
+            }
         }
     }
 
-    /// A datagram from a site: decrypt, filter, write to the TUN.
-    pub async fn from_site(
-        &mut self,
-        sid: u32,
-        datagram: &[u8],
-        now: Instant,
-        send: &mut (dyn FnMut(u32, &[u8]) + Send),
-    ) {
-        let Self {
-            tunnels,
-            filter,
-            buf,
-            tun,
-            ..
-        } = self;
-        let Some(t) = tunnels.get_mut(&sid) else {
+    /// A datagram from a site.
+    pub fn handle_datagram(&mut self, sid: u32, datagram: &[u8], now: Instant) {
+        if let Some(e) = self.engine.as_mut() {
+            e.handle_datagram(TunnelId(sid), datagram, now);
+        }
+    }
+
+    /// WireGuard timers, flow and fragment expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(e) = self.engine.as_mut() {
+            e.handle_timeout(now);
+        }
+    }
+
+    /// Writes what the engine produced: packets to the TUN, datagrams to the gateway link.
+    pub async fn flush(&mut self, core: &mut ClientCore, now: Instant) {
+        let Some(engine) = self.engine.as_mut() else {
             return;
         };
-        t.bytes_in += datagram.len() as u64;
-        let Some(peer) = t.peer.as_mut() else { return };
-        if let Decapsulated::Packet(p, _) = peer.decapsulate(datagram, buf, &mut |d| send(sid, d)) {
-            match filter.reverse(p, now) {
-                Verdict::Pass => {
-                    if let Some(tun) = tun.as_ref() {
-                        let _ = tun.send(p).await;
+        while let Some(t) = engine.poll_transmit() {
+            match t.dest {
+                Dest::Tun => {
+                    if let Some(tun) = self.tun.as_ref() {
+                        let _ = tun.send(&t.bytes).await;
                     }
                 }
-                Verdict::Drop(reason) => trace!(reason = reason.name(), "dropped on the way in"),
+                Dest::Tunnel(id) => core.send_data(id.0, &t.bytes, now),
             }
+            engine.recycle(t.bytes);
         }
     }
 
-    /// WireGuard timers.
-    pub fn tick(&mut self, send: &mut dyn FnMut(u32, &[u8])) {
-        for (sid, t) in self.tunnels.iter_mut() {
-            if let Some(peer) = t.peer.as_mut() {
-                peer.tick(&mut self.out, &mut |d| send(*sid, d));
-            }
-        }
-    }
-
-    /// What `pinhole status` shows.
-    pub fn views(&self) -> (Vec<SessionView>, FilterCounters) {
+    /// What `pinhole status` shows: connected agents, the engine's counters, and per device
+    /// what its agents' ports refused.
+    pub fn views(&self) -> (Vec<SessionView>, FilterCounters, Vec<RefusedView>) {
         let mut views = Vec::new();
-        for t in self.tunnels.values() {
+        let mut refused = Vec::new();
+        for (sid, t) in &self.tunnels {
+            let (bytes_in, bytes_out) = self
+                .engine
+                .as_ref()
+                .map_or((0, 0), |e| e.bytes(TunnelId(*sid)));
             for c in t.agents.values() {
                 views.push(SessionView {
                     site: t.site.clone(),
@@ -356,16 +451,109 @@ impl Plane {
                     device: c.agent.address,
                     ports: c.agent.ports_text(),
                     since: c.since.clone(),
-                    bytes_out: t.bytes_out,
-                    bytes_in: t.bytes_in,
+                    bytes_out,
+                    bytes_in,
+                });
+            }
+            let Some(engine) = self.engine.as_ref() else {
+                continue;
+            };
+            for (device, d) in engine.devices(TunnelId(*sid)) {
+                let (count, last) = d.refused();
+                if count == 0 {
+                    continue;
+                }
+                refused.push(RefusedView {
+                    device: *device,
+                    agents: d.agents().map(|a| format!("{}/{a}", t.site)).collect(),
+                    allowed: d
+                        .allowed()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    count,
+                    last: last.unwrap_or_default(),
                 });
             }
         }
-        let (drops, passed) = self.filter.counters();
-        let dropped = drops
-            .iter()
-            .map(|(r, n)| (r.name().to_owned(), *n))
-            .collect();
-        (views, FilterCounters { passed, dropped })
+        let counters = match self.engine.as_ref() {
+            Some(e) => {
+                let (drops, passed, answered) = e.counters();
+                FilterCounters {
+                    passed,
+                    answered,
+                    dropped: drops
+                        .iter()
+                        .map(|(r, n)| (r.name().to_owned(), *n))
+                        .collect(),
+                }
+            }
+            None => FilterCounters::default(),
+        };
+        (views, counters, refused)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pinhole_proto::{AgentType, Port};
+
+    fn plc(addr: &str) -> Agent {
+        Agent::new(
+            "plc",
+            AgentType::SiemensS7,
+            addr.parse().expect("ip"),
+            [Port::udp(161)],
+        )
+    }
+
+    #[test]
+    fn device_addresses_that_would_break_the_computer_are_refused() {
+        let mut p = Plane::new(&AdapterConfig {
+            tun_name: "pht-test".into(),
+            other_sources: false,
+        });
+        p.set_gateway(Some("10.9.2.2".parse().expect("ip")));
+        let sid = p.session_for("plant-a");
+        for (addr, want) in [
+            ("224.0.0.1", "unicast"),
+            ("255.255.255.255", "unicast"),
+            ("0.0.0.0", "unicast"),
+            ("127.0.0.1", "unicast"),
+            ("169.254.1.1", "unicast"),
+            ("10.9.2.2", "gateway"),
+        ] {
+            let e = p.request(sid, &plc(addr)).expect_err(addr).to_string();
+            assert!(e.contains(want), "{addr}: {e}");
+        }
+        assert!(p.request(sid, &plc("192.0.2.10")).is_ok());
+    }
+
+    #[test]
+    fn an_answer_that_is_not_the_agent_asked_for_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut p = Plane::new(&AdapterConfig {
+            tun_name: "pht-test".into(),
+            other_sources: false,
+        });
+        let sid = p.session_for("plant-a");
+        p.request(sid, &plc("192.0.2.10")).expect("request");
+        // The same name, another address: refused, and nothing is left pending.
+        let forged = plc("192.0.2.99");
+        let key = Keypair::from_secret([3; 32]).public_hex();
+        let e = rt
+            .block_on(p.opened(sid, &key, forged))
+            .expect_err("forged");
+        assert!(matches!(e, ConnectError::NotAsked { .. }), "{e}");
+        assert!(e.to_string().contains("192.0.2.10"), "{e}");
+        // Another name altogether.
+        p.request(sid, &plc("192.0.2.10")).expect("request");
+        let mut other = plc("192.0.2.10");
+        other.name = "other".into();
+        assert!(rt.block_on(p.opened(sid, &key, other)).is_err());
     }
 }

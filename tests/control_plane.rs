@@ -117,7 +117,7 @@ fn login_lists_exactly_the_granted_sites() {
 
 #[test]
 fn closing_an_account_ends_its_link_within_a_second_and_refuses_login() {
-    let w = world();
+    let mut w = world();
     let (p12, pw) = w.gw.account("bob");
     w.gw.ok(&["grant", "bob", "acme"]);
     let client = Client::start(w.dir.path(), "bob");
@@ -150,6 +150,15 @@ fn closing_an_account_ends_its_link_within_a_second_and_refuses_login() {
     let events = w.gw.audit_events();
     assert!(
         events.iter().any(|e| e.starts_with("account closed |")),
+        "{events:#?}"
+    );
+    // The closed account trying to come back is on record, in aggregate.
+    w.gw.stop();
+    let events = w.gw.audit_events();
+    assert!(
+        events.iter().any(|e| e.starts_with("certificates refused")
+            && e.contains("from 127.0.0.1")
+            && e.contains("Revoked")),
         "{events:#?}"
     );
 }

@@ -4,8 +4,6 @@
 //! here: [`Peer`] turns IP packets into datagrams and back, and the caller moves the datagrams.
 //! Keys are exchanged in the session messages, hex-encoded.
 
-use std::net::IpAddr;
-
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 
@@ -56,9 +54,12 @@ pub fn parse_public(hex_key: &str) -> Result<PublicKey, WgError> {
 /// What feeding a datagram produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decapsulated<'a> {
-    /// An inner IP packet for the TUN (after the filter).
-    Packet(&'a [u8], IpAddr),
-    /// Nothing for the TUN (a handshake message, a keepalive, or an invalid datagram).
+    /// An inner IP packet (for the filter).
+    Packet(&'a [u8]),
+    /// A datagram to send back to the peer (a handshake response); call [`Peer::flush`] until
+    /// it returns `None`, for the packets queued behind the handshake.
+    Send(&'a [u8]),
+    /// Nothing (a keepalive, or an invalid datagram).
     Nothing,
 }
 
@@ -92,8 +93,9 @@ impl Peer {
         })
     }
 
-    /// Encrypts an IP packet. Returns the datagram to send, if any (before the handshake the
-    /// packet is queued and a handshake initiation is returned instead).
+    /// Encrypts an IP packet into `out` (at least the packet plus [`OVERHEAD`], and 148 bytes
+    /// for a handshake). Returns the datagram to send, if any (before the handshake the packet
+    /// is queued and a handshake initiation is returned instead).
     pub fn encapsulate<'a>(&mut self, packet: &[u8], out: &'a mut [u8]) -> Option<&'a [u8]> {
         match self.tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(d) => Some(d),
@@ -101,50 +103,39 @@ impl Peer {
         }
     }
 
-    /// Decrypts a datagram. Datagrams that must go back to the peer (handshake responses,
-    /// queued packets) are handed to `send`.
-    pub fn decapsulate<'a>(
-        &mut self,
-        datagram: &[u8],
-        out: &'a mut [u8],
-        send: &mut dyn FnMut(&[u8]),
-    ) -> Decapsulated<'a> {
-        // boringtun answers on `out`; a WriteToNetwork must be flushed by calling again with an
-        // empty datagram until it reports Done.
-        let first = match self.tunn.decapsulate(None, datagram, out) {
-            TunnResult::WriteToNetwork(d) => {
-                send(d);
-                None
+    /// Decrypts a datagram into `out` (at least as long as the datagram).
+    pub fn decapsulate<'a>(&mut self, datagram: &[u8], out: &'a mut [u8]) -> Decapsulated<'a> {
+        match self.tunn.decapsulate(None, datagram, out) {
+            TunnResult::WriteToNetwork(d) => Decapsulated::Send(d),
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
+                Decapsulated::Packet(p)
             }
-            TunnResult::WriteToTunnelV4(p, ip) => Some((p.len(), IpAddr::V4(ip))),
-            TunnResult::WriteToTunnelV6(p, ip) => Some((p.len(), IpAddr::V6(ip))),
-            TunnResult::Done | TunnResult::Err(_) => return Decapsulated::Nothing,
-        };
-        match first {
-            Some((len, ip)) => Decapsulated::Packet(&out[..len], ip),
-            None => {
-                let mut scratch = vec![0u8; BUFFER];
-                while let TunnResult::WriteToNetwork(d) =
-                    self.tunn.decapsulate(None, &[], &mut scratch)
-                {
-                    send(d);
-                }
-                Decapsulated::Nothing
-            }
+            TunnResult::Done | TunnResult::Err(_) => Decapsulated::Nothing,
+        }
+    }
+
+    /// After [`Decapsulated::Send`]: the next datagram queued behind the handshake, if any.
+    /// `out` must hold the largest packet plus overhead ([`BUFFER`]).
+    pub fn flush<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match self.tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(d) => Some(d),
+            _ => None,
         }
     }
 
     /// Drives the timers (handshake retries, rekeying); call every few hundred milliseconds.
-    pub fn tick(&mut self, out: &mut [u8], send: &mut dyn FnMut(&[u8])) {
-        if let TunnResult::WriteToNetwork(d) = self.tunn.update_timers(out) {
-            send(d);
+    pub fn tick<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match self.tunn.update_timers(out) {
+            TunnResult::WriteToNetwork(d) => Some(d),
+            _ => None,
         }
     }
 
     /// Starts the handshake now instead of waiting for the first packet.
-    pub fn initiate(&mut self, out: &mut [u8], send: &mut dyn FnMut(&[u8])) {
-        if let TunnResult::WriteToNetwork(d) = self.tunn.format_handshake_initiation(out, false) {
-            send(d);
+    pub fn initiate<'a>(&mut self, out: &'a mut [u8]) -> Option<&'a [u8]> {
+        match self.tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(d) => Some(d),
+            _ => None,
         }
     }
 }
@@ -152,9 +143,27 @@ impl Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::build;
 
     fn key(b: u8) -> Keypair {
         Keypair::from_secret([b; 32])
+    }
+
+    /// Feeds `d` to `to`; returns the packets that came out and the datagrams for the other side.
+    fn feed(to: &mut Peer, d: &[u8]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut buf = vec![0u8; BUFFER];
+        let (mut packets, mut back) = (Vec::new(), Vec::new());
+        match to.decapsulate(d, &mut buf) {
+            Decapsulated::Packet(p) => packets.push(p.to_vec()),
+            Decapsulated::Send(r) => {
+                back.push(r.to_vec());
+                while let Some(r) = to.flush(&mut buf) {
+                    back.push(r.to_vec());
+                }
+            }
+            Decapsulated::Nothing => {}
+        }
+        (packets, back)
     }
 
     #[test]
@@ -162,7 +171,7 @@ mod tests {
         let (a_key, b_key) = (key(1), key(2));
         let mut a = Peer::new(&a_key, &b_key.public_hex(), 1).expect("a");
         let mut b = Peer::new(&b_key, &a_key.public_hex(), 2).expect("b");
-        let packet = crate::filter::packet::udp(
+        let packet = build::udp(
             "100.64.0.2".parse().expect("ip"),
             5000,
             "192.168.0.10".parse().expect("ip"),
@@ -175,32 +184,17 @@ mod tests {
             .encapsulate(&packet, &mut out)
             .expect("initiation")
             .to_vec();
-        let mut to_a = Vec::new();
-        let mut buf = vec![0u8; BUFFER];
-        assert_eq!(
-            b.decapsulate(&init, &mut buf, &mut |d| to_a.push(d.to_vec())),
-            Decapsulated::Nothing
-        );
+        let (p, to_a) = feed(&mut b, &init);
+        assert!(p.is_empty());
         assert_eq!(to_a.len(), 1, "handshake response");
         // A takes the response and sends its queued packet.
-        let mut to_b = Vec::new();
-        let response = to_a.remove(0);
-        assert_eq!(
-            a.decapsulate(&response, &mut buf, &mut |d| to_b.push(d.to_vec())),
-            Decapsulated::Nothing
-        );
+        let (p, to_b) = feed(&mut a, &to_a[0]);
+        assert!(p.is_empty());
         assert!(!to_b.is_empty(), "the queued packet follows the handshake");
-        let mut got = None;
-        for d in &to_b {
-            if let Decapsulated::Packet(p, src) = b.decapsulate(d, &mut buf, &mut |_| {}) {
-                got = Some((p.to_vec(), src));
-            }
-        }
-        let (p, src) = got.expect("packet");
-        assert_eq!(p, packet);
-        assert_eq!(src, "100.64.0.2".parse::<IpAddr>().expect("ip"));
+        let got: Vec<Vec<u8>> = to_b.iter().flat_map(|d| feed(&mut b, d).0).collect();
+        assert_eq!(got, vec![packet]);
         // And back.
-        let reply = crate::filter::packet::udp(
+        let reply = build::udp(
             "192.168.0.10".parse().expect("ip"),
             161,
             "100.64.0.2".parse().expect("ip"),
@@ -208,10 +202,7 @@ mod tests {
             b"hi",
         );
         let d = b.encapsulate(&reply, &mut out).expect("data").to_vec();
-        match a.decapsulate(&d, &mut buf, &mut |_| {}) {
-            Decapsulated::Packet(p, _) => assert_eq!(p, reply),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(feed(&mut a, &d).0, vec![reply]);
     }
 
     #[test]
@@ -221,25 +212,16 @@ mod tests {
         let mut b = Peer::new(&b_key, &a_key.public_hex(), 2).expect("b");
         let mut c = Peer::new(&c_key, &b_key.public_hex(), 3).expect("c");
         let mut out = vec![0u8; BUFFER];
-        let mut buf = vec![0u8; BUFFER];
         let init = c.encapsulate(b"x", &mut out).expect("init").to_vec();
-        let mut sent = 0;
         assert_eq!(
-            b.decapsulate(&init, &mut buf, &mut |_| sent += 1),
-            Decapsulated::Nothing
+            feed(&mut b, &init),
+            (vec![], vec![]),
+            "an unknown key gets no answer"
         );
-        assert_eq!(sent, 0, "an initiation from an unknown key gets no answer");
         let mut init = a.encapsulate(b"x", &mut out).expect("init").to_vec();
         init[40] ^= 1;
-        assert_eq!(
-            b.decapsulate(&init, &mut buf, &mut |_| sent += 1),
-            Decapsulated::Nothing
-        );
-        assert_eq!(sent, 0);
-        assert_eq!(
-            b.decapsulate(b"garbage", &mut buf, &mut |_| sent += 1),
-            Decapsulated::Nothing
-        );
+        assert_eq!(feed(&mut b, &init), (vec![], vec![]));
+        assert_eq!(feed(&mut b, b"garbage"), (vec![], vec![]));
         assert!(Peer::new(&a_key, "zz", 1).is_err());
     }
 }

@@ -15,6 +15,23 @@ pub const PRIVATE_MODE: u32 = 0o600;
 /// renamed over `path`; the directory is then synced so that the rename survives power loss.
 /// A crash leaves either the old file or the new one, never a mix.
 pub fn write_private_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_private(path, data, Publish::Replace)
+}
+
+/// Like [`write_private_atomic`], but only if `path` does not exist yet: the file is linked
+/// into place, never renamed over another, so two processes creating the same key at once end
+/// with one key. Fails with [`io::ErrorKind::AlreadyExists`] otherwise.
+pub fn write_private_new(path: &Path, data: &[u8]) -> io::Result<()> {
+    write_private(path, data, Publish::CreateNew)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Publish {
+    Replace,
+    CreateNew,
+}
+
+fn write_private(path: &Path, data: &[u8], publish: Publish) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -37,10 +54,14 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(PRIVATE_MODE))?;
         file.write_all(data)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
+        match publish {
+            Publish::Replace => fs::rename(&tmp, path)?,
+            Publish::CreateNew => fs::hard_link(&tmp, path)?,
+        }
         File::open(dir)?.sync_all()
     })();
-    if result.is_err() {
+    // After a rename the temporary name is gone already; after a link (made or not) it goes.
+    if result.is_err() || publish == Publish::CreateNew {
         let _ = fs::remove_file(&tmp);
     }
     result
@@ -65,6 +86,17 @@ mod tests {
         );
         let leftovers: Vec<_> = fs::read_dir(dir.path()).expect("ls").collect();
         assert_eq!(leftovers.len(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn a_new_file_never_replaces_an_existing_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("key");
+        write_private_new(&path, b"first").expect("first");
+        let e = write_private_new(&path, b"second").expect_err("exists");
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).expect("read"), b"first");
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
     }
 
     #[test]

@@ -507,6 +507,19 @@ mod tests {
             Checkpoint::find(&logged).expect("found").expect("parse"),
             cp
         );
+        // And as the syslog copy and the JSON export quote it.
+        for wrapped in [
+            format!("<84>audit id=3 hash=00 event=\"audit checkpoint\" description=\"{line}\""),
+            format!(
+                "{{\"event\":\"audit checkpoint\",\"description\":\"{line}\",\"hash\":\"00\"}}"
+            ),
+        ] {
+            assert_eq!(
+                Checkpoint::find(&wrapped).expect("found").expect("parse"),
+                cp,
+                "{wrapped}"
+            );
+        }
         for bad in [
             "pinhole-audit-checkpoint v2 rows=2",
             "pinhole-audit-checkpoint v1 rows=x head=00 time=t key=00 sig=00",

@@ -29,8 +29,8 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -133,7 +133,7 @@ impl AuditKey {
         let key = Self::generate()?;
         let der = key.pair.to_pkcs8().map_err(|_| AuditKeyError::Generate)?;
         let pem = Zeroizing::new(pem_encode("PRIVATE KEY", der.as_ref()));
-        match create_exclusive(path, pem.as_bytes()) {
+        match pinhole_certs::fsutil::write_private_new(path, pem.as_bytes()) {
             Ok(()) => {
                 tracing::info!(
                     path = %crate::audit::escape(&path.to_string_lossy()),
@@ -155,36 +155,6 @@ impl AuditKey {
         key.copy_from_slice(self.pair.public_key().as_ref());
         AuditPublicKey(key)
     }
-}
-
-/// Writes `data` to a private temporary file, syncs it, and links it to `path` only if `path`
-/// does not exist (`AlreadyExists` otherwise).
-fn create_exclusive(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".new{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::hard_link(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    // The temporary name goes either way; `path` holds the key if the link was made.
-    let _ = fs::remove_file(&tmp);
-    result
 }
 
 /// An audit public key: 32 bytes, written as 64 hex digits.
@@ -296,7 +266,17 @@ impl Checkpoint {
 
     /// The checkpoint inside `line` (e.g. a system log line), if it holds one.
     pub fn find(line: &str) -> Option<Result<Self, ParseCheckpointError>> {
-        line.find(MARKER).map(|i| line[i..].trim_end().parse())
+        let rest = &line[line.find(MARKER)?..];
+        // A checkpoint ends with its signature's hex digits: what a log line or an export
+        // wraps around it (a closing quote, a JSON brace) is not part of it.
+        let end = rest.find(" sig=").map_or(rest.len(), |s| {
+            let hex = s + " sig=".len();
+            hex + rest[hex..]
+                .bytes()
+                .take_while(u8::is_ascii_hexdigit)
+                .count()
+        });
+        Some(rest[..end].trim_end().parse())
     }
 }
 

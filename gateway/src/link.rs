@@ -59,7 +59,16 @@ fn presented(
 pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {
     let _ = tcp.set_nodelay(true);
     let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(pinhole_certs::tls::LINK_SEND_BUFFER);
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp));
+    let handshake = async {
+        tokio::select! {
+            r = handshake => r,
+            _ = ticket.evicted() => Ok(Err(std::io::Error::other(
+                "evicted by newer connections while at the limit",
+            ))),
+        }
+    };
+    let stream = match handshake.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake refused");
@@ -102,22 +111,28 @@ pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, t
         .await;
 }
 
-/// Writes `bytes`, giving up when the peer stops reading for `stall`, or shortly after the
-/// link was told to close.
+/// Writes `bytes` and flushes them, giving up when the peer stops reading for `stall`, or
+/// shortly after the link was told to close.
+///
+/// The flush matters: a TLS stream's `write` returns once rustls has taken the bytes, and when
+/// the socket is full it keeps the last records in its own buffer until the next write or flush.
+/// Without it, a 1.6 MB welcome (an inventory of 10 000 sites) sometimes lost its tail until the
+/// technician's next heartbeat, and the login hung.
 async fn write<W: AsyncWrite + Unpin>(
     wr: &mut W,
     bytes: &[u8],
     stall: Duration,
     outbox: &Outbox,
 ) -> bool {
-    let write = tokio::time::timeout(stall, wr.write_all(bytes));
+    let write = tokio::time::timeout(stall, async {
+        wr.write_all(bytes).await?;
+        wr.flush().await
+    });
     tokio::pin!(write);
-    loop {
-        tokio::select! {
-            r = &mut write => return matches!(r, Ok(Ok(()))),
-            _ = outbox.changed() => if outbox.is_closing() {
-                return matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))));
-            },
+    tokio::select! {
+        r = &mut write => matches!(r, Ok(Ok(()))),
+        _ = outbox.closing() => {
+            matches!(tokio::time::timeout(CLOSING_GRACE, &mut write).await, Ok(Ok(Ok(()))))
         }
     }
 }
@@ -210,19 +225,33 @@ async fn drive(
             _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
             _ = outbox.changed() => {}
             _ = shutdown.changed() => core.refuse(ErrorCode::Shutdown, "the gateway is restarting", Instant::now()),
+            _ = async {
+                match &ticket {
+                    Some(t) => t.evicted().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                debug!("evicted by newer connections before saying hello");
+                close_reason = Some(CloseReason::Protocol(
+                    "not welcomed before newer connections took its place".into(),
+                ));
+            }
         }
     }
     // Flush a goodbye if there is one; the peer may already be gone.
     while let Some(bytes) = core.poll_transmit() {
-        if !matches!(
-            tokio::time::timeout(CLOSING_GRACE, wr.write_all(&bytes)).await,
-            Ok(Ok(()))
-        ) {
+        let flushed = tokio::time::timeout(CLOSING_GRACE, async {
+            wr.write_all(&bytes).await?;
+            wr.flush().await
+        });
+        if !matches!(flushed.await, Ok(Ok(()))) {
             break;
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-    let reason = close_reason.unwrap_or(CloseReason::Local);
+    let reason = close_reason
+        .or_else(|| core.close_reason().cloned())
+        .unwrap_or(CloseReason::Local);
     match &reason {
         CloseReason::Protocol(what) => warn!(error = %what, "protocol error: link closed"),
         other => debug!(reason = ?other, "closed"),
@@ -243,4 +272,23 @@ async fn drive(
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that, like a TLS stream, may keep accepted bytes in its own buffer: a link's
+    /// write must reach the peer without waiting for the next one.
+    #[tokio::test]
+    async fn a_write_reaches_the_peer_without_another_write() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut wr = tokio::io::BufWriter::new(near);
+        let outbox = Outbox::default();
+        assert!(write(&mut wr, b"welcome", Duration::from_secs(5), &outbox).await);
+        let mut got = [0u8; 7];
+        let read = tokio::time::timeout(Duration::from_secs(1), far.read_exact(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(7))), "the bytes stayed in the writer");
+        assert_eq!(&got, b"welcome");
+    }
 }

@@ -7,12 +7,13 @@
 //! finish within [`HANDSHAKE_TIMEOUT`]. Accept errors (out of descriptors) pause the loop for a
 //! few milliseconds only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 /// A TLS handshake must finish this soon; a peer that stalls it holds no resources for long.
@@ -63,10 +64,24 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// The count of unwelcomed links, in all and per source.
+///
+/// When the total is reached, a new connection evicts the oldest unwelcomed one instead of
+/// being refused: an attacker with many addresses who holds every place open then only churns
+/// his own connections, while a real peer's handshake (milliseconds) finishes long before 4 096
+/// newer connections push it out.
 #[derive(Debug)]
 pub struct Unwelcomed {
     limit: usize,
-    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    total: usize,
+    per_source: HashMap<IpAddr, usize>,
+    /// Admission order: sequence number → the ticket's eviction signal.
+    order: BTreeMap<u64, Arc<Notify>>,
+    next: u64,
 }
 
 /// One unwelcomed link's place; released on drop (or when the link is welcomed).
@@ -74,6 +89,15 @@ pub struct Unwelcomed {
 pub struct Ticket {
     owner: Arc<Unwelcomed>,
     source: IpAddr,
+    seq: u64,
+    evicted: Arc<Notify>,
+}
+
+impl Ticket {
+    /// Resolves when a newer connection took this place: the link must end.
+    pub async fn evicted(&self) {
+        self.evicted.notified().await;
+    }
 }
 
 impl Unwelcomed {
@@ -82,39 +106,53 @@ impl Unwelcomed {
         let quarter = usize::try_from(nofile / 4).unwrap_or(usize::MAX);
         Arc::new(Self {
             limit: MAX_UNWELCOMED.min(quarter).max(16),
-            counts: Mutex::new((0, HashMap::new())),
+            counts: Mutex::new(Counts::default()),
         })
     }
 
-    /// A place for a new connection from `source`, or `None` if a limit is reached.
+    /// A place for a new connection from `source`, or `None` if its source has too many.
+    /// At the total limit the oldest unwelcomed connection is told to end; until it has, the
+    /// total may exceed the limit by an eighth, beyond which new connections are refused.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let per = c.1.get(&source).copied().unwrap_or(0);
-        if c.0 >= self.limit || per >= MAX_UNWELCOMED_PER_SOURCE {
+        let per = c.per_source.get(&source).copied().unwrap_or(0);
+        if per >= MAX_UNWELCOMED_PER_SOURCE || c.total >= self.limit + self.limit / 8 {
             return None;
         }
-        c.0 += 1;
-        c.1.insert(source, per + 1);
+        if c.total >= self.limit
+            && let Some((_, oldest)) = c.order.pop_first()
+        {
+            oldest.notify_one();
+        }
+        c.total += 1;
+        c.per_source.insert(source, per + 1);
+        let seq = c.next;
+        c.next += 1;
+        let evicted = Arc::new(Notify::new());
+        c.order.insert(seq, evicted.clone());
         Some(Ticket {
             owner: self.clone(),
             source,
+            seq,
+            evicted,
         })
     }
 
     /// Unwelcomed links now.
     pub fn count(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner()).0
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut c = self.owner.counts.lock().unwrap_or_else(|p| p.into_inner());
-        c.0 = c.0.saturating_sub(1);
-        if let Some(n) = c.1.get_mut(&self.source) {
+        c.total = c.total.saturating_sub(1);
+        c.order.remove(&self.seq);
+        if let Some(n) = c.per_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                c.1.remove(&self.source);
+                c.per_source.remove(&self.source);
             }
         }
     }
@@ -166,11 +204,29 @@ mod tests {
         let held: Vec<Ticket> = (0..16u32)
             .map(|i| small.admit(IpAddr::from(i.to_be_bytes())).expect("in"))
             .collect();
-        assert!(
-            small.admit(b).is_none(),
-            "in all: a quarter of the descriptors, at least 16"
-        );
-        drop(held);
+        // In all: a quarter of the descriptors, at least 16. One more evicts the oldest.
+        let newest = small.admit(b).expect("the newest gets in");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("rt");
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), held[0].evicted())
+                .await
+                .expect("the oldest is told to go");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), held[1].evicted())
+                    .await
+                    .is_err(),
+                "only the oldest"
+            );
+        });
+        // Until evicted ones go, an eighth more; then refusal.
+        let extra = small.admit("192.0.2.100".parse().expect("ip"));
+        assert!(extra.is_some());
+        assert!(small.admit("192.0.2.99".parse().expect("ip")).is_none());
+        drop((held, newest, extra));
+        assert_eq!(small.count(), 0);
     }
 
     #[test]

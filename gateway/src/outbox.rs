@@ -38,7 +38,12 @@ struct State {
 #[derive(Debug, Default)]
 pub struct Outbox {
     state: Mutex<State>,
+    /// Something was queued.
     notify: Notify,
+    /// The link is to end (a closing command was queued, or it was killed). Separate from
+    /// `notify`, so that a driver waiting on a slow write for this does not swallow the wake-up
+    /// of data queued meanwhile.
+    closing: Notify,
 }
 
 impl Outbox {
@@ -49,6 +54,7 @@ impl Outbox {
 
     /// Queues a hub command for the driver.
     pub fn push_command(&self, c: Command) {
+        let ends;
         {
             let mut s = self.state();
             s.command_bytes += c.approx_size();
@@ -60,8 +66,12 @@ impl Outbox {
             } else {
                 s.commands.push_back(c);
             }
+            ends = s.closing || s.killed;
         }
         self.notify.notify_one();
+        if ends {
+            self.closing.notify_one();
+        }
     }
 
     /// Queues one datagram as a data frame; `false` if there is no room (dropped).
@@ -85,6 +95,7 @@ impl Outbox {
     pub fn kill(&self) {
         self.state().killed = true;
         self.notify.notify_one();
+        self.closing.notify_one();
     }
 
     /// Moves what is queued into the driver's buffers (`data` must be empty: the buffers are
@@ -108,6 +119,14 @@ impl Outbox {
     /// last wait).
     pub async fn changed(&self) {
         self.notify.notified().await;
+    }
+
+    /// Resolves once the link is to end (at once if it already is).
+    pub async fn closing(&self) {
+        if self.is_closing() {
+            return;
+        }
+        self.closing.notified().await;
     }
 }
 

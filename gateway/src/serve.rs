@@ -376,11 +376,11 @@ pub async fn serve(
     let unwelcomed = Unwelcomed::new(nofile);
     info!(descriptors = nofile, "descriptor limit");
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut accepting = tokio::task::JoinSet::new();
     for l in listeners {
         let shared = shared.clone();
         let unwelcomed = unwelcomed.clone();
-        tasks.spawn(async move {
+        accepting.spawn(async move {
             let refused = shared.clone();
             listen::accept_loop(
                 l,
@@ -401,12 +401,16 @@ pub async fn serve(
             .await;
         });
     }
+    let mut tasks = tokio::task::JoinSet::new();
     start_portal(state, shared.clone(), admin, &mut tasks).await?;
     tasks.spawn(watch_loop(shared.clone(), revoked));
     tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
 
     wait_for_signal().await?;
     info!("stopping: closing every link");
+    // No new links from here: a site told "restarting" dials again within a second, and must
+    // not be welcomed by a gateway that is going away.
+    accepting.shutdown().await;
     let _ = shutdown_tx.send(true);
     // Give links a moment to send their goodbye and record disconnections.
     let deadline = Instant::now() + Duration::from_secs(3);

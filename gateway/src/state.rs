@@ -129,7 +129,17 @@ impl StateDir {
 
     /// The audit key, created on first use (state directories initialized before it existed
     /// get theirs at the first checkpoint or server start).
+    /// A key given with `--audit-key` must exist (a mistyped path must not quietly start a
+    /// new key); only `init` creates one there.
     pub fn audit_key(&self) -> anyhow::Result<AuditKey> {
+        if let Some(path) = &self.audit_key
+            && !path.exists()
+        {
+            bail!(
+                "there is no audit key at {} (--audit-key): check the path; `init` creates the key",
+                path.display()
+            );
+        }
         Ok(AuditKey::load_or_create(&self.audit_key_path())?)
     }
 
@@ -179,7 +189,7 @@ impl StateDir {
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .with_context(|| format!("securing {}", self.root.display()))?;
 
-        let audit_key = self.audit_key()?;
+        let audit_key = AuditKey::load_or_create(&self.audit_key_path())?;
         let ca = CertificateAuthority::generate("gateway").context("creating the CA")?;
         let mut names: Vec<String> = addresses.iter().map(|a| a.host().to_owned()).collect();
         names.dedup();

@@ -205,6 +205,38 @@ fn tunnel_ip(id: i64) -> Result<Ipv4Addr> {
     Ok(Ipv4Addr::from(TUNNEL_BASE + id))
 }
 
+/// What changed between two stored agent lists (JSON), in words: which agents were added,
+/// removed or changed, each with its address and ports. Bounded by the agent limits
+/// ([`pinhole_proto::validate`]); the full lists stay in the `sites` table, not in every
+/// audit row, so a site reloading its configuration cannot grow the log by megabytes.
+fn agents_change(old: &str, new: &str) -> String {
+    let parse = |s: &str| serde_json::from_str::<Vec<Agent>>(s).unwrap_or_default();
+    let (old, new) = (parse(old), parse(new));
+    let describe = |a: &Agent| format!("{} ({} {} {})", a.name, a.kind, a.address, a.ports_text());
+    let mut parts = Vec::new();
+    for a in &new {
+        match old.iter().find(|o| o.name == a.name) {
+            None => parts.push(format!("added {}", describe(a))),
+            Some(o) if o != a => parts.push(format!("changed {} to {}", describe(o), describe(a))),
+            Some(_) => {}
+        }
+    }
+    for o in old.iter().filter(|o| !new.iter().any(|a| a.name == o.name)) {
+        parts.push(format!("removed {}", describe(o)));
+    }
+    let mut text = format!("{} agents now", new.len());
+    for p in parts {
+        // One row stays small whatever the site sends: at most 8 KB of detail.
+        if text.len() + p.len() > 8 * 1024 {
+            text.push_str("; …");
+            break;
+        }
+        text.push_str("; ");
+        text.push_str(&p);
+    }
+    text
+}
+
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
@@ -852,7 +884,7 @@ impl Store {
                 &actor,
                 &object,
                 "site agents changed",
-                &format!("old: {old_agents}; new: {new_agents}"),
+                &agents_change(&old_agents, &new_agents),
             )?;
         }
         tx.commit()?;
@@ -876,7 +908,7 @@ impl Store {
                 &Actor::Site(site.into()),
                 &format!("site:{site}"),
                 "site agents changed",
-                &format!("old: {old}; new: {new}"),
+                &agents_change(&old, &new),
             )?;
         }
         tx.commit()?;

@@ -192,6 +192,11 @@ impl GatewayCore {
         self.phase == Phase::Running && self.link.closed().is_none()
     }
 
+    /// Why the link ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.link.closed()
+    }
+
     pub fn is_closed(&self) -> bool {
         self.link.closed().is_some()
     }
@@ -225,6 +230,7 @@ impl GatewayCore {
     }
 
     fn violation(&mut self, what: String, now: Instant) {
+        let what = crate::link::bounded_reason(&what);
         self.link.send(
             &Message::Error {
                 code: ErrorCode::Protocol,

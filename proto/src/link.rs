@@ -145,6 +145,7 @@ impl Link {
 
     /// A protocol violation: tell the peer why (its last frame), then close.
     fn fail(&mut self, what: String) -> Input<'static> {
+        let what = bounded_reason(&what);
         let now = self.last_received;
         self.send(
             &Message::Error {
@@ -191,6 +192,37 @@ impl Link {
 }
 
 /// What [`Link::next_input`] takes out of the received bytes.
+/// The longest description of a protocol violation that is kept: it may quote the peer's own
+/// bytes (a parser's "unknown variant `…`"), and it ends up in logs and the audit log.
+pub const MAX_REASON_TEXT: usize = 200;
+
+/// `what`, with control characters escaped and cut to [`MAX_REASON_TEXT`] bytes. Backslashes
+/// stay as they are: texts that quote a value escaped it already, and a literal `\n` breaks no
+/// line.
+pub fn bounded_reason(what: &str) -> String {
+    let escaped: String = if what.chars().any(char::is_control) {
+        what.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        what.to_owned()
+    };
+    if escaped.len() <= MAX_REASON_TEXT {
+        return escaped;
+    }
+    let mut end = MAX_REASON_TEXT;
+    while !escaped.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &escaped[..end])
+}
+
 pub(crate) enum Input<'a> {
     Message(Message),
     /// Borrowed from the link's receive buffer until the next call.

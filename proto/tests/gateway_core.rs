@@ -46,3 +46,31 @@ fn wrong_role_and_garbage_close_only_that_link() {
     ));
     assert!(!gw3.is_closed());
 }
+
+/// A peer's bytes quoted in a protocol error (a parser names the unknown message type) are
+/// escaped and capped before they reach logs or the audit log.
+#[test]
+fn a_protocol_error_quoting_the_peer_is_escaped_and_capped() {
+    let now = Instant::now();
+    let mut gw = GatewayCore::new(now, PeerAuth::Technician("eve".into()));
+    let json = format!(
+        "{{\"type\":\"x\\n2026-11-29T10:00:00Z INFO login ok account=root\\n{}\"}}",
+        "B".repeat(500_000)
+    );
+    let mut frame = vec![1, 1];
+    frame.extend_from_slice(&u32::try_from(json.len()).expect("len").to_be_bytes());
+    frame.extend_from_slice(json.as_bytes());
+    gw.handle_input(&frame, now, &mut |_, _| {});
+    match gw.poll_event() {
+        Some(GatewayEvent::Closed(CloseReason::Protocol(what))) => {
+            assert!(!what.contains('\n'), "{what}");
+            assert!(
+                what.len() <= pinhole_proto::link::MAX_REASON_TEXT + 3,
+                "{}",
+                what.len()
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let _ = Duration::ZERO;
+}

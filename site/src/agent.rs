@@ -28,6 +28,7 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 use crate::forward::Forwarder;
 use crate::{firewall, light};
+use pinhole_adapter::Dest;
 use pinhole_adapter::tun::Tun;
 
 /// A TCP connect plus TLS handshake to one gateway address must finish this soon.
@@ -39,9 +40,9 @@ const SWITCH_POLL: Duration = Duration::from_secs(1);
 
 const READ_BUFFER: usize = 16 * 1024;
 
-/// How often the WireGuard timers run (handshake retries, rekeying); boringtun's own timers
-/// have a granularity of a quarter second.
-const WG_TICK: Duration = Duration::from_millis(250);
+/// How often the engine's timers run (WireGuard handshakes and rekeying, flow and fragment
+/// expiry).
+const WG_TICK: Duration = pinhole_adapter::engine::TICK;
 
 /// The site's TUN device.
 pub const SITE_TUN: &str = "pinhole-site0";
@@ -58,6 +59,23 @@ struct Plane {
     tun: Option<Tun>,
     fwd: Forwarder,
     light_on: Option<bool>,
+}
+
+impl Plane {
+    /// Writes what the engine produced: packets to the TUN, datagrams to the gateway link.
+    async fn flush(&mut self, core: &mut SiteCore, now: Instant) {
+        while let Some(t) = self.fwd.poll_transmit() {
+            match t.dest {
+                Dest::Tun => {
+                    if let Some(tun) = &self.tun {
+                        let _ = tun.send(&t.bytes).await;
+                    }
+                }
+                Dest::Tunnel(id) => core.send_data(id.0, &t.bytes, now),
+            }
+            self.fwd.recycle(t.bytes);
+        }
+    }
 }
 
 /// Paths in the site's state directory.
@@ -495,7 +513,7 @@ impl SiteAgent {
                 core.session_opened(session, &site_key, a, now);
                 self.sync_plane().await;
             }
-            Err(reason) => core.session_refused(session, &reason, now),
+            Err(reason) => core.session_refused(session, &reason.to_string(), now),
         }
     }
 
@@ -542,19 +560,8 @@ impl SiteAgent {
                     }
                     SiteEvent::Data { session, datagram } => {
                         let now = Instant::now();
-                        let mut out: Vec<(u32, Vec<u8>)> = Vec::new();
-                        let packet =
-                            self.plane
-                                .fwd
-                                .from_gateway(session, &datagram, now, &mut |s, d| {
-                                    out.push((s, d.to_vec()))
-                                });
-                        if let (Some(p), Some(tun)) = (packet, &self.plane.tun) {
-                            let _ = tun.send(p).await;
-                        }
-                        for (s, d) in out {
-                            core.send_data(s, &d, now);
-                        }
+                        self.plane.fwd.handle_datagram(session, &datagram, now);
+                        self.plane.flush(core, now).await;
                     }
                     SiteEvent::Closed(CloseReason::Error { code, text }) => {
                         warn!(?code, %text, "the gateway ended the connection");
@@ -586,19 +593,21 @@ impl SiteAgent {
                 n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
                     if let Ok(n) = n {
                         let now = Instant::now();
-                        self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                        self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
                         // Take the rest of a burst too: one write to the gateway for all of it.
                         if let Some(tun) = &self.plane.tun {
                             for _ in 1..pinhole_adapter::tun::BATCH {
                                 let Ok(n) = tun.try_recv(&mut tun_buf) else { break };
-                                self.plane.fwd.from_device(&tun_buf[..n], now, &mut |s, d| core.send_data(s, d, now));
+                                self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
                             }
                         }
+                        self.plane.flush(core, now).await;
                     }
                 }
                 _ = wg_tick.tick() => {
                     let now = Instant::now();
-                    self.plane.fwd.tick(&mut |s, d| core.send_data(s, d, now));
+                    self.plane.fwd.handle_timeout(now);
+                    self.plane.flush(core, now).await;
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
                 _ = switch_tick.tick() => if !self.switched_on() {

@@ -85,6 +85,7 @@ table inet {TABLE} {{
         iifname {tun} oifname {dev} ip saddr {TUNNEL_NET} ip daddr . meta l4proto . th dport @agents accept
         iifname {tun} oifname {dev} ip saddr {TUNNEL_NET} ip daddr @echo icmp type echo-request accept
         iifname {dev} oifname {tun} ct state established,related accept
+        iifname {tun} oifname {dev} ip saddr {TUNNEL_NET} meta l4proto icmp ct state related accept
         iifname {dev} drop
         oifname {dev} drop
         iifname {tun} drop

@@ -1,41 +1,41 @@
-//! The site's sessions: one WireGuard peer and one filter per technician tunnel, carrying the
-//! agents the technician connected. Packets from the gateway are decrypted, checked (source is
-//! the session's tunnel address, destination one of its agents' devices and ports) and handed
-//! to the TUN; packets from devices are checked against the flows the technician opened and
-//! encrypted back. No I/O here: the agent loop moves the bytes.
+//! The site's sessions on the tunnel engine: one engine tunnel per technician session (its
+//! WireGuard peer, its tunnel address, its agents' devices and ports). Every per-packet decision
+//! is the engine's ([`pinhole_adapter::engine`]); this keeps which agents each session carries
+//! and what the firewall must allow. No I/O here: the agent loop moves the bytes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use pinhole_adapter::filter::{self, Filter, Verdict};
-use pinhole_adapter::wg::{self, Decapsulated, Keypair, Peer};
+use pinhole_adapter::wg::{Keypair, Peer};
+use pinhole_adapter::{Engine, Side, Transmit, TunnelId};
 use pinhole_proto::Agent;
 
 use crate::firewall::Policy;
 
-struct SiteSession {
-    peer: Peer,
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the session's tunnel address changed")]
+    AddressChanged,
+    #[error("the technician's WireGuard key is not valid")]
+    BadKey,
+    #[error("{0}")]
+    Engine(#[from] pinhole_adapter::EngineError),
+}
+
+#[derive(Debug)]
+struct Session {
     key: String,
-    filter: Filter,
     tunnel_ip: IpAddr,
     agents: BTreeMap<String, Agent>,
 }
 
 /// All open sessions of the site.
+#[derive(Debug)]
 pub struct Forwarder {
-    sessions: BTreeMap<u32, SiteSession>,
-    by_tunnel: BTreeMap<IpAddr, u32>,
-    buf: Vec<u8>,
-    out: Vec<u8>,
-}
-
-impl std::fmt::Debug for Forwarder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Forwarder")
-            .field("sessions", &self.sessions.len())
-            .finish()
-    }
+    engine: Engine,
+    sessions: BTreeMap<u32, Session>,
 }
 
 impl Default for Forwarder {
@@ -47,10 +47,8 @@ impl Default for Forwarder {
 impl Forwarder {
     pub fn new() -> Self {
         Self {
+            engine: Engine::new(Side::Site),
             sessions: BTreeMap::new(),
-            by_tunnel: BTreeMap::new(),
-            buf: vec![0; wg::BUFFER],
-            out: vec![0; wg::BUFFER],
         }
     }
 
@@ -71,55 +69,37 @@ impl Forwarder {
         client_key: &str,
         tunnel_ip: IpAddr,
         secret: [u8; 32],
-    ) -> Result<String, String> {
+    ) -> Result<String, OpenError> {
+        let id = TunnelId(session);
         if let Some(s) = self.sessions.get_mut(&session) {
             if s.tunnel_ip != tunnel_ip {
-                return Err("the session's tunnel address changed".into());
+                return Err(OpenError::AddressChanged);
             }
+            self.engine
+                .connect(id, &agent.name, agent.address, agent.ports.clone())?;
             s.agents.insert(agent.name.clone(), agent.clone());
-            Self::refresh_rules(s);
             return Ok(s.key.clone());
         }
-        if let Some(other) = self.by_tunnel.get(&tunnel_ip) {
-            return Err(format!(
-                "tunnel address {tunnel_ip} already has session {other} here"
-            ));
-        }
         let keys = Keypair::from_secret(secret);
-        let peer = Peer::new(&keys, client_key, session).map_err(|e| e.to_string())?;
-        let mut s = SiteSession {
-            peer,
-            key: keys.public_hex(),
-            filter: Filter::new(),
-            tunnel_ip,
-            agents: [(agent.name.clone(), agent.clone())].into_iter().collect(),
-        };
-        Self::refresh_rules(&mut s);
-        let key = s.key.clone();
-        self.sessions.insert(session, s);
-        self.by_tunnel.insert(tunnel_ip, session);
+        let peer = Peer::new(&keys, client_key, session).map_err(|_| OpenError::BadKey)?;
+        self.engine.add_tunnel(id, peer, Some(tunnel_ip))?;
+        if let Err(e) = self
+            .engine
+            .connect(id, &agent.name, agent.address, agent.ports.clone())
+        {
+            self.engine.remove_tunnel(id);
+            return Err(e.into());
+        }
+        let key = keys.public_hex();
+        self.sessions.insert(
+            session,
+            Session {
+                key: key.clone(),
+                tunnel_ip,
+                agents: [(agent.name.clone(), agent.clone())].into_iter().collect(),
+            },
+        );
         Ok(key)
-    }
-
-    /// The filter allows exactly the session's agents, from its tunnel address only.
-    fn refresh_rules(s: &mut SiteSession) {
-        let mut by_device: BTreeMap<IpAddr, std::collections::BTreeSet<pinhole_proto::Port>> =
-            BTreeMap::new();
-        for a in s.agents.values() {
-            by_device
-                .entry(a.address)
-                .or_default()
-                .extend(a.ports.iter().copied());
-        }
-        let current: Vec<IpAddr> = s.filter.devices().copied().collect();
-        for d in current {
-            if !by_device.contains_key(&d) {
-                s.filter.revoke(d);
-            }
-        }
-        for (device, ports) in by_device {
-            s.filter.allow(device, ports, Some(s.tunnel_ip));
-        }
     }
 
     /// Closes a session, or one agent of it. Returns true if the session is gone.
@@ -129,21 +109,21 @@ impl Forwarder {
         };
         if let Some(a) = agent {
             s.agents.remove(a);
+            self.engine.disconnect(TunnelId(session), a);
             if !s.agents.is_empty() {
-                Self::refresh_rules(s);
                 return false;
             }
         }
-        if let Some(s) = self.sessions.remove(&session) {
-            self.by_tunnel.remove(&s.tunnel_ip);
-        }
+        self.sessions.remove(&session);
+        self.engine.remove_tunnel(TunnelId(session));
         true
     }
 
     /// Closes everything (the gateway link is gone).
     pub fn clear(&mut self) {
-        self.sessions.clear();
-        self.by_tunnel.clear();
+        for id in std::mem::take(&mut self.sessions).into_keys() {
+            self.engine.remove_tunnel(TunnelId(id));
+        }
     }
 
     /// Sessions that carry an agent by this name.
@@ -169,56 +149,28 @@ impl Forwarder {
         p
     }
 
-    /// A datagram from the gateway: returns the packet for the TUN, if one passes.
-    pub fn from_gateway(
-        &mut self,
-        session: u32,
-        datagram: &[u8],
-        now: Instant,
-        send: &mut dyn FnMut(u32, &[u8]),
-    ) -> Option<&[u8]> {
-        let s = self.sessions.get_mut(&session)?;
-        let mut reply = |d: &[u8]| send(session, d);
-        match s.peer.decapsulate(datagram, &mut self.buf, &mut reply) {
-            Decapsulated::Packet(p, _) => match s.filter.forward(p, now) {
-                Verdict::Pass => Some(p),
-                Verdict::Drop(reason) => {
-                    tracing::trace!(
-                        session,
-                        reason = reason.name(),
-                        "dropped from the technician"
-                    );
-                    None
-                }
-            },
-            Decapsulated::Nothing => None,
-        }
+    /// A datagram of `session` from the gateway.
+    pub fn handle_datagram(&mut self, session: u32, datagram: &[u8], now: Instant) {
+        self.engine
+            .handle_datagram(TunnelId(session), datagram, now);
     }
 
-    /// A packet from the device network (read from the TUN): encrypts it to its session.
-    pub fn from_device(&mut self, packet: &[u8], now: Instant, send: &mut dyn FnMut(u32, &[u8])) {
-        let Ok(summary) = filter::parse(packet) else {
-            return;
-        };
-        let Some(&session) = self.by_tunnel.get(&summary.dst) else {
-            return;
-        };
-        let Some(s) = self.sessions.get_mut(&session) else {
-            return;
-        };
-        if s.filter.reverse(packet, now) != Verdict::Pass {
-            return;
-        }
-        if let Some(d) = s.peer.encapsulate(packet, &mut self.out) {
-            send(session, d);
-        }
+    /// A packet from the device network (read from the TUN).
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        self.engine.handle_tun_packet(packet, now);
     }
 
-    /// WireGuard timers of every session.
-    pub fn tick(&mut self, send: &mut dyn FnMut(u32, &[u8])) {
-        for (id, s) in self.sessions.iter_mut() {
-            let mut f = |d: &[u8]| send(*id, d);
-            s.peer.tick(&mut self.out, &mut f);
-        }
+    /// WireGuard timers, flow and fragment expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.engine.handle_timeout(now);
+    }
+
+    /// The next packet for the TUN or datagram for a session.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.engine.poll_transmit()
+    }
+
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.engine.recycle(buf);
     }
 }

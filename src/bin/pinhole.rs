@@ -228,9 +228,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
                 println!(
-                    "filtered:    {} passed; dropped: {}",
+                    "filtered:    {} passed; {} refused at once; dropped: {}",
                     s.filter.passed,
+                    s.filter.answered,
                     drops.join(", ")
+                );
+            }
+            for r in &s.refused {
+                println!(
+                    "refused:     {} to {}: not among the ports of {} ({}); {} packet(s) refused",
+                    r.last,
+                    r.device,
+                    r.agents.join(", "),
+                    r.allowed,
+                    r.count
                 );
             }
         }

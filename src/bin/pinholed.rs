@@ -20,6 +20,11 @@ struct Cli {
     /// default; tests that run several side by side give each its own.
     #[arg(long, env = "PINHOLE_TUN", default_value = pinhole::plane::TUN_NAME)]
     tun: String,
+    /// Let packets from other source addresses than the tunnel address (a VM or container
+    /// behind this computer, routed into the tunnel) through. Off: only this computer's own
+    /// programs reach the devices.
+    #[arg(long, env = "PINHOLE_ALLOW_OTHER_SOURCES")]
+    allow_other_sources: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,7 +43,13 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .context("starting the runtime")
-        .and_then(|rt| rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket, &cli.tun)));
+        .and_then(|rt| {
+            let adapter = pinhole::plane::AdapterConfig {
+                tun_name: cli.tun,
+                other_sources: cli.allow_other_sources,
+            };
+            rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket, adapter))
+        });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -13,7 +13,8 @@ use super::{Proc, bin, text, wait_until};
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// The plant services: TCP 102 answers with the byte count and SHA-256 of what it received;
-/// TCP 22 answers a banner (no agent allows it); UDP 161 echoes.
+/// TCP 22 answers a banner (no agent allows it); TCP 502 echoes each read (a Modbus stand-in);
+/// UDP 161 echoes with a 4-byte prefix, whatever the size. UDP 2222 has no listener.
 pub const SERVICES: &str = r#"
 import hashlib, socket, socketserver, threading
 class Sha(socketserver.StreamRequestHandler):
@@ -26,9 +27,15 @@ class Sha(socketserver.StreamRequestHandler):
         self.request.sendall(f"PLC {n} {h.hexdigest()}\n".encode())
 class Banner(socketserver.StreamRequestHandler):
     def handle(self): self.request.sendall(b"SSH-2.0-forbidden\n")
+class Echo(socketserver.StreamRequestHandler):
+    def handle(self):
+        while True:
+            b = self.request.recv(65536)
+            if not b: break
+            self.request.sendall(b)
 socketserver.ThreadingTCPServer.allow_reuse_address = True
 socketserver.ThreadingTCPServer.daemon_threads = True
-for port, h in [(102, Sha), (22, Banner)]:
+for port, h in [(102, Sha), (22, Banner), (502, Echo)]:
     s = socketserver.ThreadingTCPServer(("0.0.0.0", port), h)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 161))
@@ -37,17 +44,42 @@ while True:
     d, a = u.recvfrom(65535); u.sendto(b"UDP " + d, a)
 "#;
 
+/// Probes run inside a technician's namespace. `udp` sends `size` bytes on a connected socket
+/// and prints `OK <reply length>`, `REFUSED`, `UNREACHABLE` or `TIMEOUT`; `tcp` connects and
+/// prints `OPEN`, `REFUSED`, `UNREACHABLE` or `TIMEOUT`. Both append the elapsed milliseconds.
+pub const PROBE: &str = r#"
+import errno, socket, sys, time
+kind, host, port, size, timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+t = time.monotonic()
+def done(what): print(f"{what} {round((time.monotonic() - t) * 1000)}"); sys.exit(0)
+try:
+    if kind == "udp":
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(timeout)
+        u.connect((host, port)); u.send(b"x" * size)
+        done(f"OK {len(u.recv(65535))}")
+    s = socket.create_connection((host, port), timeout=timeout); done("OPEN")
+except ConnectionRefusedError: done("REFUSED")
+except socket.timeout: done("TIMEOUT")
+except OSError as e:
+    done("UNREACHABLE" if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH) else f"ERROR {e.errno}")
+"#;
+
 /// A client program run inside a namespace: sends `size` random bytes to host:102 and checks
-/// the device's answer (byte count and SHA-256). Prints OK or the failure.
+/// the device's answer (byte count and SHA-256). Prints OK or the failure. The bytes are a
+/// random 1 MiB block repeated, so that sending starts at once whatever the size.
 pub const TCP_CHECK: &str = r#"
 import hashlib, os, socket, sys
 host, size, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-data = os.urandom(size)
+block = os.urandom(1 << 20)
 try:
     s = socket.create_connection((host, 102), timeout=timeout)
-    s.sendall(data); s.shutdown(socket.SHUT_WR)
+    digest, left = hashlib.sha256(), size
+    while left:
+        chunk = block[:min(left, len(block))]
+        s.sendall(chunk); digest.update(chunk); left -= len(chunk)
+    s.shutdown(socket.SHUT_WR)
     reply = s.recv(200).decode()
-    want = f"PLC {size} {hashlib.sha256(data).hexdigest()}"
+    want = f"PLC {size} {digest.hexdigest()}"
     print("OK" if reply.strip() == want else f"MISMATCH {reply!r}")
 except Exception as e:
     print(f"FAIL {type(e).__name__} {e}")
@@ -276,6 +308,67 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Runs [`PROBE`]: returns its outcome word(s) and the elapsed milliseconds.
+    pub fn probe(&self, ns: &str, kind: &str, host: &str, port: u16, size: usize) -> (String, u64) {
+        let script = self.dir.join("probe.py");
+        if !script.exists() {
+            std::fs::write(&script, PROBE).expect("probe.py");
+        }
+        let out = self.exec(
+            ns,
+            &[
+                "/usr/bin/python3",
+                script.to_str().expect("utf8"),
+                kind,
+                host,
+                &port.to_string(),
+                &size.to_string(),
+                "5",
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let (what, ms) = text.rsplit_once(' ').unwrap_or((&text, ""));
+        (what.to_owned(), ms.parse().unwrap_or(u64::MAX))
+    }
+
+    /// Gives namespace `ns` a LAN of its own: a veth to a new namespace `{ns}lan`, `ns` at
+    /// `addr` and the LAN host at `host`, both in `prefix`.
+    pub fn add_lan(&mut self, ns: &str, addr: &str, host: &str, prefix: u8) {
+        let lan = format!("{ns}lan");
+        let name = self.ns(&lan);
+        must(&["ip", "netns", "add", &name]);
+        self.namespaces.push(name.clone());
+        must(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        let (a, b) = (self.ifname("l0"), self.ifname("l1"));
+        let ns_name = self.ns(ns);
+        must(&[
+            "ip", "link", "add", &a, "netns", &ns_name, "type", "veth", "peer", "name", &b,
+            "netns", &name,
+        ]);
+        must(&[
+            "ip",
+            "-n",
+            &ns_name,
+            "addr",
+            "add",
+            &format!("{addr}/{prefix}"),
+            "dev",
+            &a,
+        ]);
+        must(&["ip", "-n", &ns_name, "link", "set", &a, "up"]);
+        must(&[
+            "ip",
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{host}/{prefix}"),
+            "dev",
+            &b,
+        ]);
+        must(&["ip", "-n", &name, "link", "set", &b, "up"]);
+    }
+
     /// Whether a TCP connection to host:port opens within 2 s.
     pub fn tcp_open(&self, ns: &str, host: &str, port: u16) -> bool {
         let code = format!(
@@ -305,6 +398,16 @@ impl Drop for Lab {
     fn drop(&mut self) {
         for p in &mut self.procs {
             p.terminate();
+        }
+        // PINHOLE_TEST_LOGS=DIR keeps every process log of the lab for diagnosis.
+        if let Some(keep) = std::env::var_os("PINHOLE_TEST_LOGS") {
+            let to = std::path::Path::new(&keep).join(&self.p);
+            let _ = std::fs::create_dir_all(&to);
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+                }
+            }
         }
         for ns in &self.namespaces {
             // Anything still running inside (children of children) goes too.
@@ -376,7 +479,7 @@ impl System {
                 token_a,
                 lab.ifname("s1"),
                 format!(
-                    "[light]\npath = \"{}\"\n[[agent]]\nname = \"press-4-plc\"\ntype = \"siemens-s7\"\naddress = \"192.168.0.10\"\nports = [\"udp/161\"]\n",
+                    "[light]\npath = \"{}\"\n[[agent]]\nname = \"press-4-plc\"\ntype = \"siemens-s7\"\naddress = \"192.168.0.10\"\nports = [\"udp/161\"]\n[[agent]]\nname = \"press-4-modbus\"\ntype = \"modbus\"\naddress = \"192.168.0.10\"\nports = [\"udp/2222\"]\n",
                     light.display()
                 ),
                 "site",

@@ -63,6 +63,27 @@ pub const INVENTORY_COALESCE: Duration = Duration::from_millis(200);
 /// Last-seen times of sites are written at most this often, all in one transaction.
 pub const SEEN_FLUSH: Duration = Duration::from_secs(30);
 
+/// A technician's `list` is answered at most this often; more are folded into one update.
+pub const LIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Session requests (`session_open`) one technician link may make per [`RATE_WINDOW`]: each
+/// costs two durable audit records; a person clicking devices never needs more.
+pub const MAX_SESSION_REQUESTS: u32 = 30;
+
+/// Agent list changes (`agents`) one site link may send per [`RATE_WINDOW`]: a configuration
+/// reload is a person's doing.
+pub const MAX_AGENT_CHANGES: u32 = 5;
+
+/// Links one account may hold at once: a technician has one daemon; a stolen bundle must not
+/// take the descriptors every other peer needs.
+pub const MAX_LINKS_PER_ACCOUNT: usize = 8;
+
+/// The window of the per-link rate limits.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// An inventory must fit one control frame with room to spare for the message around it.
+const MAX_INVENTORY_JSON: usize = pinhole_proto::frame::MAX_CONTROL - 64 * 1024;
+
 /// Issues site certificates at enrollment (the gateway CA, or a subordinate signer).
 pub trait Issuer {
     /// A certificate for `site`'s key (`public_key`: DER SubjectPublicKeyInfo).
@@ -184,6 +205,45 @@ struct Link<H> {
     account: Option<Account>,
     /// A site's domain.
     domain: Option<String>,
+    /// When the last `list` was answered.
+    last_list: Option<Instant>,
+    /// Requests in the current rate window: (window start, count).
+    requests: (Instant, u32),
+}
+
+impl<H> Link<H> {
+    /// Counts one request; `false` once more than `max` arrived within [`RATE_WINDOW`].
+    fn within_rate(&mut self, max: u32, now: Instant) -> bool {
+        if now.saturating_duration_since(self.requests.0) >= RATE_WINDOW {
+            self.requests = (now, 0);
+        }
+        self.requests.1 += 1;
+        self.requests.1 <= max
+    }
+}
+
+/// The sites that fit one inventory message, in order; the rest are left out (and logged), so
+/// that sites with very many agents never keep every technician of their domain from logging
+/// in.
+fn fit_inventory(mut sites: Vec<SiteView>) -> Vec<SiteView> {
+    let mut total = 0;
+    let mut keep = sites.len();
+    for (i, s) in sites.iter().enumerate() {
+        total += serde_json::to_vec(s).map_or(usize::MAX / 2, |j| j.len() + 1);
+        if total > MAX_INVENTORY_JSON {
+            keep = i;
+            break;
+        }
+    }
+    if keep < sites.len() {
+        warn!(
+            shown = keep,
+            left_out = sites.len() - keep,
+            "an inventory does not fit one message: sites left out"
+        );
+        sites.truncate(keep);
+    }
+    sites
 }
 
 /// See the module documentation for the calling contract.
@@ -225,8 +285,13 @@ fn account_object(account: &str) -> String {
 /// The reason a link ended, in words for the audit log.
 fn describe(reason: &CloseReason) -> String {
     match reason {
-        CloseReason::Error { text, .. } => pinhole_proto::validate::escape(text).into_owned(),
-        CloseReason::Protocol(what) => format!("protocol error: {what}"),
+        CloseReason::Error { text, .. } => pinhole_proto::link::bounded_reason(text),
+        CloseReason::Protocol(what) => {
+            format!(
+                "protocol error: {}",
+                pinhole_proto::link::bounded_reason(what)
+            )
+        }
         CloseReason::Timeout => "timed out".into(),
         CloseReason::Local => "connection closed".into(),
     }
@@ -266,8 +331,13 @@ impl<H: Clone> Hub<H> {
     /// A TLS handshake failed (revoked, expired or foreign certificate, or not TLS at all).
     /// Counted and recorded in aggregate.
     pub fn handle_handshake_refused(&mut self, source: IpAddr, reason: &str, now: Instant) {
-        self.refusals
-            .add(source, RefusalKind::Handshake, reason, now);
+        // rustls words every refusal of the peer's certificate this way.
+        let kind = if reason.contains("invalid peer certificate") {
+            RefusalKind::Certificate
+        } else {
+            RefusalKind::Handshake
+        };
+        self.refusals.add(source, kind, reason, now);
     }
 
     /// A TLS handshake finished. Returns who the peer is, or `None` if its certificate is not
@@ -317,6 +387,18 @@ impl<H: Clone> Hub<H> {
                     Role::Site => PeerAuth::Site(p.name),
                     _ => PeerAuth::Technician(p.name),
                 };
+                if matches!(auth, PeerAuth::Technician(_))
+                    && self.links.values().filter(|l| l.auth == auth).count()
+                        >= MAX_LINKS_PER_ACCOUNT
+                {
+                    self.refusals.add(
+                        source.ip(),
+                        RefusalKind::StaleCertificate,
+                        &format!("{auth:?}: more than {MAX_LINKS_PER_ACCOUNT} links at once"),
+                        now,
+                    );
+                    return None;
+                }
                 (auth, p.serial, Some(p.expires))
             }
         };
@@ -332,6 +414,8 @@ impl<H: Clone> Hub<H> {
                 logged_out: false,
                 account: None,
                 domain: None,
+                last_list: None,
+                requests: (now, 0),
             },
         );
         Some(auth)
@@ -399,6 +483,23 @@ impl<H: Clone> Hub<H> {
                 },
             ) => self.enroll(registry, link, &token, &site, &public_key, now, &mut out),
             (PeerAuth::Technician(name), GatewayEvent::List) => {
+                let recent = self.links.get_mut(&link).is_some_and(|l| {
+                    let recent = l
+                        .last_list
+                        .is_some_and(|t| now.saturating_duration_since(t) < LIST_INTERVAL);
+                    if !recent {
+                        l.last_list = Some(now);
+                    }
+                    recent
+                });
+                if recent {
+                    // Folded into one coalesced update: a peer asking in a loop (and not
+                    // reading) cannot make the gateway build and queue inventory after
+                    // inventory.
+                    self.dirty.insert(link);
+                    self.dirty_since.get_or_insert(now);
+                    return out;
+                }
                 match self.inventory_of(registry, &name) {
                     Ok(sites) => out.push(Command::Inventory {
                         link,
@@ -409,6 +510,21 @@ impl<H: Clone> Hub<H> {
                 }
             }
             (PeerAuth::Site(name), GatewayEvent::Agents(agents)) => {
+                if !self
+                    .links
+                    .get_mut(&link)
+                    .is_some_and(|l| l.within_rate(MAX_AGENT_CHANGES, now))
+                {
+                    out.push(Command::Close {
+                        link,
+                        code: ErrorCode::Protocol,
+                        text: format!(
+                            "more than {MAX_AGENT_CHANGES} agent changes within {} s",
+                            RATE_WINDOW.as_secs()
+                        ),
+                    });
+                    return out;
+                }
                 self.site_agents(registry, link, &name, &agents, now, &mut out);
             }
             (
@@ -419,9 +535,26 @@ impl<H: Clone> Hub<H> {
                     agent,
                     key,
                 },
-            ) => self.open_session(
-                registry, link, &account, session, &site, &agent, &key, now, &mut out,
-            ),
+            ) => {
+                if !self
+                    .links
+                    .get_mut(&link)
+                    .is_some_and(|l| l.within_rate(MAX_SESSION_REQUESTS, now))
+                {
+                    out.push(Command::Close {
+                        link,
+                        code: ErrorCode::Protocol,
+                        text: format!(
+                            "more than {MAX_SESSION_REQUESTS} session requests within {} s",
+                            RATE_WINDOW.as_secs()
+                        ),
+                    });
+                    return out;
+                }
+                self.open_session(
+                    registry, link, &account, session, &site, &agent, &key, now, &mut out,
+                );
+            }
             (
                 PeerAuth::Site(site),
                 GatewayEvent::SessionOpened {
@@ -518,7 +651,7 @@ impl<H: Clone> Hub<H> {
         }
         let Some(account) = account else { return };
         let sites = match registry.inventory(&account) {
-            Ok(s) => s,
+            Ok(s) => fit_inventory(s),
             Err(e) => return self.fail_closed(link, &e, out),
         };
         let rec = AuditRecord::new(
@@ -1137,7 +1270,7 @@ impl<H: Clone> Hub<H> {
         account: &str,
     ) -> Result<Vec<SiteView>, RegistryError> {
         match registry.account(account)? {
-            Some(a) if !a.closed => registry.inventory(&a),
+            Some(a) if !a.closed => registry.inventory(&a).map(fit_inventory),
             _ => Ok(Vec::new()),
         }
     }

@@ -557,3 +557,111 @@ fn an_admin_ends_a_session_at_both_ends_and_it_is_recorded() {
         "ending it twice is refused"
     );
 }
+
+/// A technician asking for its inventory in a loop gets one answer, then one coalesced update.
+#[test]
+fn list_in_a_loop_is_answered_once_then_coalesced() {
+    let mut w = World::new();
+    w.alice_in(1);
+    let answers: usize = (0..1000)
+        .map(|_| w.event(1, GatewayEvent::List).len())
+        .sum();
+    assert_eq!(answers, 1);
+    let cmds = w
+        .hub
+        .handle_timeout(&mut w.store, w.now + INVENTORY_COALESCE);
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| matches!(c, Command::Inventory { .. }))
+            .count(),
+        1
+    );
+}
+
+/// Each session request costs durable records: a flood of them ends the link.
+#[test]
+fn session_requests_and_agent_changes_are_rate_limited() {
+    let mut w = World::new();
+    w.site_online(2, vec![plc()]);
+    w.alice_in(1);
+    let mut closed = false;
+    for i in 0..=MAX_SESSION_REQUESTS {
+        let cmds = w.event(
+            1,
+            GatewayEvent::SessionOpen {
+                session: 100 + i,
+                site: "plant-z".into(),
+                agent: "plc".into(),
+                key: "c1".repeat(32),
+            },
+        );
+        closed = cmds.iter().any(|c| {
+            matches!(
+                c,
+                Command::Close {
+                    link: 1,
+                    code: ErrorCode::Protocol,
+                    ..
+                }
+            )
+        });
+    }
+    assert!(closed, "request {} ends the link", MAX_SESSION_REQUESTS + 1);
+    let mut closed = false;
+    for _ in 0..=MAX_AGENT_CHANGES {
+        let cmds = w.event(2, GatewayEvent::Agents(vec![plc()]));
+        closed = cmds
+            .iter()
+            .any(|c| matches!(c, Command::Close { link: 2, .. }));
+    }
+    assert!(closed);
+}
+
+/// One bundle cannot hold more than a few links.
+#[test]
+fn links_per_account_are_bounded() {
+    let mut w = World::new();
+    for link in 0..MAX_LINKS_PER_ACCOUNT as u64 {
+        assert!(
+            w.connect(10 + link, Role::Technician, "alice", &ALICE_SERIAL)
+                .is_some()
+        );
+    }
+    assert_eq!(
+        w.connect(99, Role::Technician, "alice", &ALICE_SERIAL),
+        None
+    );
+}
+
+/// Sites with very many agents are left out of an inventory rather than locking the whole
+/// domain out of logging in.
+#[test]
+fn an_inventory_always_fits_one_message() {
+    let big: Vec<Agent> = (0..256)
+        .map(|i| {
+            Agent::new(
+                format!("agent-{i:03}-{}", "x".repeat(50)),
+                AgentType::Custom,
+                "2001:db8::1".parse().expect("ip"),
+                (1..=64).map(pinhole_proto::Port::tcp),
+            )
+        })
+        .collect();
+    let site = SiteView {
+        name: "s".into(),
+        domain: "acme".into(),
+        online: true,
+        agents: big,
+    };
+    let sites = fit_inventory(vec![site; 12]);
+    let json = serde_json::to_vec(&Message::Inventory {
+        sites: sites.clone(),
+    })
+    .expect("json");
+    assert!(
+        json.len() <= pinhole_proto::frame::MAX_CONTROL,
+        "{}",
+        json.len()
+    );
+    assert!(sites.len() >= 6 && sites.len() < 12, "{}", sites.len());
+}

@@ -1,0 +1,728 @@
+//! The tunnel engine: every per-packet decision of the client and the site, pure.
+//!
+//! How to drive it: create one [`Engine`] per side ([`Side::Client`] with the technician's
+//! tunnel address, or [`Side::Site`]); add a tunnel per WireGuard peer ([`Engine::add_tunnel`]:
+//! per site at the client, per technician session at the site) and the agents connected through
+//! it ([`Engine::connect`]). Feed it what the TUN reads ([`Engine::handle_tun_packet`]), what the
+//! peer's datagrams carry ([`Engine::handle_datagram`]) and a timer every [`TICK`]
+//! ([`Engine::handle_timeout`]), each with `now`. Then take [`Transmit`]s from
+//! [`Engine::poll_transmit`] — packets for the TUN, datagrams for a tunnel — write them, and give
+//! the buffers back with [`Engine::recycle`]. Nothing here does I/O or reads the clock.
+//!
+//! Per packet: one parse ([`crate::packet`]); IPv4 fragments reassembled under bounds
+//! ([`crate::defrag`]) and judged whole; then the checks, by direction:
+//!
+//! * **toward a device** (client: from the TUN; site: decrypted): at the client the source is
+//!   the tunnel address and the destination picks the tunnel (cryptokey routing); at the site
+//!   the source must be the session's tunnel address (else `wrong-tunnel`). The destination is a
+//!   connected device, the (protocol, port) in the union of its agents' ports; TCP opens a flow
+//!   on SYN only; UDP and ICMP echo open or refresh one; an ICMP error passes if it quotes a
+//!   live flow.
+//! * **toward the technician** (client: decrypted; site: from the TUN): only replies on a live
+//!   flow, from a device of *this* tunnel (else `wrong-tunnel` at the client), and ICMP errors
+//!   (unreachable, fragmentation needed, packet too big, time exceeded, parameter problem) that
+//!   quote such a flow, whichever router sent them.
+//!
+//! A packet the client refuses toward a connected device (a port no agent allows, a protocol)
+//! is answered on the TUN at once, rate-limited: a TCP RST, or ICMP administratively
+//! prohibited; the device's counters keep what it refused. Every drop is counted by reason.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use pinhole_proto::Port;
+
+use crate::defrag::{Added, Defrag};
+use crate::filter::{Device, DropReason, FlowKey, Flows};
+use crate::packet::{self, L4, Parsed, Summary};
+use crate::wg::{self, Decapsulated, Peer};
+
+/// How often [`Engine::handle_timeout`] should run: WireGuard's timers have a granularity of a
+/// quarter second, and flow and fragment expiry need no finer.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Local answers (RST, administratively prohibited): at most this many per second, in bursts of
+/// [`ANSWER_BURST`] — Linux's own ICMP rate limit (`icmp_msgs_per_sec` 1000), so that a scan
+/// through the tunnel is answered like a host would and a flood cannot turn into one.
+pub const ANSWERS_PER_SECOND: u64 = 1000;
+pub const ANSWER_BURST: u64 = 100;
+
+/// WireGuard handshake messages are at most 148 bytes.
+const HANDSHAKE: usize = 148;
+
+/// A tunnel: the session id the gateway gave it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelId(pub u32);
+
+impl std::fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Which end of the tunnels this engine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The technician's computer: `address` is its tunnel address. With `any_source`, packets
+    /// from the TUN may carry another source (a VM or container behind the laptop routed into
+    /// the tunnel, by explicit choice); replies are then accepted for any destination.
+    Client { address: IpAddr, any_source: bool },
+    /// The site: each tunnel carries one technician, whose tunnel address it names.
+    Site,
+}
+
+/// Where a [`Transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dest {
+    Tun,
+    Tunnel(TunnelId),
+}
+
+/// A packet to write to the TUN or a datagram to send through a tunnel.
+#[must_use = "a transmit must be written (and its buffer recycled)"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dest: Dest,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("tunnel {0} exists already")]
+    TunnelExists(TunnelId),
+    #[error("no tunnel {0}")]
+    NoTunnel(TunnelId),
+    #[error("a site tunnel needs the technician's tunnel address")]
+    NoRemote,
+    #[error("tunnel address {0} already has a tunnel here")]
+    AddressInUse(IpAddr),
+    #[error("{device} is a device of tunnel {tunnel} already")]
+    DeviceOfAnotherTunnel { device: IpAddr, tunnel: TunnelId },
+}
+
+struct Tunnel {
+    peer: Peer,
+    /// At the site: the technician's tunnel address.
+    remote: Option<IpAddr>,
+    devices: BTreeMap<IpAddr, Device>,
+    flows: Flows,
+    /// Fragments decrypted from the tunnel, and fragments read from the TUN for it.
+    defrag_in: Defrag,
+    defrag_out: Defrag,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// A token bucket for local answers.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: u64,
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    fn allow(&mut self, now: Instant) -> bool {
+        let last = *self.last.get_or_insert(now);
+        let refill =
+            now.saturating_duration_since(last).as_millis() as u64 * ANSWERS_PER_SECOND / 1000;
+        if refill > 0 {
+            self.tokens = (self.tokens + refill).min(ANSWER_BURST);
+            self.last = Some(now);
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// Both sides' data plane. See the module documentation for how to drive it.
+pub struct Engine {
+    side: Side,
+    tunnels: BTreeMap<TunnelId, Tunnel>,
+    /// Client: device → its tunnel. Site: technician's tunnel address → its tunnel.
+    owners: HashMap<IpAddr, TunnelId>,
+    answers: RateLimit,
+    out: VecDeque<Transmit>,
+    pool: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+    drops: BTreeMap<DropReason, u64>,
+    passed: u64,
+    answered: u64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("side", &self.side)
+            .field("tunnels", &self.tunnels.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Buffers kept for reuse: a burst's worth.
+const POOL: usize = 256;
+
+/// Which way a packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    ToDevice,
+    ToTechnician,
+}
+
+impl Engine {
+    pub fn new(side: Side) -> Self {
+        Self {
+            side,
+            tunnels: BTreeMap::new(),
+            owners: HashMap::new(),
+            answers: RateLimit {
+                tokens: ANSWER_BURST,
+                last: None,
+            },
+            out: VecDeque::new(),
+            pool: Vec::new(),
+            scratch: vec![0; wg::BUFFER],
+            drops: BTreeMap::new(),
+            passed: 0,
+            answered: 0,
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// Adds a tunnel. At the site, `remote` is the technician's tunnel address (one tunnel per
+    /// address); at the client it is `None`.
+    pub fn add_tunnel(
+        &mut self,
+        id: TunnelId,
+        peer: Peer,
+        remote: Option<IpAddr>,
+    ) -> Result<(), EngineError> {
+        if self.tunnels.contains_key(&id) {
+            return Err(EngineError::TunnelExists(id));
+        }
+        if self.side == Side::Site {
+            let addr = remote.ok_or(EngineError::NoRemote)?;
+            if self.owners.contains_key(&addr) {
+                return Err(EngineError::AddressInUse(addr));
+            }
+            self.owners.insert(addr, id);
+        }
+        self.tunnels.insert(
+            id,
+            Tunnel {
+                peer,
+                remote,
+                devices: BTreeMap::new(),
+                flows: Flows::default(),
+                defrag_in: Defrag::new(),
+                defrag_out: Defrag::new(),
+                bytes_in: 0,
+                bytes_out: 0,
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes a tunnel with its devices and flows; returns the devices it had.
+    pub fn remove_tunnel(&mut self, id: TunnelId) -> Vec<IpAddr> {
+        let Some(t) = self.tunnels.remove(&id) else {
+            return Vec::new();
+        };
+        self.owners.retain(|_, owner| *owner != id);
+        t.devices.into_keys().collect()
+    }
+
+    /// Connects `agent` (its `ports` of `device`) through tunnel `id`: the device's allowed set
+    /// grows by them. At the client a device belongs to one tunnel only.
+    pub fn connect(
+        &mut self,
+        id: TunnelId,
+        agent: &str,
+        device: IpAddr,
+        ports: BTreeSet<Port>,
+    ) -> Result<(), EngineError> {
+        if let Side::Client { .. } = self.side
+            && let Some(&owner) = self.owners.get(&device)
+            && owner != id
+        {
+            return Err(EngineError::DeviceOfAnotherTunnel {
+                device,
+                tunnel: owner,
+            });
+        }
+        let t = self.tunnels.get_mut(&id).ok_or(EngineError::NoTunnel(id))?;
+        t.devices.entry(device).or_default().connect(agent, ports);
+        if let Side::Client { .. } = self.side {
+            self.owners.insert(device, id);
+        }
+        Ok(())
+    }
+
+    /// Disconnects `agent` from tunnel `id`: only its ports go (and the flows on them). Returns
+    /// the device if this was its last agent (the caller removes the host route).
+    pub fn disconnect(&mut self, id: TunnelId, agent: &str) -> Option<IpAddr> {
+        let t = self.tunnels.get_mut(&id)?;
+        let device = t
+            .devices
+            .iter_mut()
+            .find_map(|(ip, d)| d.disconnect(agent).then_some(*ip))?;
+        let gone = t.devices.get(&device).is_none_or(Device::is_empty);
+        if gone {
+            t.devices.remove(&device);
+            if let Side::Client { .. } = self.side {
+                self.owners.remove(&device);
+            }
+        }
+        let devices = &t.devices;
+        t.flows.retain(|k| match devices.get(&k.device) {
+            None => false,
+            Some(d) => {
+                !matches!(k.proto, packet::PROTO_TCP | packet::PROTO_UDP)
+                    || d.allows(k.proto, k.device_port)
+            }
+        });
+        gone.then_some(device)
+    }
+
+    /// The tunnel that owns `addr` (client: a device; site: a technician's tunnel address).
+    pub fn owner(&self, addr: &IpAddr) -> Option<TunnelId> {
+        self.owners.get(addr).copied()
+    }
+
+    pub fn tunnels(&self) -> impl Iterator<Item = TunnelId> + '_ {
+        self.tunnels.keys().copied()
+    }
+
+    /// The connected devices of a tunnel.
+    pub fn devices(&self, id: TunnelId) -> impl Iterator<Item = (&IpAddr, &Device)> {
+        self.tunnels.get(&id).into_iter().flat_map(|t| &t.devices)
+    }
+
+    /// Bytes of WireGuard datagrams received from and sent to a tunnel's peer.
+    pub fn bytes(&self, id: TunnelId) -> (u64, u64) {
+        self.tunnels
+            .get(&id)
+            .map_or((0, 0), |t| (t.bytes_in, t.bytes_out))
+    }
+
+    /// Drops by reason, packets passed, and local answers sent.
+    pub fn counters(&self) -> (&BTreeMap<DropReason, u64>, u64, u64) {
+        (&self.drops, self.passed, self.answered)
+    }
+
+    /// Starts a tunnel's handshake now instead of at its first packet.
+    pub fn initiate(&mut self, id: TunnelId) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        let mut buf = take(&mut self.pool, HANDSHAKE);
+        if let Some(d) = t.peer.initiate(&mut buf) {
+            let n = d.len();
+            buf.truncate(n);
+            t.bytes_out += n as u64;
+            self.out.push_back(Transmit {
+                dest: Dest::Tunnel(id),
+                bytes: buf,
+            });
+        }
+    }
+
+    /// The next packet or datagram to write.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// Gives a written transmit's buffer back.
+    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.pool.len() < POOL {
+            buf.clear();
+            self.pool.push(buf);
+        }
+    }
+
+    fn drop_packet(&mut self, reason: DropReason, n: u64) {
+        *self.drops.entry(reason).or_default() += n;
+    }
+
+    /// A packet read from the TUN.
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        let parsed = match packet::parse(packet) {
+            Ok(p) => p,
+            Err(r) => return self.drop_packet(r, 1),
+        };
+        if let Side::Client {
+            address,
+            any_source: false,
+        } = self.side
+            && parsed.src() != address
+        {
+            return self.drop_packet(DropReason::WrongSource, 1);
+        }
+        let Some(&id) = self.owners.get(&parsed.dst()) else {
+            let reason = match self.side {
+                Side::Client { .. } => DropReason::NotConnected,
+                Side::Site => DropReason::NoFlow,
+            };
+            return self.drop_packet(reason, 1);
+        };
+        self.handle_parsed(id, packet, parsed, true, now);
+    }
+
+    /// A datagram from tunnel `id`'s peer.
+    pub fn handle_datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return self.drop_packet(DropReason::NoTunnel, 1);
+        };
+        t.bytes_in += datagram.len() as u64;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if scratch.len() < datagram.len().max(HANDSHAKE) {
+            scratch.resize(wg::BUFFER, 0);
+        }
+        match t.peer.decapsulate(datagram, &mut scratch) {
+            Decapsulated::Packet(p) => match packet::parse(p) {
+                Ok(parsed) => self.handle_parsed(id, p, parsed, false, now),
+                Err(r) => self.drop_packet(r, 1),
+            },
+            Decapsulated::Send(d) => {
+                let mut buf = take(&mut self.pool, d.len());
+                buf.extend_from_slice(d);
+                t.bytes_out += buf.len() as u64;
+                self.out.push_back(Transmit {
+                    dest: Dest::Tunnel(id),
+                    bytes: buf,
+                });
+                while let Some(d) = t.peer.flush(&mut scratch) {
+                    let mut buf = take(&mut self.pool, d.len());
+                    buf.extend_from_slice(d);
+                    t.bytes_out += buf.len() as u64;
+                    self.out.push_back(Transmit {
+                        dest: Dest::Tunnel(id),
+                        bytes: buf,
+                    });
+                }
+            }
+            Decapsulated::Nothing => {}
+        }
+        self.scratch = scratch;
+    }
+
+    /// Timers: WireGuard handshakes and rekeying, flow and fragment expiry. Call every
+    /// [`TICK`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut timed_out = 0;
+        for (id, t) in self.tunnels.iter_mut() {
+            let mut buf = take(&mut self.pool, HANDSHAKE);
+            if let Some(d) = t.peer.tick(&mut buf) {
+                let n = d.len();
+                buf.truncate(n);
+                t.bytes_out += n as u64;
+                self.out.push_back(Transmit {
+                    dest: Dest::Tunnel(*id),
+                    bytes: buf,
+                });
+            }
+            t.flows.expire(now);
+            timed_out += t.defrag_in.expire(now) + t.defrag_out.expire(now);
+        }
+        if timed_out > 0 {
+            self.drop_packet(DropReason::FragmentTimeout, timed_out as u64);
+        }
+    }
+
+    fn handle_parsed(
+        &mut self,
+        id: TunnelId,
+        packet: &[u8],
+        parsed: Parsed,
+        from_tun: bool,
+        now: Instant,
+    ) {
+        match parsed {
+            Parsed::Whole(s) => self.judge(id, packet, &s, from_tun, now),
+            Parsed::Fragment(f) => {
+                let Some(t) = self.tunnels.get_mut(&id) else {
+                    return self.drop_packet(DropReason::NoTunnel, 1);
+                };
+                let pool = if from_tun {
+                    &mut t.defrag_out
+                } else {
+                    &mut t.defrag_in
+                };
+                match pool.add(&f, packet, now) {
+                    Added::Held => {}
+                    Added::Refused(n) => self.drop_packet(DropReason::FragmentRefused, n as u64),
+                    Added::Complete(whole) => {
+                        match packet::parse(&whole) {
+                            Ok(Parsed::Whole(s)) => self.judge(id, &whole, &s, from_tun, now),
+                            Ok(Parsed::Fragment(_)) => {
+                                self.drop_packet(DropReason::FragmentRefused, 1)
+                            }
+                            Err(r) => self.drop_packet(r, 1),
+                        }
+                        self.recycle(whole);
+                    }
+                }
+            }
+        }
+    }
+
+    fn judge(&mut self, id: TunnelId, packet: &[u8], s: &Summary, from_tun: bool, now: Instant) {
+        let dir = match (self.side, from_tun) {
+            (Side::Client { .. }, true) | (Side::Site, false) => Dir::ToDevice,
+            _ => Dir::ToTechnician,
+        };
+        let side = self.side;
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return self.drop_packet(DropReason::NoTunnel, 1);
+        };
+        let verdict = match dir {
+            Dir::ToDevice => to_device(side, t, s, now),
+            Dir::ToTechnician => to_technician(side, t, s, now),
+        };
+        match verdict {
+            Ok(()) => {
+                self.passed += 1;
+                if from_tun {
+                    self.encapsulate(id, packet);
+                } else {
+                    self.write_tun(packet);
+                }
+            }
+            Err(reason) => {
+                let refused = dir == Dir::ToDevice
+                    && matches!(reason, DropReason::PortNotAllowed | DropReason::Protocol);
+                if refused && let Some(d) = t.devices.get_mut(&s.dst) {
+                    let port = match s.l4 {
+                        L4::Tcp { dst_port, .. } | L4::Udp { dst_port, .. } => dst_port,
+                        _ => 0,
+                    };
+                    d.note_refused(s.proto(), port);
+                }
+                self.drop_packet(reason, 1);
+                if refused && from_tun {
+                    self.answer(packet, s, now);
+                }
+            }
+        }
+    }
+
+    /// The fast local answer to a refused packet: RST for TCP, administratively prohibited for
+    /// the rest; never for ICMP messages (no error about an error), rate-limited.
+    fn answer(&mut self, packet: &[u8], s: &Summary, now: Instant) {
+        if matches!(s.l4, L4::Echo { .. } | L4::Error(_) | L4::OtherIcmp) {
+            return;
+        }
+        if !self.answers.allow(now) {
+            return;
+        }
+        let mut buf = take(&mut self.pool, 0);
+        match s.l4 {
+            L4::Tcp { .. } => {
+                if !packet::tcp_reset(packet, s, &mut buf) {
+                    return self.recycle(buf);
+                }
+            }
+            _ => packet::admin_prohibited(packet, s, &mut buf),
+        }
+        self.answered += 1;
+        self.out.push_back(Transmit {
+            dest: Dest::Tun,
+            bytes: buf,
+        });
+    }
+
+    fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        let mut buf = take(&mut self.pool, 0);
+        buf.resize((packet.len() + wg::OVERHEAD).max(HANDSHAKE), 0);
+        let start = buf.as_ptr() as usize;
+        let Some(d) = t.peer.encapsulate(packet, &mut buf) else {
+            // Queued behind a handshake.
+            return self.recycle(buf);
+        };
+        let n = d.len();
+        if d.as_ptr() as usize != start {
+            // boringtun writes at the start of the buffer; anything else is copied.
+            let copy = d.to_vec();
+            buf.clear();
+            buf.extend_from_slice(&copy);
+        }
+        buf.truncate(n);
+        t.bytes_out += n as u64;
+        self.out.push_back(Transmit {
+            dest: Dest::Tunnel(id),
+            bytes: buf,
+        });
+    }
+
+    /// Writes a packet to the TUN; an IPv4 datagram larger than the TUN's MTU that may be
+    /// fragmented is fragmented to it.
+    fn write_tun(&mut self, packet: &[u8]) {
+        let mtu = usize::from(crate::tun::MTU);
+        if packet.len() > mtu && packet[0] >> 4 == 4 && !packet::dont_fragment(packet) {
+            let (out, pool) = (&mut self.out, &mut self.pool);
+            packet::fragment(packet, mtu, &mut |f| {
+                let mut buf = take(pool, f.len());
+                buf.extend_from_slice(f);
+                out.push_back(Transmit {
+                    dest: Dest::Tun,
+                    bytes: buf,
+                });
+            });
+            return;
+        }
+        let mut buf = take(&mut self.pool, packet.len());
+        buf.extend_from_slice(packet);
+        self.out.push_back(Transmit {
+            dest: Dest::Tun,
+            bytes: buf,
+        });
+    }
+}
+
+/// A buffer from the pool (empty, with room for `want` bytes).
+fn take(pool: &mut Vec<Vec<u8>>, want: usize) -> Vec<u8> {
+    let mut buf = pool.pop().unwrap_or_default();
+    buf.clear();
+    buf.reserve(want);
+    buf
+}
+
+/// The checks toward a device (see the module documentation).
+fn to_device(side: Side, t: &mut Tunnel, s: &Summary, now: Instant) -> Result<(), DropReason> {
+    if side == Side::Site && t.remote != Some(s.src) {
+        return Err(DropReason::WrongTunnel);
+    }
+    let Some(device) = t.devices.get(&s.dst) else {
+        return Err(DropReason::NotConnected);
+    };
+    let proto = s.proto();
+    let key = |tech_port, device_port| FlowKey {
+        proto,
+        tech: s.src,
+        tech_port,
+        device: s.dst,
+        device_port,
+    };
+    match s.l4 {
+        L4::Tcp {
+            src_port,
+            dst_port,
+            flags,
+        } => {
+            if !device.allows(proto, dst_port) {
+                return Err(DropReason::PortNotAllowed);
+            }
+            let k = key(src_port, dst_port);
+            if flags.syn && !flags.ack {
+                t.flows.open(k, now)?;
+            }
+            if t.flows.touch(&k, now, flags.fin || flags.rst) {
+                Ok(())
+            } else {
+                Err(DropReason::NoFlow)
+            }
+        }
+        L4::Udp { src_port, dst_port } => {
+            if !device.allows(proto, dst_port) {
+                return Err(DropReason::PortNotAllowed);
+            }
+            t.flows.open(key(src_port, dst_port), now)
+        }
+        L4::Echo { request: true, id } => t.flows.open(key(id, 0), now),
+        // The technician's host reports a problem with a device's packet: it must quote a
+        // packet of a live flow, from the device to the technician.
+        L4::Error(q) if q.src == s.dst && q.dst == s.src => {
+            let k = FlowKey {
+                proto: q.proto,
+                tech: q.dst,
+                tech_port: q.dst_port,
+                device: q.src,
+                device_port: q.src_port,
+            };
+            if t.flows.contains(&k, now) {
+                Ok(())
+            } else {
+                Err(DropReason::NoFlow)
+            }
+        }
+        L4::Error(_) => Err(DropReason::NoFlow),
+        L4::Echo { request: false, .. } | L4::OtherIcmp | L4::Other(_) => Err(DropReason::Protocol),
+    }
+}
+
+/// The checks toward the technician (see the module documentation).
+fn to_technician(side: Side, t: &mut Tunnel, s: &Summary, now: Instant) -> Result<(), DropReason> {
+    // Cryptokey routing: a device of another tunnel (or none) is not this tunnel's to speak for.
+    let foreign = match side {
+        Side::Client { .. } => DropReason::WrongTunnel,
+        Side::Site => DropReason::NoFlow,
+    };
+    if let Side::Client {
+        address,
+        any_source: false,
+    } = side
+        && s.dst != address
+    {
+        return Err(DropReason::WrongDestination);
+    }
+    if let L4::Error(q) = s.l4 {
+        // An ICMP error about a packet the technician sent: any router on the way may send it,
+        // but the packet it quotes must be of a live flow to a device of this tunnel.
+        if q.src != s.dst {
+            return Err(DropReason::NoFlow);
+        }
+        if !t.devices.contains_key(&q.dst) {
+            return Err(foreign);
+        }
+        let k = FlowKey {
+            proto: q.proto,
+            tech: q.src,
+            tech_port: q.src_port,
+            device: q.dst,
+            device_port: q.dst_port,
+        };
+        return if t.flows.contains(&k, now) {
+            Ok(())
+        } else {
+            Err(DropReason::NoFlow)
+        };
+    }
+    if !t.devices.contains_key(&s.src) {
+        return Err(foreign);
+    }
+    let proto = s.proto();
+    let (k, closing) = match s.l4 {
+        L4::Tcp {
+            src_port,
+            dst_port,
+            flags,
+        } => ((dst_port, src_port), flags.fin || flags.rst),
+        L4::Udp { src_port, dst_port } => ((dst_port, src_port), false),
+        L4::Echo { request: false, id } => ((id, 0), false),
+        _ => return Err(DropReason::NoFlow),
+    };
+    let key = FlowKey {
+        proto,
+        tech: s.dst,
+        tech_port: k.0,
+        device: s.src,
+        device_port: k.1,
+    };
+    if t.flows.touch(&key, now, closing) {
+        Ok(())
+    } else {
+        Err(DropReason::NoFlow)
+    }
+}
+
+#[cfg(test)]
+mod tests;

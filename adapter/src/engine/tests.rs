@@ -1,0 +1,453 @@
+//! The engine against real WireGuard peers in memory: the tests hold the far end of every
+//! tunnel, encrypt what a site (or a compromised site) would send, and read what comes out.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::packet::build::*;
+use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::wg::Keypair;
+
+const TECH: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
+const PLC: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
+const DRIVE: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 20);
+const A: TunnelId = TunnelId(1);
+const B: TunnelId = TunnelId(2);
+
+/// A client engine with tunnels A (PLC: tcp/101 udp/102 as `plc`, tcp/103 as `extra`) and B
+/// (DRIVE: tcp/101), and the far end of each.
+struct Rig {
+    engine: Engine,
+    far: BTreeMap<TunnelId, Peer>,
+    now: Instant,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Out {
+    tun: Vec<Vec<u8>>,
+    far: Vec<(TunnelId, Vec<u8>)>,
+}
+
+impl Rig {
+    fn client() -> Self {
+        let local = Keypair::from_secret([1; 32]);
+        let mut engine = Engine::new(Side::Client {
+            address: TECH.into(),
+            any_source: false,
+        });
+        let mut far = BTreeMap::new();
+        for (id, seed) in [(A, 2u8), (B, 3u8)] {
+            let site = Keypair::from_secret([seed; 32]);
+            let peer = Peer::new(&local, &site.public_hex(), id.0).expect("peer");
+            engine.add_tunnel(id, peer, None).expect("tunnel");
+            far.insert(
+                id,
+                Peer::new(&site, &local.public_hex(), 100 + id.0).expect("far"),
+            );
+        }
+        let ports = |p: &[Port]| p.iter().copied().collect::<BTreeSet<Port>>();
+        engine
+            .connect(
+                A,
+                "plc",
+                PLC.into(),
+                ports(&[Port::tcp(101), Port::udp(102)]),
+            )
+            .expect("plc");
+        engine
+            .connect(A, "extra", PLC.into(), ports(&[Port::tcp(103)]))
+            .expect("extra");
+        engine
+            .connect(B, "drive", DRIVE.into(), ports(&[Port::tcp(101)]))
+            .expect("drive");
+        let mut rig = Self {
+            engine,
+            far,
+            now: Instant::now(),
+        };
+        for id in [A, B] {
+            rig.engine.initiate(id);
+        }
+        let out = rig.pump();
+        assert_eq!(out, Out::default(), "handshakes carry no packets");
+        rig
+    }
+
+    /// Delivers every transmit until nothing moves; returns what reached the TUN and the sites.
+    fn pump(&mut self) -> Out {
+        let mut out = Out::default();
+        let mut buf = vec![0u8; wg::BUFFER];
+        while let Some(t) = self.engine.poll_transmit() {
+            match t.dest {
+                Dest::Tun => out.tun.push(t.bytes.clone()),
+                Dest::Tunnel(id) => {
+                    let far = self.far.get_mut(&id).expect("far end");
+                    let mut back = Vec::new();
+                    match far.decapsulate(&t.bytes, &mut buf) {
+                        Decapsulated::Packet(p) => out.far.push((id, p.to_vec())),
+                        Decapsulated::Send(d) => {
+                            back.push(d.to_vec());
+                            while let Some(d) = far.flush(&mut buf) {
+                                back.push(d.to_vec());
+                            }
+                        }
+                        Decapsulated::Nothing => {}
+                    }
+                    for d in back {
+                        self.engine.handle_datagram(id, &d, self.now);
+                    }
+                }
+            }
+            self.engine.recycle(t.bytes);
+        }
+        out
+    }
+
+    fn tun_in(&mut self, p: &[u8]) -> Out {
+        self.engine.handle_tun_packet(p, self.now);
+        self.pump()
+    }
+
+    /// The far end of `id` sends `p` into the tunnel.
+    fn site_in(&mut self, id: TunnelId, p: &[u8]) -> Out {
+        let mut buf = vec![0u8; wg::BUFFER];
+        let far = self.far.get_mut(&id).expect("far end");
+        let d = far.encapsulate(p, &mut buf).expect("established").to_vec();
+        self.engine.handle_datagram(id, &d, self.now);
+        self.pump()
+    }
+
+    fn drops(&self, r: DropReason) -> u64 {
+        self.engine.counters().0.get(&r).copied().unwrap_or(0)
+    }
+}
+
+#[test]
+fn cryptokey_routing_each_tunnel_speaks_only_for_its_devices() {
+    let mut rig = Rig::client();
+    let syn = tcp(TECH, 40000, DRIVE, 101);
+    assert_eq!(rig.tun_in(&syn).far, vec![(B, syn.clone())], "to B only");
+    let reply = tcp_ack(DRIVE, 101, TECH, 40000);
+    // Tunnel A injects a reply with B's device as source: dropped.
+    assert_eq!(rig.site_in(A, &reply), Out::default());
+    assert_eq!(rig.drops(DropReason::WrongTunnel), 1);
+    // The same from B passes.
+    assert_eq!(rig.site_in(B, &reply).tun, vec![reply]);
+    // An ICMP error from A quoting B's flow: dropped too.
+    let err = icmp_error(PLC, TECH, 3, 3, &syn);
+    assert_eq!(rig.site_in(A, &err), Out::default());
+    assert_eq!(rig.drops(DropReason::WrongTunnel), 2);
+    // A packet from the TUN with another source is not the technician's.
+    let other = tcp(Ipv4Addr::new(172, 17, 0, 2), 1, PLC, 101);
+    assert_eq!(rig.tun_in(&other), Out::default());
+    assert_eq!(rig.drops(DropReason::WrongSource), 1);
+}
+
+#[test]
+fn refusals_are_answered_locally_and_counted_per_device() {
+    let mut rig = Rig::client();
+    let syn = tcp(TECH, 40000, PLC, 22);
+    let out = rig.tun_in(&syn);
+    assert!(out.far.is_empty());
+    let rst = match packet::parse(&out.tun[0]) {
+        Ok(Parsed::Whole(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((rst.src, rst.dst), (PLC.into(), TECH.into()));
+    assert!(matches!(rst.l4, L4::Tcp { flags, .. } if flags.rst));
+    let udp = udp(TECH, 5000, PLC, 5001, b"x");
+    let out = rig.tun_in(&udp);
+    assert!(matches!(
+        packet::parse(&out.tun[0]),
+        Ok(Parsed::Whole(Summary {
+            l4: L4::Error(_),
+            ..
+        }))
+    ));
+    let (_, plc) = rig
+        .engine
+        .devices(A)
+        .find(|(ip, _)| **ip == IpAddr::from(PLC))
+        .expect("plc");
+    assert_eq!(plc.refused(), (2, Some("udp/5001".into())));
+    assert_eq!(plc.agents().collect::<Vec<_>>(), ["extra", "plc"]);
+    // The answers are rate-limited: a flood gets at most a burst.
+    let mut answered = 0;
+    for port in 0..1000u16 {
+        answered += rig.tun_in(&tcp(TECH, 1000 + port, PLC, 2000)).tun.len();
+    }
+    assert!(answered as u64 <= ANSWER_BURST, "{answered}");
+    // An RST is never answered.
+    let rst = tcp_flags(
+        TECH,
+        1,
+        PLC,
+        22,
+        packet::TcpFlags {
+            rst: true,
+            ..Default::default()
+        },
+    );
+    rig.now += Duration::from_secs(1);
+    assert!(rig.tun_in(&rst).tun.is_empty());
+}
+
+#[test]
+fn related_icmp_errors_pass_both_ways_for_live_flows_only() {
+    let mut rig = Rig::client();
+    let req = udp(TECH, 5000, PLC, 102, b"get");
+    assert_eq!(rig.tun_in(&req).far.len(), 1);
+    // Port unreachable from the device, and fragmentation needed from a router on the way.
+    let unreachable = icmp_error(PLC, TECH, 3, 3, &req);
+    assert_eq!(rig.site_in(A, &unreachable).tun, vec![unreachable]);
+    let router = Ipv4Addr::new(192, 168, 0, 1);
+    let frag_needed = icmp_error(router, TECH, 3, 4, &req);
+    assert_eq!(rig.site_in(A, &frag_needed).tun, vec![frag_needed]);
+    // An error about a flow never opened: dropped.
+    let other = udp(TECH, 5001, PLC, 102, b"get");
+    assert!(
+        rig.site_in(A, &icmp_error(PLC, TECH, 3, 3, &other))
+            .tun
+            .is_empty()
+    );
+    // The technician's host reports a device's reply as unwanted: passes toward the device.
+    let reply = udp(PLC, 102, TECH, 5000, b"resp");
+    assert_eq!(rig.site_in(A, &reply).tun.len(), 1);
+    let back = icmp_error(TECH, PLC, 3, 3, &reply);
+    assert_eq!(rig.tun_in(&back).far, vec![(A, back.clone())]);
+    // Echo to a connected device, and its reply.
+    assert_eq!(rig.tun_in(&echo(TECH, PLC, true, 9)).far.len(), 1);
+    assert_eq!(rig.site_in(A, &echo(PLC, TECH, false, 9)).tun.len(), 1);
+    assert!(rig.site_in(A, &echo(PLC, TECH, true, 9)).tun.is_empty());
+}
+
+#[test]
+fn fragments_are_reassembled_filtered_whole_and_sent_whole() {
+    let mut rig = Rig::client();
+    let big = may_fragment(udp(TECH, 5000, PLC, 102, &[1u8; 3000]));
+    let frags = fragments(&big, 1420);
+    let mut far = Vec::new();
+    for f in &frags {
+        far.extend(rig.tun_in(f).far);
+    }
+    assert_eq!(far, vec![(A, big.clone())]);
+    // The answer arrives whole through the tunnel and is fragmented to the TUN's MTU.
+    let answer = may_fragment(udp(PLC, 102, TECH, 5000, &[2u8; 3004]));
+    let tun = rig.site_in(A, &answer).tun;
+    assert!(tun.len() > 1 && tun.iter().all(|p| p.len() <= usize::from(crate::tun::MTU)));
+    // Fragments to a port no agent allows: refused whole, answered once.
+    let denied = may_fragment(udp(TECH, 5000, PLC, 999, &[1u8; 3000]));
+    let mut out = Out::default();
+    for f in fragments(&denied, 1420) {
+        let o = rig.tun_in(&f);
+        out.tun.extend(o.tun);
+        out.far.extend(o.far);
+    }
+    assert!(out.far.is_empty());
+    assert_eq!(out.tun.len(), 1);
+    // A datagram never completed is dropped and counted when it times out.
+    rig.tun_in(&frags[0]);
+    rig.engine
+        .handle_timeout(rig.now + crate::defrag::TIMEOUT + Duration::from_secs(1));
+    assert_eq!(rig.drops(DropReason::FragmentTimeout), 1);
+}
+
+#[test]
+fn disconnecting_one_agent_keeps_the_device_for_the_other() {
+    let mut rig = Rig::client();
+    let s103 = tcp(TECH, 1, PLC, 103);
+    assert_eq!(rig.tun_in(&s103).far.len(), 1);
+    assert_eq!(rig.engine.disconnect(A, "extra"), None, "plc remains");
+    assert!(rig.tun_in(&tcp_ack(TECH, 1, PLC, 103)).far.is_empty());
+    assert!(rig.site_in(A, &tcp_ack(PLC, 103, TECH, 1)).tun.is_empty());
+    assert_eq!(rig.tun_in(&tcp(TECH, 2, PLC, 101)).far.len(), 1);
+    assert_eq!(rig.engine.disconnect(A, "plc"), Some(PLC.into()));
+    assert_eq!(rig.engine.owner(&PLC.into()), None);
+    // A device of tunnel B cannot be connected through A.
+    assert!(matches!(
+        rig.engine
+            .connect(A, "x", DRIVE.into(), [Port::tcp(1)].into_iter().collect()),
+        Err(EngineError::DeviceOfAnotherTunnel { .. })
+    ));
+}
+
+#[test]
+fn the_site_accepts_only_its_technician_and_its_devices() {
+    let tech_key = Keypair::from_secret([7; 32]);
+    let site_key = Keypair::from_secret([8; 32]);
+    let mut engine = Engine::new(Side::Site);
+    let peer = Peer::new(&site_key, &tech_key.public_hex(), 5).expect("peer");
+    engine
+        .add_tunnel(TunnelId(5), peer, Some(TECH.into()))
+        .expect("tunnel");
+    engine
+        .connect(
+            TunnelId(5),
+            "plc",
+            PLC.into(),
+            [Port::tcp(102)].into_iter().collect(),
+        )
+        .expect("plc");
+    let mut far = BTreeMap::new();
+    far.insert(
+        TunnelId(5),
+        Peer::new(&tech_key, &site_key.public_hex(), 6).expect("far"),
+    );
+    let mut rig = Rig {
+        engine,
+        far,
+        now: Instant::now(),
+    };
+    // The technician side initiates.
+    let mut buf = vec![0u8; wg::BUFFER];
+    let init = rig
+        .far
+        .get_mut(&TunnelId(5))
+        .expect("far")
+        .initiate(&mut buf)
+        .expect("init")
+        .to_vec();
+    rig.engine.handle_datagram(TunnelId(5), &init, rig.now);
+    rig.pump();
+    let syn = tcp(TECH, 40000, PLC, 102);
+    assert_eq!(rig.site_in(TunnelId(5), &syn).tun, vec![syn]);
+    let spoofed = tcp(Ipv4Addr::new(100, 64, 0, 9), 40000, PLC, 102);
+    assert!(rig.site_in(TunnelId(5), &spoofed).tun.is_empty());
+    assert_eq!(rig.drops(DropReason::WrongTunnel), 1);
+    let reply = tcp_ack(PLC, 102, TECH, 40000);
+    assert_eq!(rig.tun_in(&reply).far, vec![(TunnelId(5), reply)]);
+    let other = tcp_ack(Ipv4Addr::new(192, 168, 0, 11), 102, TECH, 40000);
+    assert!(rig.tun_in(&other).far.is_empty());
+}
+
+/// The reference model: which (device, protocol, port) each agent allows, and the flows opened.
+#[derive(Debug, Clone)]
+enum Op {
+    /// From the TUN: a SYN, an ACK, a UDP datagram (fragmented when `big`), an echo request.
+    Out {
+        kind: u8,
+        sport: u16,
+        dev: u8,
+        dport: u16,
+        big: bool,
+    },
+    /// From tunnel `via`: a reply from device `dev`, or an ICMP error quoting a flow.
+    In {
+        via: bool,
+        kind: u8,
+        dev: u8,
+        sport: u16,
+        dport: u16,
+        error: bool,
+    },
+    /// The `extra` agent of the PLC disconnects.
+    DropExtra,
+}
+
+fn dev(i: u8) -> Ipv4Addr {
+    [PLC, DRIVE, Ipv4Addr::new(192, 168, 0, 11)][usize::from(i)]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let port = 100u16..104;
+    prop_oneof![
+        6 => (0u8..4, port.clone(), 0u8..3, port.clone(), any::<bool>()).prop_map(
+            |(kind, sport, dev, dport, big)| Op::Out { kind, sport, dev, dport, big }
+        ),
+        6 => (any::<bool>(), 0u8..4, 0u8..3, port.clone(), port, any::<bool>()).prop_map(
+            |(via, kind, dev, sport, dport, error)| Op::In { via, kind, dev, sport, dport, error }
+        ),
+        1 => Just(Op::DropExtra),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn agrees_with_the_reference_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let mut rig = Rig::client();
+        let mut allowed: Vec<(Ipv4Addr, u8, u16)> =
+            vec![(PLC, 6, 101), (PLC, 17, 102), (PLC, 6, 103), (DRIVE, 6, 101)];
+        let owner = |d: Ipv4Addr| if d == PLC { Some(A) } else if d == DRIVE { Some(B) } else { None };
+        // (proto, tech port, device, device port)
+        let mut opened: Vec<(u8, u16, Ipv4Addr, u16)> = Vec::new();
+        for o in ops {
+            match o.clone() {
+                Op::Out { kind, sport, dev: d, dport, big } => {
+                    let d = dev(d);
+                    let (p, proto, key, opens) = match kind {
+                        0 => (tcp(TECH, sport, d, dport), PROTO_TCP, (6, sport, d, dport), true),
+                        1 => (tcp_ack(TECH, sport, d, dport), PROTO_TCP, (6, sport, d, dport), false),
+                        2 => (udp(TECH, sport, d, dport, &vec![5u8; if big { 3000 } else { 10 }]), PROTO_UDP, (17, sport, d, dport), true),
+                        _ => (echo(TECH, d, true, sport), 1, (1, sport, d, 0), true),
+                    };
+                    let port_ok = proto == 1 && owner(d).is_some() || allowed.contains(&(d, proto, dport));
+                    let pass = port_ok && (opens || opened.contains(&key));
+                    let p = if kind == 2 && big { may_fragment(p) } else { p };
+                    let mut out = Out::default();
+                    let frags = if kind == 2 && big { fragments(&p, 1420) } else { vec![p.clone()] };
+                    for f in frags {
+                        let o = rig.tun_in(&f);
+                        out.tun.extend(o.tun);
+                        out.far.extend(o.far);
+                    }
+                    if pass {
+                        prop_assert_eq!(out.far, vec![(owner(d).expect("owner"), p)], "{:?}", o);
+                        if !opened.contains(&key) { opened.push(key); }
+                    } else {
+                        prop_assert!(out.far.is_empty(), "{:?}", o);
+                        // A refused port of a connected device is answered; nothing else is.
+                        let answered = owner(d).is_some() && proto != 1 && !port_ok;
+                        prop_assert_eq!(out.tun.len(), usize::from(answered), "{:?}", o);
+                    }
+                }
+                Op::In { via, kind, dev: d, sport, dport, error } => {
+                    let id = if via { B } else { A };
+                    let d = dev(d);
+                    let (reply, key) = match kind {
+                        0 | 1 => (tcp_ack(d, sport, TECH, dport), (6, dport, d, sport)),
+                        2 => (udp(d, sport, TECH, dport, b"r"), (17, dport, d, sport)),
+                        _ => (echo(d, TECH, false, dport), (1, dport, d, 0)),
+                    };
+                    let p = if error {
+                        // The device reports the technician's packet of this flow as unreachable.
+                        let sent = match kind {
+                            0 | 1 => tcp(TECH, dport, d, sport),
+                            2 => udp(TECH, dport, d, sport, b"q"),
+                            _ => echo(TECH, d, true, dport),
+                        };
+                        icmp_error(d, TECH, 3, 3, &sent)
+                    } else {
+                        reply
+                    };
+                    let pass = owner(d) == Some(id) && opened.contains(&key);
+                    let out = rig.site_in(id, &p);
+                    prop_assert!(out.far.is_empty());
+                    prop_assert_eq!(out.tun, if pass { vec![p] } else { vec![] }, "{:?}", o);
+                }
+                Op::DropExtra => {
+                    rig.engine.disconnect(A, "extra");
+                    allowed.retain(|a| *a != (PLC, 6, 103));
+                    opened.retain(|k| !(k.0 == 6 && k.2 == PLC && k.3 == 103));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_passes_and_never_panics(
+        chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 1..8),
+    ) {
+        let mut rig = Rig::client();
+        for c in &chunks {
+            let out = rig.tun_in(c);
+            prop_assert!(out.far.is_empty() || matches!(packet::parse(c), Ok(Parsed::Whole(_)) | Ok(Parsed::Fragment(_))));
+            let out = rig.site_in(A, c);
+            prop_assert!(out.tun.is_empty(), "nothing answers a flow never opened");
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! What the gateway's bench tools (`load`, `flood`) share: dialing the gateway over real TLS
+//! from a chosen loopback source, the fixture of enrolled sites and technician accounts,
+//! simulated sites (reconnecting with the real site's backoff) and technicians (with or without
+//! a live session that relays a datagram a second), one-shot login probes, and /proc readings.
+//! Not part of the product.
+#![allow(dead_code)] // each tool uses its part
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use pinhole_certs::{GatewayInfo, Identity, Pin, PinnedServerVerifier, Validity, tls};
+use pinhole_gateway::audit::Actor;
+use pinhole_gateway::state::StateDir;
+use pinhole_proto::{
+    Agent, AgentType, Backoff, ClientCore, ClientEvent, SiteCore, SiteEvent, SiteHello,
+};
+use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_rustls::TlsConnector;
+
+pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// The WireGuard key simulated sites answer with: X25519's base point, a valid public key.
+pub const SITE_KEY: &str = "0900000000000000000000000000000000000000000000000000000000000000";
+
+/// The key simulated technicians send.
+pub const CLIENT_KEY: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+/// Simulated sites and technicians are idle: a heartbeat an hour.
+pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// The `n`-th loopback address of block `second`: 127.second.(n / 250).(n % 250 + 1). The
+/// gateway caps unwelcomed connections per source address, so simulated peers that stand for
+/// distinct plants or PCs dial from distinct addresses, as they would on the internet.
+pub fn loopback(second: u8, n: u32) -> IpAddr {
+    let third = u8::try_from(n / 250).expect("at most 64 000 addresses per block");
+    let fourth = u8::try_from(n % 250 + 1).expect("below 251");
+    IpAddr::V4(Ipv4Addr::new(127, second, third, fourth))
+}
+
+/// Raises this process's descriptor limit to the hard one (thousands of links per tool).
+pub fn raise_nofile() -> u64 {
+    pinhole_gateway::listen::raise_nofile_limit()
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resident memory of `pid`, in KB.
+pub fn rss_kb(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+/// utime + stime of `pid` in clock ticks (100 per second on Linux).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Threads of `pid`.
+pub fn threads(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
+}
+
+/// Open descriptors of `pid`.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// A TCP connection to `addr` from `source` (any local address if `None`).
+pub async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    socket.connect(addr).await
+}
+
+/// A TLS link to the gateway with `config` (a peer's certificate, or none), from `source`.
+pub async fn tls_link(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    config: Arc<ClientConfig>,
+) -> anyhow::Result<Stream> {
+    let tcp = tcp(addr, source).await?;
+    Ok(tls_over(addr, tcp, config).await?)
+}
+
+/// The TLS handshake on a connected `tcp` to `addr`.
+pub async fn tls_over(
+    addr: SocketAddr,
+    tcp: TcpStream,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<Stream> {
+    tcp.set_nodelay(true)?;
+    TlsConnector::from(config)
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+}
+
+/// The client configuration of a site or technician: its certificate, the gateway's pin.
+pub fn peer_config(identity: &Identity, pin: Pin) -> anyhow::Result<Arc<ClientConfig>> {
+    Ok(Arc::new(tls::client_config(
+        identity,
+        PinnedServerVerifier::new(pin),
+    )?))
+}
+
+/// The configuration of an anonymous peer (no certificate, any server key): what an attacker
+/// or an enrolling site presents.
+pub fn anonymous_config() -> anyhow::Result<Arc<ClientConfig>> {
+    Ok(Arc::new(tls::enrollment_client_config(
+        pinhole_certs::danger::AcceptAnyServer::new(),
+    )?))
+}
+
+/// Sites and technician accounts, created directly in the gateway's state (the library calls
+/// the CLI makes). Every account is granted the domain `load`, which holds every site.
+pub struct Fixture {
+    pub pin: Pin,
+    pub sites: Vec<(String, Identity)>,
+    pub techs: Vec<(String, Identity)>,
+}
+
+pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixture> {
+    let state = StateDir::new(state);
+    let loaded = state.load()?;
+    let mut store = state.store()?;
+    // The bench's own connection need not wait for the disk at every one of its thousands of
+    // setup transactions; the gateway's connection keeps its own setting.
+    store.conn().pragma_update(None, "synchronous", "OFF")?;
+    let admin = Actor::Admin("load".into());
+    let domain: pinhole_gateway::store::DomainPath = "load".parse()?;
+    let _ = store.create_domain(&admin, &domain); // may exist already
+    let ca = &loaded.ca;
+    let mut site_ids = Vec::with_capacity(sites);
+    for i in 0..sites {
+        let name = format!("load-{i}");
+        let (key, spki) = pinhole_certs::ca::generate_site_key()?;
+        let (token, _) = store.create_token(&admin, &domain, Duration::from_secs(600))?;
+        let cert = store.enroll(&token, &name, || {
+            let c = ca
+                .issue_site(&name, &spki, Validity::days_from_now(2))
+                .map_err(|e| e.to_string())?;
+            let serial = pinhole_certs::PeerIdentity::from_certificate(&c)
+                .map_err(|e| e.to_string())?
+                .serial;
+            Ok((c.to_vec(), serial))
+        })?;
+        let id = Identity::from_parts(
+            key,
+            vec![CertificateDer::from(cert), ca.certificate().clone()],
+        )
+        .context("site identity")?;
+        site_ids.push((name, id));
+    }
+    let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
+    let mut tech_ids = Vec::with_capacity(techs);
+    for i in 0..techs {
+        let name = format!("tech-{i}");
+        let id = ca.issue_technician(&name, &info, Validity::days_from_now(2))?;
+        let serial = pinhole_certs::PeerIdentity::from_certificate(id.certificate())?.serial;
+        store.create_account(&admin, &name, &serial, 2)?;
+        store.set_grant(&admin, &name, &domain, true)?;
+        tech_ids.push((name, id));
+    }
+    Ok(Fixture {
+        pin: loaded.pin,
+        sites: site_ids,
+        techs: tech_ids,
+    })
+}
+
+/// Datagrams of one direction of the live sessions: sent and received, and whether senders
+/// still send (they stop before the counts are compared).
+#[derive(Debug)]
+pub struct Traffic {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub sending: AtomicBool,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            sending: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Traffic {
+    fn send(&self) -> bool {
+        let on = self.sending.load(Ordering::Relaxed);
+        if on {
+            self.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        on
+    }
+
+    fn received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The datagram both ends of a live session send every second.
+pub const DATA_EVERY: Duration = Duration::from_secs(1);
+
+/// A simulated site.
+pub struct SimSite {
+    pub index: usize,
+    pub config: Arc<ClientConfig>,
+    pub source: Option<IpAddr>,
+    /// Sends a datagram every second on each of its open sessions (counted in `to_tech`), and
+    /// counts what arrives (`to_site`).
+    pub live: bool,
+}
+
+#[derive(Debug)]
+pub enum SiteNote {
+    Welcomed {
+        site: usize,
+        at: Instant,
+    },
+    /// The link ended, or a dial failed (`welcomed` false).
+    Lost {
+        site: usize,
+        at: Instant,
+        welcomed: bool,
+        why: String,
+    },
+}
+
+/// Both directions of the live sessions.
+#[derive(Debug, Default)]
+pub struct LiveTraffic {
+    pub to_site: Traffic,
+    pub to_tech: Traffic,
+}
+
+/// A site that says hello, answers heartbeats and opens every session it is asked for; when
+/// its link ends it dials again after the real site's backoff (reset after a welcome), until
+/// `reconnect` is false.
+pub async fn run_site(
+    addr: SocketAddr,
+    site: SimSite,
+    notes: UnboundedSender<SiteNote>,
+    traffic: Arc<LiveTraffic>,
+    reconnect: bool,
+) {
+    let mut backoff = Backoff::new();
+    loop {
+        let mut welcomed = false;
+        let why = match site_link(addr, &site, &notes, &traffic, &mut welcomed).await {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("{e:#}"),
+        };
+        let _ = notes.send(SiteNote::Lost {
+            site: site.index,
+            at: Instant::now(),
+            welcomed,
+            why,
+        });
+        if !reconnect {
+            return;
+        }
+        if welcomed {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(u32::from_ne_bytes(pinhole_certs::random::<4>()));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn plc() -> Agent {
+    Agent::new(
+        "plc",
+        AgentType::SiemensS7,
+        IpAddr::V4(Ipv4Addr::new(192, 168, 0, 10)),
+        [],
+    )
+}
+
+async fn site_link(
+    addr: SocketAddr,
+    site: &SimSite,
+    notes: &UnboundedSender<SiteNote>,
+    traffic: &LiveTraffic,
+    welcomed: &mut bool,
+) -> anyhow::Result<()> {
+    let mut s = tls_link(addr, site.source, site.config.clone()).await?;
+    let agent = plc();
+    let mut core = SiteCore::new(
+        Instant::now(),
+        SiteHello {
+            software: "load".into(),
+            boot_id: "load".into(),
+            heartbeat: IDLE_HEARTBEAT,
+            agents: vec![agent.clone()],
+        },
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut sessions = BTreeSet::new();
+    let mut tick = tokio::time::interval(DATA_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                SiteEvent::Welcomed => {
+                    *welcomed = true;
+                    let _ = notes.send(SiteNote::Welcomed {
+                        site: site.index,
+                        at: Instant::now(),
+                    });
+                }
+                SiteEvent::SessionOpen { session, .. } => {
+                    core.session_opened(session, SITE_KEY, agent.clone(), Instant::now());
+                    sessions.insert(session);
+                }
+                SiteEvent::SessionClose { session, .. } => {
+                    sessions.remove(&session);
+                }
+                SiteEvent::Data { .. } if site.live => traffic.to_site.received(),
+                SiteEvent::Closed(r) => bail!("site link closed: {r:?}"),
+                _ => {}
+            }
+        }
+        while let Some(b) = core.poll_transmit() {
+            s.write_all(&b).await?;
+        }
+        s.flush().await?;
+        let timeout = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
+        let send_data = site.live && !sessions.is_empty();
+        tokio::select! {
+            read = s.read(&mut buf) => {
+                let n = read?;
+                if n == 0 {
+                    bail!("the gateway closed the link");
+                }
+                core.handle_input(&buf[..n], Instant::now());
+            }
+            _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+            _ = tick.tick(), if send_data => {
+                let now = Instant::now();
+                for &session in &sessions {
+                    if traffic.to_tech.send() {
+                        core.send_data(session, b"site to technician", now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A simulated technician with one session.
+pub struct SimTech {
+    pub index: usize,
+    pub config: Arc<ClientConfig>,
+    pub source: Option<IpAddr>,
+    pub site: String,
+    /// Sends a datagram every second once the session is open (counted in `to_site`), and
+    /// counts what arrives (`to_tech`).
+    pub live: bool,
+}
+
+#[derive(Debug)]
+pub enum TechNote {
+    Opened {
+        tech: usize,
+        at: Instant,
+    },
+    /// The session or the link ended.
+    Ended {
+        tech: usize,
+        at: Instant,
+        why: String,
+    },
+}
+
+/// A technician that logs in, opens one session to its site and keeps it until the link or the
+/// session ends.
+pub async fn run_technician(
+    addr: SocketAddr,
+    tech: SimTech,
+    notes: UnboundedSender<TechNote>,
+    traffic: Arc<LiveTraffic>,
+) {
+    let why = match technician_link(addr, &tech, &notes, &traffic).await {
+        Ok(why) => why,
+        Err(e) => format!("{e:#}"),
+    };
+    let _ = notes.send(TechNote::Ended {
+        tech: tech.index,
+        at: Instant::now(),
+        why,
+    });
+}
+
+async fn technician_link(
+    addr: SocketAddr,
+    tech: &SimTech,
+    notes: &UnboundedSender<TechNote>,
+    traffic: &LiveTraffic,
+) -> anyhow::Result<String> {
+    let mut s = tls_link(addr, tech.source, tech.config.clone()).await?;
+    let mut core = ClientCore::new(Instant::now(), "load", IDLE_HEARTBEAT);
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut open = false;
+    let mut tick = tokio::time::interval(DATA_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                ClientEvent::LoggedIn { .. } => {
+                    core.open_session(1, &tech.site, "plc", CLIENT_KEY, Instant::now());
+                }
+                ClientEvent::SessionOpened { .. } => {
+                    open = true;
+                    let _ = notes.send(TechNote::Opened {
+                        tech: tech.index,
+                        at: Instant::now(),
+                    });
+                }
+                ClientEvent::SessionRefused { reason, .. } => bail!("session refused: {reason}"),
+                ClientEvent::SessionClosed { reason, .. } => {
+                    return Ok(format!("session closed: {reason}"));
+                }
+                ClientEvent::Data { .. } if tech.live => traffic.to_tech.received(),
+                ClientEvent::Closed(r) => return Ok(format!("link closed: {r:?}")),
+                _ => {}
+            }
+        }
+        while let Some(b) = core.poll_transmit() {
+            s.write_all(&b).await?;
+        }
+        s.flush().await?;
+        let timeout = core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
+        tokio::select! {
+            read = s.read(&mut buf) => {
+                let n = read.unwrap_or(0);
+                if n == 0 {
+                    return Ok("the gateway closed the link".into());
+                }
+                core.handle_input(&buf[..n], Instant::now());
+            }
+            _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+            _ = tick.tick(), if tech.live && open => {
+                if traffic.to_site.send() {
+                    core.send_data(1, b"technician to site", Instant::now());
+                }
+            }
+        }
+    }
+}
+
+/// What one legitimate technician waited for.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeTimes {
+    /// From the TCP connect to `welcome` (TLS handshake, hello, account check, inventory).
+    pub login: Duration,
+    /// From `session_open` to `session_opened` (the gateway asks the site, the site answers).
+    pub connect: Duration,
+}
+
+/// One technician login and session open, over a fresh link, then logout. `stage` tells how far
+/// it got (for a caller that gives up waiting).
+pub async fn probe(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    config: Arc<ClientConfig>,
+    site: &str,
+    stage: &std::cell::Cell<&'static str>,
+) -> anyhow::Result<ProbeTimes> {
+    let t0 = Instant::now();
+    stage.set("dial");
+    let mut s = tls_link(addr, source, config).await.context("dial")?;
+    stage.set("login");
+    let mut core = ClientCore::new(t0, "probe", IDLE_HEARTBEAT);
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut login, mut asked) = (None, t0);
+    loop {
+        while let Some(ev) = core.poll_event() {
+            match ev {
+                ClientEvent::LoggedIn { .. } => {
+                    login = Some(t0.elapsed());
+                    asked = Instant::now();
+                    stage.set("session open");
+                    core.open_session(1, site, "plc", CLIENT_KEY, asked);
+                }
+                ClientEvent::SessionOpened { .. } => {
+                    let times = ProbeTimes {
+                        login: login.context("opened before login")?,
+                        connect: asked.elapsed(),
+                    };
+                    let now = Instant::now();
+                    stage.set("logout");
+                    core.close_session(1, None, "probe done", now);
+                    core.logout(now);
+                    while let Some(b) = core.poll_transmit() {
+                        s.write_all(&b).await?;
+                    }
+                    let _ = s.shutdown().await;
+                    return Ok(times);
+                }
+                ClientEvent::SessionRefused { reason, .. } => bail!("session refused: {reason}"),
+                ClientEvent::Closed(r) => bail!("link closed: {r:?}"),
+                _ => {}
+            }
+        }
+        while let Some(b) = core.poll_transmit() {
+            s.write_all(&b).await?;
+        }
+        s.flush().await?;
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            bail!(
+                "the gateway closed the link {}",
+                if login.is_some() {
+                    "after the login"
+                } else {
+                    "before the login"
+                }
+            );
+        }
+        core.handle_input(&buf[..n], Instant::now());
+    }
+}
+
+/// p-th percentile (nearest rank) of `v`, in ms.
+pub fn percentile_ms(v: &[Duration], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    s.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(round1(s[rank.clamp(1, s.len()) - 1]))
+}
+
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
