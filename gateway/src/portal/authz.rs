@@ -39,9 +39,28 @@ impl AdminRole {
         }
     }
 
-    /// The audit log covers every domain and the gateway itself.
+    /// Renaming or deleting `domain` itself: a domain administrator's own root was given by
+    /// a gateway administrator and stays theirs; the domains below it are its own.
+    pub fn may_manage_domain(&self, domain: &str) -> bool {
+        match self {
+            AdminRole::Gateway => true,
+            AdminRole::Domain(scope) => domain != scope.as_str() && within(domain, scope.as_str()),
+            AdminRole::Auditor => false,
+        }
+    }
+
+    /// The whole audit log: the gateway's own records and every domain's.
     pub fn may_read_audit(&self) -> bool {
         matches!(self, AdminRole::Gateway | AdminRole::Auditor)
+    }
+
+    /// The subtree whose audit records a role reads (its domains, and its sites, accounts and
+    /// administrators as they are now); `None`: the whole log.
+    pub fn audit_scope(&self) -> Option<&DomainPath> {
+        match self {
+            AdminRole::Gateway | AdminRole::Auditor => None,
+            AdminRole::Domain(d) => Some(d),
+        }
     }
 
     /// Creating and closing administrators, revoking sites' certificates gateway-wide.
@@ -117,6 +136,8 @@ mod tests {
         }
         assert!(!r.may_read_audit());
         assert!(!r.is_gateway());
+        assert!(r.may_manage_domain("acme.plant-a") && !r.may_manage_domain("acme"));
+        assert!(!r.may_manage_domain("globex") && !r.may_manage_domain("acme2"));
     }
 
     #[test]

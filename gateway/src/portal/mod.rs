@@ -19,6 +19,7 @@
 
 pub mod admins;
 pub mod authz;
+mod changes;
 mod guard;
 pub mod lockout;
 mod pages;

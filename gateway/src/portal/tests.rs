@@ -45,14 +45,18 @@ impl Live for FakeLive {
     }
 }
 
-struct FakeCa;
+/// Issues "bundles" whose serial is the account and a counter: every issue is a new
+/// certificate.
+#[derive(Default)]
+struct FakeCa(std::sync::atomic::AtomicU32);
 
 impl BundleIssuer for FakeCa {
     fn issue(&self, account: &str, _days: i64) -> Result<IssuedBundle, String> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(IssuedBundle {
-            p12: zeroize::Zeroizing::new(format!("p12 of {account}").into_bytes()),
+            p12: zeroize::Zeroizing::new(format!("p12 of {account} #{n}").into_bytes()),
             password: zeroize::Zeroizing::new("bundle-password".into()),
-            serial: account.as_bytes().to_vec(),
+            serial: format!("{account}-{n}").into_bytes(),
         })
     }
 }
@@ -135,7 +139,7 @@ impl World {
         Portal::new(
             open_store(dir),
             live,
-            Arc::new(FakeCa),
+            Arc::new(FakeCa::default()),
             PortalConfig {
                 hosts: vec!["localhost".into()],
                 issuer: "Pinhole test".into(),
@@ -404,17 +408,23 @@ async fn a_domain_admin_of_acme_gets_403_for_globex_objects() {
             &[("name", "globex-site"), ("confirm", "yes")],
         ),
         ("/sessions/end", &[("session", "7")]),
+        (
+            "/domains/rename",
+            &[("domain", "globex"), ("name", "globex2")],
+        ),
+        // Its own root is the gateway administrator's to rename or delete.
+        ("/domains/rename", &[("domain", "acme"), ("name", "acme2")]),
+        (
+            "/domains/delete",
+            &[("domain", "globex"), ("confirm", "yes")],
+        ),
+        ("/domains/delete", &[("domain", "acme"), ("confirm", "yes")]),
+        ("/accounts/reissue", &[("name", "gus"), ("confirm", "yes")]),
+        ("/accounts/reissue", &[("name", "gus")]),
     ];
     for (path, form) in cases {
         let r = w.submit(path, &a, form).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "POST {path} {form:?}");
-    }
-    for path in ["/audit", "/audit/export?format=csv"] {
-        assert_eq!(
-            w.get(path, Some(&a)).await.status(),
-            StatusCode::FORBIDDEN,
-            "GET {path}"
-        );
     }
     assert_eq!(w.audit_rows(), before, "nothing changed");
     assert_eq!(
@@ -422,8 +432,17 @@ async fn a_domain_admin_of_acme_gets_403_for_globex_objects() {
         2,
         "the globex session is still open"
     );
-    // What it lists is its own.
-    for path in ["/", "/accounts", "/domains", "/access", "/sites"] {
+    // What it lists is its own, the audit log included.
+    for path in [
+        "/",
+        "/accounts",
+        "/domains",
+        "/access",
+        "/sites",
+        "/audit",
+        "/audit/export?format=csv",
+        "/audit/export?format=jsonl",
+    ] {
         let r = w.get(path, Some(&a)).await;
         assert_eq!(r.status(), StatusCode::OK, "GET {path}");
         let html = body(r).await;
@@ -467,6 +486,18 @@ async fn an_auditor_reads_everything_and_changes_nothing() {
             &[("account", "alice"), ("domain", "acme"), ("confirm", "yes")],
         ),
         ("/domains/create", &[("domain", "acme.x")]),
+        (
+            "/domains/rename",
+            &[("domain", "acme.plant-a"), ("name", "plant-z")],
+        ),
+        (
+            "/domains/delete",
+            &[("domain", "acme.plant-a"), ("confirm", "yes")],
+        ),
+        (
+            "/accounts/reissue",
+            &[("name", "alice"), ("confirm", "yes")],
+        ),
         ("/sites/move", &[("site", "acme-site"), ("domain", "acme")]),
         (
             "/sites/revoke",
@@ -778,7 +809,7 @@ async fn an_account_is_created_its_bundle_downloads_once_and_it_closes_with_a_na
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()[header::CONTENT_TYPE], "application/x-pkcs12");
-    assert_eq!(body(r).await, "p12 of bob");
+    assert_eq!(body(r).await, "p12 of bob #0");
     let r = w
         .submit("/accounts/bundle", &root, &[("token", &token)])
         .await;
@@ -885,4 +916,273 @@ async fn a_grant_says_what_it_opens_before_it_is_saved() {
         html.contains("inherited from acme"),
         "the subdomain is marked inherited"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_domain_is_renamed_with_its_subtree_and_deleted_only_when_empty() {
+    let w = World::new();
+    let root = w.login_as("root");
+    w.portal
+        .db(|s| {
+            s.create_domain(&Actor::System, &d("acme.plant-a.line-3"))?;
+            s.set_grant(&Actor::System, "alice", &d("acme.plant-a"), true)
+        })
+        .expect("setup");
+    let r = w
+        .submit(
+            "/domains/rename",
+            &root,
+            &[("domain", "acme.plant-a"), ("name", "plant-z")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let domains = w.portal.db(|s| s.domains()).expect("domains");
+    assert_eq!(
+        domains,
+        ["acme", "acme.plant-z", "acme.plant-z.line-3", "globex"],
+        "the subtree moved with it"
+    );
+    let site = w
+        .portal
+        .db(|s| s.sites())
+        .expect("sites")
+        .into_iter()
+        .find(|s| s.name == "acme-site")
+        .expect("site");
+    assert_eq!(site.domain, "acme.plant-z");
+    let alice = w.portal.db(|s| s.account("alice")).expect("q").expect("a");
+    assert_eq!(alice.grants, ["acme.plant-z"], "the grant follows");
+    assert!(
+        w.events().iter().any(|e| e.starts_with(
+            "domain renamed | admin:root | domain acme.plant-a renamed to acme.plant-z"
+        )),
+        "{:#?}",
+        w.events()
+    );
+    // Onto an existing name, onto itself, or to an invalid one: refused.
+    for (dom, name) in [
+        ("globex", "acme"),
+        ("acme.plant-z", "plant-z"),
+        ("acme.plant-z", "Bad Name"),
+        ("acme.plant-z", "a.b"),
+    ] {
+        let r = w
+            .submit("/domains/rename", &root, &[("domain", dom), ("name", name)])
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{dom} to {name}");
+    }
+    let r = w
+        .submit(
+            "/domains/rename",
+            &root,
+            &[("domain", "acme.plant-z.line-3"), ("name", "plant-z")],
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::SEE_OTHER,
+        "a sibling name elsewhere is fine"
+    );
+
+    // Delete: a confirmation naming it first; a domain with a site, a subdomain, a grant or
+    // an account in it stays.
+    let before = w.audit_rows();
+    for dom in ["acme.plant-z", "acme", "globex"] {
+        let r = w
+            .submit(
+                "/domains/delete",
+                &root,
+                &[("domain", dom), ("confirm", "yes")],
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{dom} is not empty");
+        assert!(body(r).await.contains("not empty"));
+    }
+    assert_eq!(w.audit_rows(), before);
+    w.portal
+        .db(|s| s.create_domain(&Actor::System, &d("acme.empty")))
+        .expect("empty");
+    let r = w
+        .submit("/domains/delete", &root, &[("domain", "acme.empty")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(body(r).await.contains("Delete domain acme.empty"));
+    assert!(
+        w.portal
+            .db(|s| s.domains())
+            .expect("d")
+            .contains(&"acme.empty".to_owned())
+    );
+    let r = w
+        .submit(
+            "/domains/delete",
+            &root,
+            &[("domain", "acme.empty"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(
+        !w.portal
+            .db(|s| s.domains())
+            .expect("d")
+            .contains(&"acme.empty".to_owned())
+    );
+    assert!(
+        w.events()
+            .iter()
+            .any(|e| e.starts_with("domain deleted | admin:root | domain acme.empty deleted"))
+    );
+    // A domain administrator manages the domains below its own.
+    let a = w.login_as("acme-admin");
+    let r = w
+        .submit(
+            "/domains/rename",
+            &a,
+            &[("domain", "acme.plant-z.plant-z"), ("name", "line-4")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    let html = body(w.get("/domains", Some(&a)).await).await;
+    assert!(html.contains("acme.plant-z.line-4"), "{html}");
+    assert!(
+        html.contains("action=\"/domains/rename\"") && html.contains("action=\"/domains/delete\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificate_expiry_is_shown_and_warned_about_30_days_ahead() {
+    let w = World::new();
+    let root = w.login_as("root");
+    w.portal
+        .db(|s| {
+            s.create_account_in(&Actor::System, "bob", b"bob", 20, &d("acme"))?;
+            s.create_account_in(&Actor::System, "carol", b"carol", 365, &d("acme"))
+        })
+        .expect("accounts");
+    let html = body(w.get("/accounts", Some(&root)).await).await;
+    let row = |name: &str| -> String {
+        let at = html.find(&format!("<td>{name}</td>")).expect("row");
+        html[at..at + html[at..].find("</tr>").expect("end")].to_owned()
+    };
+    let in_days = |days: i64| {
+        crate::store::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::days(days))[..10]
+            .to_owned()
+    };
+    assert!(row("bob").contains(&in_days(20)), "{}", row("bob"));
+    assert!(row("bob").contains("expires in 20 days"), "{}", row("bob"));
+    assert!(row("bob").contains("class=\"warn\""), "{}", row("bob"));
+    assert!(row("carol").contains(&in_days(365)), "{}", row("carol"));
+    assert!(!row("carol").contains("class=\"warn\""), "{}", row("carol"));
+    // The dashboard says so too.
+    let html = body(w.get("/", Some(&root)).await).await;
+    assert!(html.contains("id=\"expiring\""), "{html}");
+    assert!(html.contains("bob (in 20 days)"), "{html}");
+    assert!(!html.contains("carol"), "{html}");
+    // A domain administrator of globex would not see bob's.
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reissued_bundle_revokes_the_old_certificate_and_downloads_once() {
+    let w = World::new();
+    let root = w.login_as("root");
+    let r = w
+        .submit("/accounts/reissue", &root, &[("name", "alice")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(body(r).await.contains("Re-issue the bundle of alice"));
+    let old = w
+        .portal
+        .db(|s| s.account("alice"))
+        .expect("q")
+        .expect("a")
+        .serial;
+    let r = w
+        .submit(
+            "/accounts/reissue",
+            &root,
+            &[("name", "alice"), ("confirm", "yes"), ("days", "90")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = body(r).await;
+    assert!(html.contains("id=\"bundle-password\""), "{html}");
+    assert!(
+        html.contains("bundle-password</code>"),
+        "the password is shown: {html}"
+    );
+    let now = w.portal.db(|s| s.account("alice")).expect("q").expect("a");
+    assert_ne!(now.serial, old);
+    assert!(now.closed.is_none());
+    let revoked = w.portal.db(|s| s.revoked()).expect("revoked");
+    assert!(revoked.contains(&old), "the old certificate is revoked");
+    assert!(!revoked.contains(&now.serial));
+    let at = html.find("name=\"token\" value=\"").expect("token") + 20;
+    let token = html[at..at + 32].to_owned();
+    let r = w
+        .submit("/accounts/bundle", &root, &[("token", &token)])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body(r).await, "p12 of alice #0");
+    let r = w
+        .submit("/accounts/bundle", &root, &[("token", &token)])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "once");
+    assert!(
+        w.events()
+            .iter()
+            .any(|e| e
+                .starts_with("account bundle re-issued | admin:root | account alice: certificate")),
+        "{:#?}",
+        w.events()
+    );
+    let html = body(w.get("/accounts", Some(&root)).await).await;
+    let in_90 = crate::store::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::days(90));
+    assert!(html.contains(&in_90[..10]), "the new expiry is shown");
+    // A closed account gets no new bundle.
+    w.portal
+        .db(|s| s.close_account(&Actor::System, "gus"))
+        .expect("close");
+    let r = w
+        .submit(
+            "/accounts/reissue",
+            &root,
+            &[("name", "gus"), ("confirm", "yes")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_domain_admin_reads_and_exports_the_audit_log_of_its_subtree_only() {
+    let w = World::new();
+    let a = w.login_as("acme-admin");
+    let r = w.get("/audit", Some(&a)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let html = body(r).await;
+    for mine in [
+        "account alice created",
+        "site acme-site enrolled",
+        "domain acme.plant-a created",
+    ] {
+        assert!(html.contains(mine), "{mine}: {html}");
+    }
+    for theirs in ["gus", "globex"] {
+        assert!(!html.contains(theirs), "{theirs}: {html}");
+    }
+    for format in ["csv", "jsonl"] {
+        let r = w
+            .get(&format!("/audit/export?format={format}"), Some(&a))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let text = body(r).await;
+        assert!(text.contains("account alice created"), "{text}");
+        assert!(!text.contains("gus") && !text.contains("globex"), "{text}");
+    }
+    // Asking for a globex site by name shows nothing either.
+    let html = body(w.get("/audit?site=globex-site", Some(&a)).await).await;
+    assert!(html.contains("0 events") && !html.contains("globex-site enrolled"));
+    // The gateway's auditor sees everything.
+    let aud = w.login_as("aud");
+    let html = body(w.get("/audit", Some(&aud)).await).await;
+    assert!(html.contains("account gus created"), "{html}");
 }

@@ -63,6 +63,37 @@ fn account_for_write(p: &Portal, admin: &Admin, name: &str) -> Result<Option<Str
     }
 }
 
+/// Certificates expiring within this many days are warned about (accounts page, dashboard):
+/// a month leaves time to hand a technician a re-issued bundle.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// An account certificate's expiry as the pages show it: the date, and whether (and how) to
+/// warn. `None`: not recorded (accounts older than the column).
+fn expiry_view(expires: Option<&str>, now: time::OffsetDateTime) -> (String, Option<String>) {
+    let Some(text) = expires else {
+        return ("unknown".into(), None);
+    };
+    let Ok(at) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    else {
+        return (text.to_owned(), None);
+    };
+    let date = text.get(..10).unwrap_or(text).to_owned();
+    let left = at - now;
+    if left <= time::Duration::ZERO {
+        return (date, Some("expired".into()));
+    }
+    // Whole days, rounded up: a certificate valid 20 days from now shows "in 20 days".
+    let days = (left.whole_seconds() + 86_399) / 86_400;
+    if days <= EXPIRY_WARNING_DAYS {
+        (
+            date,
+            Some(format!("in {}", plural(days as usize, "day", "days"))),
+        )
+    } else {
+        (date, None)
+    }
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -105,6 +136,8 @@ struct Dashboard {
     online: Vec<SiteRow>,
     offline: Vec<SiteRow>,
     sessions: Vec<SessionView>,
+    /// Open accounts whose certificate expires within [`EXPIRY_WARNING_DAYS`]: "bob (in 20 days)".
+    expiring: Vec<String>,
 }
 
 pub async fn dashboard(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Response> {
@@ -135,12 +168,27 @@ pub async fn dashboard(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Res
             })
         })
         .collect();
+    let now = time::OffsetDateTime::now_utc();
+    let mut expiring = Vec::new();
+    for a in p.db(|s| s.accounts())? {
+        if a.closed.is_some() {
+            continue;
+        }
+        let home = p.db(|s| s.account_domain(&a.name))?;
+        if !admin.role().may_read(home.as_deref()) {
+            continue;
+        }
+        if let (_, Some(warn)) = expiry_view(a.expires.as_deref(), now) {
+            expiring.push(format!("{} ({warn})", a.name));
+        }
+    }
     let (online, offline) = sites.into_iter().partition(|s| s.online);
     Ok(render(&Dashboard {
         nav: Nav::new(&admin, "dashboard"),
         online,
         offline,
         sessions,
+        expiring,
     }))
 }
 
@@ -175,6 +223,9 @@ struct AccountView {
     row: AccountRow,
     domain: String,
     may_write: bool,
+    expires: String,
+    /// "in 20 days", "expired": shown highlighted.
+    warning: Option<String>,
 }
 
 #[derive(Template)]
@@ -196,11 +247,15 @@ fn writable_domains(p: &Portal, admin: &Admin) -> Result<Vec<String>> {
 
 pub async fn accounts(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Response> {
     let rows = p.db(|s| s.accounts())?;
+    let now = time::OffsetDateTime::now_utc();
     let mut accounts = Vec::new();
     for row in rows {
         let domain = p.db(|s| s.account_domain(&row.name))?;
         if admin.role().may_read(domain.as_deref()) {
+            let (expires, warning) = expiry_view(row.expires.as_deref(), now);
             accounts.push(AccountView {
+                expires,
+                warning: warning.filter(|_| row.closed.is_none()),
                 may_write: admin.role().may_write(domain.as_deref()) && row.closed.is_none(),
                 domain: domain.unwrap_or_default(),
                 row,
@@ -224,14 +279,51 @@ pub struct CreateAccountForm {
     days: Option<i64>,
 }
 
+/// The page that shows a new bundle's password once and offers its download once.
 #[derive(Template)]
 #[template(path = "account_created.html")]
 struct AccountCreated {
     nav: Nav,
+    heading: String,
+    detail: String,
     name: String,
-    ip: String,
     password: String,
     token: String,
+}
+
+/// Keeps `p12` for one download by this session; returns the download token.
+fn hold_bundle(
+    p: &Portal,
+    sid: &Sid,
+    account: &str,
+    p12: zeroize::Zeroizing<Vec<u8>>,
+) -> Result<String> {
+    let token = hex::encode(pinhole_certs::random::<16>());
+    let now = Instant::now();
+    let mut s = p.sessions();
+    let Some(sess) = sid.0.as_ref().and_then(|id| s.get(id, now)) else {
+        return Err(PortalError::Invalid("session ended".into()));
+    };
+    sess.bundles.insert(
+        token.clone(),
+        PendingBundle {
+            account: account.to_owned(),
+            p12,
+            expires: now + BUNDLE_TTL,
+        },
+    );
+    Ok(token)
+}
+
+fn check_days(days: Option<i64>) -> Result<i64> {
+    let days = days.unwrap_or(pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS);
+    if (1..=3650).contains(&days) {
+        Ok(days)
+    } else {
+        Err(PortalError::Invalid(
+            "validity must be 1 to 3650 days".into(),
+        ))
+    }
 }
 
 pub async fn create_account(
@@ -253,12 +345,7 @@ pub async fn create_account(
         return Err(PortalError::Forbidden);
     }
     pinhole_certs::ca::check_name(&name).map_err(|e| PortalError::Invalid(e.to_string()))?;
-    let days = f.days.unwrap_or(pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS);
-    if !(1..=3650).contains(&days) {
-        return Err(PortalError::Invalid(
-            "validity must be 1 to 3650 days".into(),
-        ));
-    }
+    let days = check_days(f.days)?;
     if p.db(|s| s.account(&name))?.is_some() {
         return Err(PortalError::Invalid(format!(
             "account {name} already exists"
@@ -271,26 +358,70 @@ pub async fn create_account(
         Some(d) => s.create_account_in(&actor, &name, &bundle.serial, days, d),
         None => s.create_account(&actor, &name, &bundle.serial, days),
     })?;
-    let token = hex::encode(pinhole_certs::random::<16>());
-    {
-        let now = Instant::now();
-        let mut s = p.sessions();
-        let Some(sess) = sid.0.as_ref().and_then(|id| s.get(id, now)) else {
-            return Err(PortalError::Invalid("session ended".into()));
-        };
-        sess.bundles.insert(
-            token.clone(),
-            PendingBundle {
-                account: name.clone(),
-                p12: bundle.p12,
-                expires: now + BUNDLE_TTL,
-            },
-        );
-    }
+    let token = hold_bundle(&p, &sid, &name, bundle.p12)?;
     Ok(render(&AccountCreated {
         nav: Nav::new(&admin, "accounts"),
+        heading: format!("Account {name} created"),
+        detail: format!("Tunnel address {ip}."),
         name,
-        ip: ip.to_string(),
+        password: bundle.password.to_string(),
+        token,
+    }))
+}
+
+#[derive(Deserialize)]
+pub struct ReissueForm {
+    name: String,
+    #[serde(default)]
+    days: Option<i64>,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// A new bundle for an open account; its old certificate is revoked in the same transaction,
+/// so the running server ends the old bundle's link at once.
+pub async fn reissue_account(
+    State(p): State<Arc<Portal>>,
+    Extension(sid): Extension<Sid>,
+    admin: Admin,
+    Form(f): Form<ReissueForm>,
+) -> Result<Response> {
+    account_for_write(&p, &admin, &f.name)?;
+    let days = check_days(f.days)?;
+    if f.confirm != "yes" {
+        return Ok(render(&ConfirmPage {
+            nav: Nav::new(&admin, "accounts"),
+            question: format!(
+                "Re-issue the bundle of {}? Its current certificate is revoked at once (its live sessions end); the new bundle is valid {days} days.",
+                f.name
+            ),
+            action: "/accounts/reissue",
+            fields: vec![("name", f.name.clone()), ("days", days.to_string())],
+            button: format!("Re-issue the bundle of {}", f.name),
+            back: "/accounts",
+        }));
+    }
+    match p.db(|s| s.account(&f.name))? {
+        Some(a) if a.closed.is_none() => {}
+        _ => {
+            return Err(PortalError::Invalid(format!(
+                "account {} is closed: it gets no new bundle",
+                f.name
+            )));
+        }
+    }
+    let bundle = tokio::task::block_in_place(|| p.bundles.issue(&f.name, days))
+        .map_err(PortalError::Invalid)?;
+    p.db(|s| s.reissue_account(&admin.actor(), &f.name, &bundle.serial, days))?;
+    let token = hold_bundle(&p, &sid, &f.name, bundle.p12)?;
+    Ok(render(&AccountCreated {
+        nav: Nav::new(&admin, "accounts"),
+        heading: format!("Bundle of {} re-issued", f.name),
+        detail: format!(
+            "The previous certificate is revoked. The new one is valid {}.",
+            plural(days as usize, "day", "days")
+        ),
+        name: f.name,
         password: bundle.password.to_string(),
         token,
     }))
@@ -393,9 +524,13 @@ pub async fn close_account(
 
 struct DomainNode {
     name: String,
+    /// The last label, which a rename changes.
+    label: String,
     depth: usize,
     sites: Vec<SiteRow>,
     may_write: bool,
+    /// Rename and delete.
+    may_manage: bool,
 }
 
 #[derive(Template)]
@@ -417,6 +552,8 @@ pub async fn domains(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Respo
             depth: d.matches('.').count(),
             sites: sites.iter().filter(|s| s.domain == d).cloned().collect(),
             may_write: admin.role().may_write(Some(&d)),
+            may_manage: admin.role().may_manage_domain(&d),
+            label: d.rsplit('.').next().unwrap_or(&d).to_owned(),
             name: d,
         })
         .collect();
@@ -453,6 +590,71 @@ pub async fn create_domain(
     }
     p.db(|s| s.create_domain(&admin.actor(), &d))?;
     Ok(Redirect::to("/domains").into_response())
+}
+
+#[derive(Deserialize)]
+pub struct RenameForm {
+    domain: String,
+    /// The new last label.
+    name: String,
+}
+
+pub async fn rename_domain(
+    State(p): State<Arc<Portal>>,
+    admin: Admin,
+    Form(f): Form<RenameForm>,
+) -> Result<Response> {
+    let from = parse_domain(&f.domain)?;
+    if !admin.role().may_manage_domain(from.as_str()) {
+        return Err(PortalError::Forbidden);
+    }
+    let label = f.name.trim();
+    if label.contains('.') {
+        return Err(PortalError::Invalid(format!(
+            "`{label}` is not one label: a rename keeps the domain under its parent"
+        )));
+    }
+    let to = match from.as_str().rsplit_once('.') {
+        Some((parent, _)) => parse_domain(&format!("{parent}.{label}"))?,
+        None => parse_domain(label)?,
+    };
+    if !admin.role().may_manage_domain(to.as_str()) {
+        return Err(PortalError::Forbidden);
+    }
+    p.db(|s| s.rename_domain(&admin.actor(), &from, &to))?;
+    Ok(Redirect::to("/domains").into_response())
+}
+
+pub async fn delete_domain(
+    State(p): State<Arc<Portal>>,
+    admin: Admin,
+    Form(f): Form<ConfirmDomainForm>,
+) -> Result<Response> {
+    let d = parse_domain(&f.domain)?;
+    if !admin.role().may_manage_domain(d.as_str()) {
+        return Err(PortalError::Forbidden);
+    }
+    if f.confirm != "yes" {
+        return Ok(render(&ConfirmPage {
+            nav: Nav::new(&admin, "domains"),
+            question: format!(
+                "Delete domain {d}? Only an empty domain can be deleted (no subdomain, site, grant, account or administrator in it)."
+            ),
+            action: "/domains/delete",
+            fields: vec![("domain", d.to_string())],
+            button: format!("Delete domain {d}"),
+            back: "/domains",
+        }));
+    }
+    p.db(|s| s.delete_domain(&admin.actor(), &d))?;
+    Ok(Redirect::to("/domains").into_response())
+}
+
+#[derive(Deserialize)]
+pub struct ConfirmDomainForm {
+    domain: String,
+    #[serde(default)]
+    confirm: String,
 }
 
 #[derive(Deserialize)]

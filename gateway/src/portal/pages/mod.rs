@@ -25,15 +25,16 @@ use super::{Admin, Portal};
 /// | `/` | GET | any role; sites and sessions of its domains |
 /// | `/sessions/end` | POST | writer of the session's site |
 /// | `/accounts` | GET | any role; accounts of its domains |
-/// | `/accounts/create`, `/accounts/close` | POST | writer of the account's domain |
-/// | `/accounts/bundle` | POST | the session that created the account, once |
+/// | `/accounts/create`, `/accounts/close`, `/accounts/reissue` | POST | writer of the account's domain |
+/// | `/accounts/bundle` | POST | the session that created or re-issued the bundle, once |
 /// | `/domains` | GET | any role |
 /// | `/domains/create`, `/sites/move` | POST | writer of the domain (both domains for a move) |
+/// | `/domains/rename`, `/domains/delete` | POST | gateway administrator; a domain administrator below its own domain |
 /// | `/access` | GET | any role |
 /// | `/access/grant`, `/access/ungrant` | POST | writer of the account's and the granted domain |
 /// | `/sites` | GET | any role |
 /// | `/sites/revoke`, `/sites/remove` | POST | writer of the site's domain |
-/// | `/audit`, `/audit/export` | GET | gateway administrator, auditor |
+/// | `/audit`, `/audit/export` | GET | gateway administrator, auditor: all; domain administrator: its subtree |
 /// | `/static/*` | GET | anyone (the stylesheet and script, from the binary) |
 pub fn routes() -> Router<Arc<Portal>> {
     Router::new()
@@ -51,8 +52,11 @@ pub fn routes() -> Router<Arc<Portal>> {
         .route("/accounts/create", post(manage::create_account))
         .route("/accounts/close", post(manage::close_account))
         .route("/accounts/bundle", post(manage::download_bundle))
+        .route("/accounts/reissue", post(manage::reissue_account))
         .route("/domains", get(manage::domains))
         .route("/domains/create", post(manage::create_domain))
+        .route("/domains/rename", post(manage::rename_domain))
+        .route("/domains/delete", post(manage::delete_domain))
         .route("/sites/move", post(manage::move_site))
         .route("/access", get(manage::access))
         .route("/access/grant", post(manage::grant))
@@ -90,7 +94,10 @@ pub const POSTS: &[&str] = &[
     "/accounts/create",
     "/accounts/close",
     "/accounts/bundle",
+    "/accounts/reissue",
     "/domains/create",
+    "/domains/rename",
+    "/domains/delete",
     "/sites/move",
     "/access/grant",
     "/access/ungrant",
@@ -136,7 +143,8 @@ impl Nav {
         Self {
             name: admin.who.name.clone(),
             role: admin.who.role.to_string(),
-            audit: admin.who.role.may_read_audit(),
+            // Every role reads the audit log, a domain administrator its subtree's part.
+            audit: true,
             writer: !matches!(admin.who.role, super::authz::AdminRole::Auditor),
             here,
             csrf: admin.csrf.clone(),
