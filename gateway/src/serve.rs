@@ -283,7 +283,7 @@ async fn start_portal(
     let listener = crate::portal::tls::TlsListener::bind(admin.listen, config)
         .await
         .with_context(|| format!("admin portal: listening on {}", admin.listen))?;
-    let local = axum::serve::Listener::local_addr(&listener)?;
+    let local = listener.local_addr();
     let hosts = portal_hosts(admin, &loaded.addresses);
     let info = pinhole_certs::GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
     let issuer = loaded
@@ -300,14 +300,10 @@ async fn start_portal(
         crate::portal::PortalConfig { hosts, issuer },
     );
     info!(address = %local, "admin portal listening");
-    tasks.spawn(async move {
-        let app = crate::portal::router(portal).into_make_service_with_connect_info::<SocketAddr>();
-        // `tap_io` gives the listener axum's peer-address connect info.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
-        if let Err(e) = axum::serve(listener, app).await {
-            warn!(error = %e, "admin portal stopped");
-        }
-    });
+    tasks.spawn(listener.serve(
+        crate::portal::router(portal),
+        crate::portal::tls::Limits::default(),
+    ));
     Ok(())
 }
 

@@ -156,6 +156,10 @@ fn host_name(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
 
+/// The most a request may take once its headers are in, its body included: a form is a few
+/// kilobytes, so only a peer trickling its body (slowloris) comes near it.
+const REQUEST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Every route of the portal.
 pub fn router(portal: Arc<Portal>) -> Router {
     pages::routes()
@@ -163,7 +167,16 @@ pub fn router(portal: Arc<Portal>) -> Router {
             portal.clone(),
             guard::guard,
         ))
+        .layer(axum::middleware::from_fn(deadline))
         .with_state(portal)
+}
+
+/// Ends a request that takes longer than [`REQUEST_DEADLINE`] with 408.
+async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (StatusCode::REQUEST_TIMEOUT, "request took too long").into_response(),
+    }
 }
 
 /// The session id the request's cookie names, if any (put there by [`guard::guard`]).
