@@ -98,3 +98,115 @@ fn an_administrator_logs_in_with_totp_and_closes_an_account_in_a_real_browser() 
         assert!(events.iter().any(|x| x.starts_with(e)), "{e}: {events:#?}");
     }
 }
+
+/// "End session" on the dashboard ends a live session at the gateway, the technician's
+/// daemon and the site within a second: a real system in network namespaces (gateway, site
+/// with its "remote access active" output, pinholed with TUN and routes), the portal driven
+/// over real HTTPS by tests/portal_session.py inside the gateway's namespace.
+#[test]
+#[ignore = "needs root"]
+fn ending_a_session_from_the_dashboard_ends_it_everywhere_within_a_second() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = common::netns::System::start(dir.path());
+    let alice = sys.technician("tech", "alice", "acme");
+    alice.ok(&["connect", "plant-a/press-4-plc"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || sys.light() == "1"),
+        "the site's light did not come on"
+    );
+    let password = sys
+        .gateway(&["admin", "reset", "admin"])
+        .lines()
+        .find_map(|l| l.strip_prefix("one-time password (shown once, change it at first login): "))
+        .expect("one-time password")
+        .trim()
+        .to_owned();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/portal_session.py");
+    // The gateway serves the portal on its default address, loopback in its namespace.
+    let mut admin = Command::new("ip")
+        .args(["netns", "exec", &sys.lab.ns("gw"), "/usr/bin/python3"])
+        .arg(&script)
+        .env("PORTAL_URL", "https://127.0.0.1:8443")
+        .env("ADMIN_PASSWORD", &password)
+        .env("CA", sys.gw_state.join("ca.crt"))
+        .env("ACCOUNT", "alice")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(admin.stdout.take().expect("stdout")).lines();
+    let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+    let mut line = next();
+    while line.starts_with("step:") {
+        line = next();
+    }
+    if line != "ready" {
+        let out = admin.wait_with_output().expect("wait");
+        panic!(
+            "the portal script: {line} {}\ngateway log:\n{}",
+            text(&out),
+            sys.log("gateway.log")
+        );
+    }
+    let status = alice.status();
+    assert_eq!(
+        status["sessions"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+
+    let start = Instant::now();
+    admin
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("go");
+    // Each party, the first time it is seen done.
+    let (mut client, mut site) = (None, None);
+    while start.elapsed() < Duration::from_secs(3) && (client.is_none() || site.is_none()) {
+        if client.is_none()
+            && alice.status()["sessions"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        {
+            client = Some(start.elapsed());
+        }
+        if site.is_none() && sys.light() == "0" {
+            site = Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ended = next();
+    let gateway = ended
+        .strip_prefix("ended ")
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let out = admin.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "the portal script: {ended} {}",
+        text(&out)
+    );
+    eprintln!("session ended: gateway {gateway:?}, pinholed {client:?}, site {site:?}");
+    for (who, took) in [("gateway", gateway), ("pinholed", client), ("site", site)] {
+        assert!(
+            took.is_some_and(|t| t <= Duration::from_secs(1)),
+            "{who}: {took:?}; pinholed: {}",
+            alice.status()
+        );
+    }
+    // The technician is still logged in (only the session ended) and the route is gone.
+    assert_eq!(alice.status()["state"], "logged-in", "{}", alice.status());
+    assert!(!sys.lab.routes("tech").contains("192.168.0.10"));
+    let events = sys.gateway(&["audit", "export", "--format", "jsonl"]);
+    assert!(
+        events.contains("session ended by admin") && events.contains("admin:admin"),
+        "{events}"
+    );
+}
