@@ -1386,6 +1386,10 @@ impl<H: Clone> Hub<H> {
                         }
                         None
                     }
+                    Ok(Some(a)) if !a.closed => Some((
+                        ErrorCode::AccountClosed,
+                        "your certificate was replaced: import the new bundle",
+                    )),
                     Ok(_) => Some((ErrorCode::AccountClosed, "your account was closed")),
                     Err(e) => {
                         warn!(error = %e, "cannot re-check an account");

@@ -435,6 +435,39 @@ fn withdrawing_a_grant_ends_the_session_and_account_close_the_link() {
     );
 }
 
+/// A re-issued bundle (portal) revokes the old certificate: the old bundle's link ends with
+/// its session, and says why.
+#[test]
+fn a_reissued_certificate_ends_the_old_bundles_link() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    w.store
+        .reissue_account(&Actor::System, "alice", &[0xa2], 30)
+        .expect("reissue");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 1,
+                code: ErrorCode::AccountClosed,
+                text,
+            } if text.contains("replaced")
+        )),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 2, message } if matches!(&**message, Message::SessionClose { .. }))), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 0);
+}
+
 /// A site whose old link is replaced stays online when the old link finally ends.
 #[test]
 fn a_replaced_site_link_does_not_take_the_site_offline() {
