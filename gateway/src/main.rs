@@ -158,6 +158,12 @@ enum AdminCmd {
 enum DomainCmd {
     /// Create a domain (and its missing parents), e.g. `acme.plant-a`.
     Create { domain: DomainPath },
+    /// Rename a domain with everything below it; its sites, grants, accounts and domain
+    /// administrators follow. The new name's parent must exist.
+    Rename { from: DomainPath, to: DomainPath },
+    /// Delete an empty domain (no subdomain, site, grant, account, administrator or unused
+    /// enrollment token in it).
+    Delete { domain: DomainPath },
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +213,24 @@ enum AccountCmd {
         /// portal. Default: none (gateway administrators only).
         #[arg(long)]
         domain: Option<DomainPath>,
+    },
+    /// Give an open account a new bundle and revoke its current certificate (a running
+    /// gateway ends the old bundle's connections).
+    Reissue {
+        name: String,
+        /// Where to write the new bundle (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the bundle password from this file (first line); otherwise a strong one-time
+        /// password is generated and printed once.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Encrypt the bundle with 3DES and a SHA-1 MAC, for old platforms.
+        #[arg(long)]
+        legacy: bool,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = DEFAULT_TECHNICIAN_DAYS)]
+        days: i64,
     },
     /// Close an account: revoke its certificate and end its live connections.
     Close { name: String },
@@ -406,6 +430,14 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let created = state.store()?.create_domain(&operator(), &domain)?;
             println!("created {}", created.join(", "));
         }
+        Command::Domain(DomainCmd::Rename { from, to }) => {
+            state.store()?.rename_domain(&operator(), &from, &to)?;
+            println!("renamed domain {from} to {to}, with everything below it");
+        }
+        Command::Domain(DomainCmd::Delete { domain }) => {
+            state.store()?.delete_domain(&operator(), &domain)?;
+            println!("deleted domain {domain}");
+        }
         Command::Site(SiteCmd::Revoke { name }) => {
             state.store()?.revoke_site(&operator(), &name)?;
             println!(
@@ -440,6 +472,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 days,
                 domain.as_ref(),
             )?;
+        }
+        Command::Account(AccountCmd::Reissue {
+            name,
+            out,
+            password_file,
+            legacy,
+            days,
+        }) => {
+            reissue_account(&state, &name, &out, password_file.as_ref(), legacy, days)?;
         }
         Command::Account(AccountCmd::Close { name }) => {
             state.store()?.close_account(&operator(), &name)?;
@@ -516,6 +557,60 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(cmd) => return audit_cmd(&state, cmd),
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Issues `name` a new certificate and writes its bundle to `out` (mode 0600); the store then
+/// swaps the serial and revokes the old one, or the bundle is removed again.
+fn reissue_account(
+    state: &StateDir,
+    name: &str,
+    out: &PathBuf,
+    password_file: Option<&PathBuf>,
+    legacy: bool,
+    days: i64,
+) -> anyhow::Result<()> {
+    if days < 1 {
+        bail!("--days must be at least 1");
+    }
+    if out.exists() {
+        bail!("{} exists; refusing to overwrite a bundle", out.display());
+    }
+    let mut store = state.store()?;
+    match store.account(name)? {
+        None => bail!("account {name} not found"),
+        Some(a) if a.closed.is_some() => bail!("account {name} is closed: it gets no new bundle"),
+        Some(_) => {}
+    }
+    let (password, generated) = match password_file {
+        Some(p) => (read_password_file(p)?, false),
+        None => (generate_password(), true),
+    };
+    let loaded = state.load()?;
+    let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
+    let identity = loaded
+        .ca
+        .issue_technician(name, &info, Validity::days_from_now(days))?;
+    let serial = PeerIdentity::from_certificate(identity.certificate())?.serial;
+    let protection = if legacy {
+        Protection::Legacy
+    } else {
+        Protection::Modern
+    };
+    let p12 = Bundle::new(identity)?.to_pkcs12(&password, protection)?;
+    write_private_atomic(out, &p12).with_context(|| format!("writing {}", out.display()))?;
+    if let Err(e) = store.reissue_account(&operator(), name, &serial, days) {
+        let _ = std::fs::remove_file(out);
+        return Err(e.into());
+    }
+    println!(
+        "re-issued the bundle of {name}: old certificate revoked; new bundle written to {}",
+        out.display()
+    );
+    if generated {
+        println!("bundle password (shown once): {}", password.as_str());
+    }
+    std::io::stdout().flush()?;
+    Ok(())
 }
 
 fn create_account(
