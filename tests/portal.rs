@@ -82,6 +82,25 @@ fn an_administrator_logs_in_with_totp_and_closes_an_account_in_a_real_browser() 
         .expect("openssl");
     assert!(check.status.success(), "bundle: {}", text(&check));
     assert!(String::from_utf8_lossy(&check.stdout).contains("tech1"));
+    // The re-issued bundle opens with the password shown for it, and holds another
+    // certificate.
+    let serial = |p12: &str, pw: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl pkcs12 -in '{}' -passin 'file:{}' -nokeys -clcerts | openssl x509 -noout -serial",
+                downloads.join(p12).display(),
+                downloads.join(pw).display()
+            ))
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "{p12}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_ne!(
+        serial("tech1.p12", "tech1.pw"),
+        serial("tech1-2.p12", "tech1-2.pw")
+    );
 
     let accounts: serde_json::Value =
         serde_json::from_str(&gw.ok(&["accounts", "--json"])).expect("json");
@@ -93,6 +112,9 @@ fn an_administrator_logs_in_with_totp_and_closes_an_account_in_a_real_browser() 
         "admin login | admin:admin",
         "account created | admin:admin",
         "grant changed | admin:admin",
+        "account bundle re-issued | admin:admin",
+        "domain renamed | admin:admin",
+        "domain deleted | admin:admin",
         "account closed | admin:admin",
     ] {
         assert!(events.iter().any(|x| x.starts_with(e)), "{e}: {events:#?}");

@@ -6,7 +6,7 @@ PORTAL_URL, ADMIN_PASSWORD (the one-time password from `init`), DOWNLOADS (direc
 SCREENSHOTS (directory, optional), PROFILE (a fresh Chromium user-data-dir).
 Prints one line per step; exits non-zero on the first failure.
 """
-import base64, hashlib, hmac, os, struct, sys, time
+import base64, hashlib, hmac, os, re, struct, sys, time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -139,6 +139,45 @@ try:
     assert "granted" in cell.text, cell.text
     assert "inherited from acme" in driver.find_element(By.ID, "matrix").text
 
+    step("the certificate's expiry is shown")
+    driver.get(URL + "/accounts")
+    row = driver.find_element(By.XPATH, "//table[@id='accounts']//tr[td[1]='tech1']")
+
+    assert re.search(r"\d{4}-\d{2}-\d{2}", row.find_elements(By.TAG_NAME, "td")[5].text), row.text
+
+    step("re-issue the bundle: confirmation, password shown once, download once")
+    driver.find_element(By.XPATH, "//button[text()='Re-issue bundle of tech1']").click()
+    alert = wait.until(lambda d: d.switch_to.alert)
+    assert "tech1" in alert.text, alert.text
+    alert.accept()
+    wait.until(lambda d: d.find_elements(By.ID, "bundle-password"))
+    assert "Bundle of tech1 re-issued" in driver.find_element(By.TAG_NAME, "h1").text
+    reissued_password = driver.find_element(By.ID, "bundle-password").text.strip()
+    assert reissued_password != bundle_password
+    with open(os.path.join(DOWNLOADS, "tech1-2.pw"), "w") as f:
+        f.write(reissued_password + "\n")
+    before = set(os.listdir(DOWNLOADS))
+    driver.find_element(By.ID, "download").click()
+    for _ in range(100):
+        new = [n for n in set(os.listdir(DOWNLOADS)) - before if n.endswith(".p12")]
+        if new and os.path.getsize(os.path.join(DOWNLOADS, new[0])) > 0:
+            break
+        time.sleep(0.1)
+    assert new, os.listdir(DOWNLOADS)
+    os.rename(os.path.join(DOWNLOADS, new[0]), os.path.join(DOWNLOADS, "tech1-2.p12"))
+
+    step("rename a domain, then delete it while it is empty")
+    driver.get(URL + "/domains")
+    field("domain", "acme.scratch").submit()
+    wait.until(lambda d: "acme.scratch" in d.find_element(By.ID, "domain-tree").text)
+    field("rename-acme.scratch", "scratch-2").submit()
+    wait.until(lambda d: "acme.scratch-2" in d.find_element(By.ID, "domain-tree").text)
+    driver.find_element(By.XPATH, "//button[@aria-label='Delete domain acme.scratch-2']").click()
+    alert = wait.until(lambda d: d.switch_to.alert)
+    assert "acme.scratch-2" in alert.text, alert.text
+    alert.accept()
+    wait.until(lambda d: "scratch" not in d.find_element(By.ID, "domain-tree").text)
+
     step("close the account in one click, with a confirmation naming it")
     driver.get(URL + "/accounts")
     driver.find_element(By.XPATH, "//button[text()='Close tech1']").click()
@@ -152,7 +191,8 @@ try:
     driver.get(URL + "/audit")
     log = driver.find_element(By.ID, "audit").text
     for e in ["admin TOTP enrolled", "admin login", "domain created", "account created",
-              "account bundle downloaded", "grant changed", "account closed"]:
+              "account bundle downloaded", "grant changed", "account bundle re-issued",
+              "domain renamed", "domain deleted", "account closed"]:
         assert e in log, e
     assert "intact" in driver.find_element(By.ID, "chain").text
     shot("audit")
