@@ -1186,3 +1186,20 @@ async fn a_domain_admin_reads_and_exports_the_audit_log_of_its_subtree_only() {
     let html = body(w.get("/audit", Some(&aud)).await).await;
     assert!(html.contains("account gus created"), "{html}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sites_page_shows_the_remote_access_light_of_each_site() {
+    let w = World::new();
+    let root = w.login_as("root");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    let cell = |site: &str| {
+        let at = html.find(&format!("<td>{site}</td>")).expect("row");
+        let rest = &html[at..];
+        let l = rest.find("class=\"light\">").expect("light") + 14;
+        rest[l..l + rest[l..].find("</td>").expect("end")].to_owned()
+    };
+    assert_eq!(cell("acme-site"), "on (1 session)");
+    w.live.sessions.lock().expect("lock").clear();
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert!(html.contains("class=\"light\">off</td>"), "{html}");
+}

@@ -845,6 +845,8 @@ struct SiteView {
     row: SiteRow,
     agents: Vec<String>,
     may_write: bool,
+    /// Open sessions: the site's "remote access active" output is lit while there is one.
+    sessions: usize,
 }
 
 #[derive(Template)]
@@ -855,6 +857,7 @@ struct SitesPage {
 }
 
 pub async fn sites(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Response> {
+    let live = p.live.sessions();
     let sites = p
         .db(|s| s.sites())?
         .into_iter()
@@ -874,6 +877,7 @@ pub async fn sites(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Respons
                 })
                 .collect(),
             may_write: admin.role().may_write(Some(&s.domain)),
+            sessions: live.iter().filter(|l| l.site == s.name).count(),
             row: s,
         })
         .collect();
