@@ -79,6 +79,14 @@ fn start_site_a(sys: &mut System, path: Option<&str>) -> usize {
     )
 }
 
+/// Waits until the restarted site has its forwarding ready (its start is complete).
+fn wait_restarted(sys: &System) -> bool {
+    wait_until(Duration::from_secs(15), || {
+        sys.log("plant-a-restarted.log")
+            .contains("forwarding ready")
+    })
+}
+
 /// The original site process of plant-a in `System::start` (spawned after services and
 /// gateway).
 fn site_a_index(sys: &System) -> usize {
@@ -157,9 +165,8 @@ fn office_never_reaches_the_plant_flush_crash_and_clean_stop() {
         assert!(!office_reaches_plc(&sys.lab), "after kill -9");
         last = start_site_a(&mut sys, None);
     }
-    assert!(wait_until(Duration::from_secs(10), || {
-        table_exists(&sys.lab) && sysctl(&sys.lab, "site", &fwd_key) == "1"
-    }));
+    assert!(wait_restarted(&sys));
+    assert_eq!(sysctl(&sys.lab, "site", &fwd_key), "1");
     assert_eq!(tables(&sys.lab), 1);
     assert!(!office_reaches_plc(&sys.lab), "after three crashes");
     // Without the table at all (the site killed, the table deleted): still no path.
@@ -169,9 +176,8 @@ fn office_never_reaches_the_plant_flush_crash_and_clean_stop() {
         .exec("site", &["nft", "delete", "table", "inet", "pinhole_site"]);
     assert!(!office_reaches_plc(&sys.lab), "crashed and no table");
     let last = start_site_a(&mut sys, None);
-    assert!(wait_until(Duration::from_secs(10), || {
-        sysctl(&sys.lab, "site", &fwd_key) == "1"
-    }));
+    assert!(wait_restarted(&sys));
+    assert_eq!(sysctl(&sys.lab, "site", &fwd_key), "1");
 
     // A clean stop: forwarding back to what it was, no path.
     sys.lab.procs[last].terminate();

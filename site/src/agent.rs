@@ -379,6 +379,9 @@ impl SiteAgent {
                 "this site is enrolled: remove `token` from site.toml, it is not needed any more"
             );
         }
+        // Before anything changes: a SIGTERM during the start is then handled once the start is
+        // complete (a clean stop), not by the default action in the middle of it.
+        let mut signals = Signals::new()?;
         let mut watcher = None;
         if let Some(dev) = self.config.device_interface.clone() {
             let (guard, tun) = self.isolate(dev).await?;
@@ -390,7 +393,7 @@ impl SiteAgent {
             self.plane.tun = Some(tun);
         }
         self.sync_plane().await;
-        let result = self.main_loop().await;
+        let result = self.main_loop(&mut signals).await;
         self.plane.fwd.clear();
         if let Some(w) = watcher {
             w.abort();
@@ -438,8 +441,7 @@ impl SiteAgent {
         Ok((Guard { domain, firewall }, tun))
     }
 
-    async fn main_loop(&mut self) -> anyhow::Result<()> {
-        let mut signals = Signals::new()?;
+    async fn main_loop(&mut self, signals: &mut Signals) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         let tofu = self.state.pin_store();
         loop {
@@ -457,7 +459,7 @@ impl SiteAgent {
                 info!("remote access is switched on");
             }
             let outcome = match self.state.identity()? {
-                Some(identity) => self.connected(&identity, &tofu, &mut signals).await,
+                Some(identity) => self.connected(&identity, &tofu, signals).await,
                 None => self.enroll(&tofu).await.map(|()| Outcome::Enrolled),
             };
             let worked = match outcome {
