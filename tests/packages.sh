@@ -265,6 +265,7 @@ sed -e 's/^#token = .*/token = "'"$token"'"/' \
     -e 's/^gateway = .*/gateway = ["127.0.0.1:443"]/' \
     -e 's/^device_interface = .*/device_interface = "dev0"/' \
     "$root/etc/pinhole-site/site.toml.example" >"$root/etc/pinhole-site/site.toml"
+chmod 600 "$root/etc/pinhole-site/site.toml" # it holds a token: the site refuses a readable one
 ct pinhole-site check >/dev/null
 ct systemctl start pinhole-site
 wait_for 30 "site online" ct sh -c 'pinhole-gateway sites --json | grep -q "\"online\": *true"'

@@ -183,8 +183,14 @@ enum SiteCmd {
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
     /// Print a one-time enrollment token for a site in DOMAIN.
+    ///
+    /// The token carries the gateway's key pin (after `@`), so that the site's first contact
+    /// is pinned too: one string to paste into the site's site.toml.
     Create {
         domain: DomainPath,
+        /// The name of the site that may use the token; any other name is refused.
+        #[arg(long)]
+        site: Option<String>,
         /// How long the token stays valid (s, m, h or d).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
@@ -450,9 +456,23 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 "removed site {name}: certificate revoked, site deleted; to enroll it again: `pinhole-gateway site-token create DOMAIN`, then on the site delete site.crt from its state directory and set the new token in site.toml"
             );
         }
-        Command::SiteToken(TokenCmd::Create { domain, ttl }) => {
-            let (token, expires) = state.store()?.create_token(&operator(), &domain, ttl)?;
-            eprintln!("one-time enrollment token for a site in {domain}, valid until {expires}:");
+        Command::SiteToken(TokenCmd::Create { domain, site, ttl }) => {
+            let pin = state.load()?.pin;
+            let (secret, expires) =
+                state
+                    .store()?
+                    .create_site_token(&operator(), &domain, site.as_deref(), ttl)?;
+            let token = pinhole_certs::EnrollmentToken::new(&secret, Some(pin))
+                .context("the token the store made")?;
+            match &site {
+                Some(site) => eprintln!(
+                    "one-time enrollment token for site {site} in {domain}, valid until {expires}:"
+                ),
+                None => eprintln!(
+                    "one-time enrollment token for a site in {domain}, valid until {expires} \
+                     (any site name may use it; give --site NAME to bind it to one):"
+                ),
+            }
             println!("{token}");
         }
         Command::Account(AccountCmd::Create {

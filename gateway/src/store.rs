@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     domain TEXT NOT NULL REFERENCES domains(name),
     created TEXT NOT NULL,
     expires TEXT NOT NULL,
-    used TEXT
+    used TEXT,
+    site TEXT
 );
 CREATE TABLE IF NOT EXISTS admins (
     name TEXT PRIMARY KEY,
@@ -329,6 +330,14 @@ impl Store {
             // Accounts created before the column existed show no expiry until re-issued.
             conn.execute_batch("ALTER TABLE accounts ADD COLUMN expires TEXT")?;
         }
+        let has_token_site: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('tokens') WHERE name = 'site'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_token_site {
+            conn.execute_batch("ALTER TABLE tokens ADD COLUMN site TEXT")?;
+        }
         crate::portal::admins::upgrade(conn)?;
         Ok(())
     }
@@ -428,13 +437,29 @@ impl Store {
             .is_some())
     }
 
-    /// A one-time enrollment token for a site in `domain`, valid for `ttl`.
+    /// A one-time enrollment token for a site in `domain`, valid for `ttl`, usable by any site
+    /// name (see [`Store::create_site_token`]).
     pub fn create_token(
         &mut self,
         actor: &Actor,
         domain: &DomainPath,
         ttl: Duration,
     ) -> Result<(String, String)> {
+        self.create_site_token(actor, domain, None, ttl)
+    }
+
+    /// A one-time enrollment token for a site in `domain`, valid for `ttl`; with `site`, only a
+    /// site of that name may use it.
+    pub fn create_site_token(
+        &mut self,
+        actor: &Actor,
+        domain: &DomainPath,
+        site: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(String, String)> {
+        if let Some(site) = site {
+            pinhole_certs::ca::check_name(site).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        }
         let tx = self.tx()?;
         if !Self::domain_exists(&tx, domain.as_str())? {
             return Err(StoreError::NotFound(format!(
@@ -445,12 +470,13 @@ impl Store {
         let now = OffsetDateTime::now_utc();
         let expires = rfc3339(now + ttl);
         tx.execute(
-            "INSERT INTO tokens (hash, domain, created, expires) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO tokens (hash, domain, created, expires, site) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 sha256(token.as_bytes()),
                 domain.as_str(),
                 rfc3339(now),
-                expires
+                expires,
+                site
             ],
         )?;
         // The token itself never reaches the log: only a short fingerprint of its hash.
@@ -460,7 +486,10 @@ impl Store {
             actor,
             &format!("domain:{domain}"),
             "enrollment token created",
-            &format!("token {fp}… valid until {expires}"),
+            &match site {
+                Some(site) => format!("token {fp}… for site {site}, valid until {expires}"),
+                None => format!("token {fp}… valid until {expires}"),
+            },
         )?;
         tx.commit()?;
         Ok((token, expires))
@@ -480,19 +509,22 @@ impl Store {
         let hash = sha256(token.as_bytes());
         let fp = hex::encode(&hash)[..12].to_owned();
         let actor = Actor::Site(site.to_owned());
-        let row: Option<(String, String, Option<String>)> = self
+        let row: Option<(String, String, Option<String>, Option<String>)> = self
             .conn
             .query_row(
-                "SELECT domain, expires, used FROM tokens WHERE hash = ?1",
+                "SELECT domain, expires, used, site FROM tokens WHERE hash = ?1",
                 [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         let refusal = match &row {
             None => Some("unknown token"),
-            Some((_, _, Some(_))) => Some("token already used"),
-            Some((_, expires, None)) if expires.as_str() < now_rfc3339().as_str() => {
+            Some((_, _, Some(_), _)) => Some("token already used"),
+            Some((_, expires, None, _)) if expires.as_str() < now_rfc3339().as_str() => {
                 Some("token expired")
+            }
+            Some((_, _, None, Some(bound))) if bound != site => {
+                Some("this token was created for another site name")
             }
             Some(_) => None,
         };
@@ -505,7 +537,7 @@ impl Store {
         if let Some(why) = refusal {
             return Err(StoreError::TokenRefused(why));
         }
-        let Some((domain, _, _)) = row else {
+        let Some((domain, _, _, _)) = row else {
             return Err(StoreError::TokenRefused("unknown token"));
         };
         let (cert, serial) = issue().map_err(StoreError::Invalid)?;
@@ -1050,6 +1082,23 @@ mod tests {
         s.set_grant(&ADMIN, "alice", &d("acme"), false)
             .expect("ungrant");
         assert!(s.inventory("alice").expect("inv").is_empty());
+    }
+
+    #[test]
+    fn a_token_bound_to_a_site_name_refuses_another_name() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        let (tok, _) = s
+            .create_site_token(&ADMIN, &d("acme"), Some("plant-a"), Duration::from_secs(60))
+            .expect("token");
+        assert!(matches!(
+            s.enroll(&tok, "plant-b", || Ok((vec![1], vec![1]))),
+            Err(StoreError::TokenRefused(
+                "this token was created for another site name"
+            ))
+        ));
+        s.enroll(&tok, "plant-a", || Ok((vec![1], vec![2])))
+            .expect("the bound name enrolls, the refusal did not consume the token");
     }
 
     #[test]

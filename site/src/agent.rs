@@ -1,8 +1,14 @@
 //! The site agent's main loop: enroll once, then stay connected to the gateway.
 //!
 //! State directory (0700): `site.key` (0600, generated here, never leaves the site),
-//! `site.crt` and `ca.crt` (from enrollment), `gateway.pin` (0600, the gateway's key, pinned on
-//! first use).
+//! `site.crt` and `ca.crt` (from enrollment), `gateway.pin` (0600, the gateway's key: from the
+//! enrollment token, or pinned on first use), `isolation.state` (what the device domain
+//! changed, while the site runs; see [`crate::isolation`]).
+//!
+//! Trust in the gateway: enrollment is pinned by the pin the token carries (a token without
+//! one is trusted on first use, with a warning); afterwards every connection must present a
+//! gateway certificate of the CA received at enrollment **and** the pinned key; after `repin`
+//! the next gateway of that CA is pinned.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -14,19 +20,27 @@ use anyhow::{Context, bail};
 use pinhole_certs::ca::{generate_site_key, pem_decode, pem_encode};
 use pinhole_certs::fsutil::write_private_atomic;
 use pinhole_certs::tls::{self, key_refused};
-use pinhole_certs::{GatewayAddress, Identity, KeyRefused, TofuServerVerifier, TofuStore};
-use pinhole_proto::{Backoff, CloseReason, ErrorCode, SiteCore, SiteEvent, SiteHello};
+use pinhole_certs::{
+    CaPinnedServerVerifier, GatewayAddress, Identity, KeyRefused, PinnedServerVerifier,
+    TofuServerVerifier, TofuStore,
+};
+use pinhole_proto::{
+    Backoff, CloseReason, ErrorCode, FirewallChange, SiteCore, SiteEvent, SiteHello,
+};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::{Mutex, mpsc};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::{Config, IfName};
+use crate::firewall::Firewall;
 use crate::forward::Forwarder;
+use crate::isolation::DeviceDomain;
 use crate::{firewall, light};
 use pinhole_adapter::Dest;
 use pinhole_adapter::tun::Tun;
@@ -53,12 +67,79 @@ pub const SITE_TUN: &str = "pinhole-site0";
 const SITE_TUN_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 64, 0, 1);
 const SITE_TUN_PREFIX: u8 = 10;
 
+/// How often the firewall table is checked: a removed or changed table is restored within
+/// this plus one `nft` run, inside the 2 s the issue allows, at the cost of one `nft list` a
+/// second.
+const FIREWALL_CHECK: Duration = Duration::from_secs(1);
+
+/// Firewall reports waiting for the gateway link: one a second at most, so a minute's worth;
+/// more while the link is down are dropped (and logged locally).
+const FIREWALL_REPORTS: usize = 64;
+
+/// The two layers that keep the uplink and the device network apart: the device routing
+/// domain with its forwarding switch, and the firewall table.
+#[derive(Debug)]
+struct Guard {
+    domain: DeviceDomain,
+    firewall: Firewall,
+}
+
 /// The data plane: TUN, sessions, and what the light shows.
 #[derive(Default)]
 struct Plane {
     tun: Option<Tun>,
+    guard: Option<Arc<Mutex<Guard>>>,
     fwd: Forwarder,
     light_on: Option<bool>,
+}
+
+/// Checks the firewall table every [`FIREWALL_CHECK`]; while it is missing or changed,
+/// forwarding is off; it is restored and the restoration reported (`reports`).
+async fn watch_firewall(guard: Arc<Mutex<Guard>>, reports: mpsc::Sender<FirewallChange>) {
+    let mut tick = tokio::time::interval(FIREWALL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut g = guard.lock().await;
+        let change = match g.firewall.check().await {
+            Ok(None) => {
+                if !g.domain.forwarding()
+                    && let Err(e) = g.domain.set_forwarding(true)
+                {
+                    error!(error = %e, "cannot switch forwarding on");
+                }
+                continue;
+            }
+            Ok(Some(change)) => change,
+            Err(e) => {
+                error!(error = %e, "cannot check the firewall table");
+                FirewallChange::Changed
+            }
+        };
+        // No session traffic is forwarded until the table is back.
+        if let Err(e) = g.domain.set_forwarding(false) {
+            error!(error = %e, "cannot switch forwarding off");
+        }
+        match g.firewall.restore().await {
+            Ok(()) => {
+                if let Err(e) = g.domain.set_forwarding(true) {
+                    error!(error = %e, "cannot switch forwarding on");
+                }
+                error!(
+                    what = change.describe(),
+                    "the firewall table was not as the site made it: restored"
+                );
+                if reports.try_send(change).is_err() {
+                    warn!(
+                        "too many firewall reports waiting for the gateway: this one is only logged here"
+                    );
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot restore the firewall table; forwarding stays off");
+            }
+        }
+    }
 }
 
 impl Plane {
@@ -125,6 +206,13 @@ impl SiteState {
         )
         .context("site.key does not belong to site.crt")?;
         Ok(Some(id))
+    }
+
+    /// The CA certificate received at enrollment.
+    fn ca(&self) -> anyhow::Result<CertificateDer<'static>> {
+        let pem = fs::read_to_string(self.path("ca.crt")).context("reading ca.crt")?;
+        let der = pem_decode("CERTIFICATE", &pem).context("ca.crt is not PEM")?;
+        Ok(CertificateDer::from(der))
     }
 
     /// The site's key: made once, kept.
@@ -235,6 +323,8 @@ pub struct SiteAgent {
     config: Config,
     state: SiteState,
     plane: Plane,
+    /// Firewall restorations to report to the gateway.
+    reports: Option<mpsc::Receiver<FirewallChange>>,
 }
 
 impl std::fmt::Debug for SiteAgent {
@@ -248,11 +338,15 @@ impl std::fmt::Debug for SiteAgent {
 impl SiteAgent {
     pub fn new(config_path: &Path, state: &Path) -> anyhow::Result<Self> {
         let config = Config::load(config_path)?;
+        if config.token.is_some() {
+            check_token_file(config_path)?;
+        }
         Ok(Self {
             config_path: config_path.to_owned(),
             config,
             state: SiteState::new(state),
             plane: Plane::default(),
+            reports: None,
         })
     }
 
@@ -279,34 +373,75 @@ impl SiteAgent {
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
         self.state.ensure()?;
+        if self.config.token.is_some() && self.state.identity()?.is_some() {
+            warn!(
+                config = %self.config_path.display(),
+                "this site is enrolled: remove `token` from site.toml, it is not needed any more"
+            );
+        }
+        // Before anything changes: a SIGTERM during the start is then handled once the start is
+        // complete (a clean stop), not by the default action in the middle of it.
+        let mut signals = Signals::new()?;
+        let mut watcher = None;
         if let Some(dev) = self.config.device_interface.clone() {
-            if !Path::new("/sys/class/net").join(&dev).exists() {
-                bail!("device_interface {dev:?} does not exist on this machine");
-            }
-            let tun = Tun::create(SITE_TUN, SITE_TUN_ADDR, SITE_TUN_PREFIX)
-                .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
-            fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
-            firewall::apply(tun.name(), &dev, &firewall::Policy::default())
-                .await
-                .context("creating the nftables table")?;
-            info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+            let (guard, tun) = self.isolate(dev).await?;
+            let guard = Arc::new(Mutex::new(guard));
+            let (tx, rx) = mpsc::channel(FIREWALL_REPORTS);
+            self.reports = Some(rx);
+            watcher = Some(tokio::spawn(watch_firewall(guard.clone(), tx)));
+            self.plane.guard = Some(guard);
             self.plane.tun = Some(tun);
         }
         self.sync_plane().await;
-        let result = self.main_loop().await;
+        let result = self.main_loop(&mut signals).await;
         self.plane.fwd.clear();
-        if self.plane.tun.is_some()
-            && let Err(e) = firewall::remove().await
-        {
-            warn!(error = %e, "cannot remove the nftables table");
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        if let Some(guard) = self.plane.guard.take() {
+            let mut g = guard.lock().await;
+            // Forwarding off first: no moment without the table but with forwarding.
+            g.domain.release();
+            if let Err(e) = firewall::remove().await {
+                warn!(error = %e, "cannot remove the nftables table");
+            }
+            info!("forwarding restored to what it was; the device routing domain stays in place");
         }
         self.plane.light_on = None;
         light::set(self.config.light.as_ref(), false);
         result
     }
 
-    async fn main_loop(&mut self) -> anyhow::Result<()> {
-        let mut signals = Signals::new()?;
+    /// Builds the device side: TUN, routing domain, firewall table, and only then forwarding.
+    /// Whatever fails leaves forwarding as it was.
+    async fn isolate(&self, dev: IfName) -> anyhow::Result<(Guard, Tun)> {
+        if !Path::new("/sys/class/net").join(dev.as_str()).exists() {
+            bail!("device_interface {dev:?} does not exist on this machine");
+        }
+        let tun = Tun::create(SITE_TUN, SITE_TUN_ADDR, SITE_TUN_PREFIX)
+            .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
+        let tun_name: IfName = tun
+            .name()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the TUN's name {:?}: {e}", tun.name()))?;
+        let mut domain = DeviceDomain::establish(&self.state.root, tun_name.clone(), dev.clone())
+            .context("building the device routing domain")?;
+        let mut firewall = Firewall::new(tun_name, dev.clone());
+        if let Err(e) = firewall.apply(&firewall::Policy::default()).await {
+            domain.release();
+            return Err(
+                anyhow::Error::new(e).context("creating the nftables table; forwarding stays off")
+            );
+        }
+        if let Err(e) = domain.set_forwarding(true) {
+            domain.release();
+            return Err(anyhow::Error::new(e).context("switching forwarding on"));
+        }
+        info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+        Ok((Guard { domain, firewall }, tun))
+    }
+
+    async fn main_loop(&mut self, signals: &mut Signals) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         let tofu = self.state.pin_store();
         loop {
@@ -324,7 +459,7 @@ impl SiteAgent {
                 info!("remote access is switched on");
             }
             let outcome = match self.state.identity()? {
-                Some(identity) => self.connected(&identity, &tofu, &mut signals).await,
+                Some(identity) => self.connected(&identity, &tofu, signals).await,
                 None => self.enroll(&tofu).await.map(|()| Outcome::Enrolled),
             };
             let worked = match outcome {
@@ -371,7 +506,21 @@ impl SiteAgent {
         };
         info!(site = %self.config.name, "enrolling with the gateway");
         let (_key, spki) = self.state.key()?;
-        let config = tls::enrollment_client_config(TofuServerVerifier::new(tofu.clone()))?;
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match token.pin() {
+            Some(pin) => {
+                info!(%pin, "enrolling with the gateway key pin from the token");
+                PinnedServerVerifier::new(pin)
+            }
+            None => {
+                warn!(
+                    "the token carries no gateway key pin: the first connection trusts whichever \
+                     server answers; use a token from `pinhole-gateway site-token create`, which \
+                     carries the pin"
+                );
+                TofuServerVerifier::new(tofu.clone())
+            }
+        };
+        let config = tls::enrollment_client_config(verifier)?;
         let mut stream = dial(&self.config.gateways, config).await?;
         let peer = stream
             .get_ref()
@@ -381,7 +530,7 @@ impl SiteAgent {
             .cloned()
             .context("the gateway sent no certificate")?;
         let now = Instant::now();
-        let mut core = SiteCore::enroll(now, &token, &self.config.name, &spki);
+        let mut core = SiteCore::enroll(now, token.secret(), &self.config.name, &spki);
         let mut buf = vec![0u8; READ_BUFFER];
         loop {
             while let Some(b) = core.poll_transmit() {
@@ -397,6 +546,10 @@ impl SiteAgent {
                             pem_encode("CERTIFICATE", &certificate).as_bytes(),
                         )?;
                         info!(site = %self.config.name, pin = %pinhole_certs::Pin::of_certificate(&peer)?, "enrolled; gateway key pinned");
+                        warn!(
+                            config = %self.config_path.display(),
+                            "enrolled: remove `token` from site.toml now; it is used up and not needed again"
+                        );
                         return Ok(());
                     }
                     SiteEvent::Closed(CloseReason::Error {
@@ -431,7 +584,9 @@ impl SiteAgent {
         tofu: &TofuStore,
         signals: &mut Signals,
     ) -> anyhow::Result<Outcome> {
-        let config = tls::client_config(identity, TofuServerVerifier::new(tofu.clone()))?;
+        let verifier = CaPinnedServerVerifier::new(&self.state.ca()?, tofu.clone())
+            .context("ca.crt from enrollment")?;
+        let config = tls::client_config(identity, verifier)?;
         let stream = dial(&self.config.gateways, config).await?;
         let peer = stream
             .get_ref()
@@ -468,10 +623,15 @@ impl SiteAgent {
     /// Applies the sessions to the firewall and the light.
     async fn sync_plane(&mut self) {
         let active = !self.plane.fwd.is_empty();
-        if let (Some(tun), Some(dev)) = (&self.plane.tun, &self.config.device_interface)
-            && let Err(e) = firewall::apply(tun.name(), dev, &self.plane.fwd.policy()).await
-        {
-            error!(error = %e, "cannot update the firewall");
+        if let Some(guard) = &self.plane.guard {
+            let mut g = guard.lock().await;
+            if let Err(e) = g.firewall.apply(&self.plane.fwd.policy()).await {
+                // Fail closed; the watcher retries every second.
+                error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
+                if let Err(e) = g.domain.set_forwarding(false) {
+                    error!(error = %e, "cannot switch forwarding off");
+                }
+            }
         }
         if self.plane.light_on != Some(active) {
             self.plane.light_on = Some(active);
@@ -610,6 +770,9 @@ impl SiteAgent {
                     self.plane.flush(core, now).await;
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
+                Some(change) = next_report(&mut self.reports), if worked => {
+                    core.firewall_restored(change, Instant::now());
+                }
                 _ = switch_tick.tick() => if !self.switched_on() {
                     info!("remote access switched off: closing the gateway connection");
                     return Ok(Outcome::SwitchedOff);
@@ -644,6 +807,37 @@ impl SiteAgent {
             }
         }
     }
+}
+
+/// The next firewall report; without a firewall, waits forever (a `select!` branch that
+/// never fires).
+async fn next_report(
+    reports: &mut Option<mpsc::Receiver<FirewallChange>>,
+) -> Option<FirewallChange> {
+    match reports {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Refuses a site.toml that holds an enrollment token and that group or others may read: the
+/// token enrolls a site into the plant's domain.
+fn check_token_file(path: &Path) -> anyhow::Result<()> {
+    let mode = fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Fatal(format!(
+            "{} holds an enrollment token and is readable by group or others (mode {:o}): \
+             `chmod 600 {}`, or remove the token if the site is enrolled",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// An error that retrying cannot fix (no token, token refused): the agent stops.

@@ -110,6 +110,12 @@ impl Drop for Proc {
     }
 }
 
+/// Makes a file readable by its owner only (a site.toml with a token must be).
+pub fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 /// Runs a command to completion.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run")
@@ -260,6 +266,7 @@ impl Site {
             ),
         )
         .expect("site.toml");
+        private(&config);
         Self {
             config,
             state: dir.join(format!("{name}-state")),

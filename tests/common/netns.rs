@@ -384,6 +384,11 @@ impl Lab {
             .success()
     }
 
+    /// Registers a namespace the test made itself, so that it goes with the lab.
+    pub fn adopt(&mut self, ns: &str) {
+        self.namespaces.push(self.ns(ns));
+    }
+
     pub fn routes(&self, ns: &str) -> String {
         String::from_utf8_lossy(
             &self
@@ -499,6 +504,7 @@ impl System {
                 format!("name = \"{name}\"\ngateway = [\"10.9.2.2:443\"]\ntoken = \"{token}\"\ndevice_interface = \"{dev}\"\nheartbeat = \"2s\"\n{agents}"),
             )
             .expect("site.toml");
+            super::private(&config);
             let state = dir.join(format!("{name}-state"));
             lab.spawn(
                 ns,

@@ -74,6 +74,11 @@ pub const MAX_SESSION_REQUESTS: u32 = 30;
 /// reload is a person's doing.
 pub const MAX_AGENT_CHANGES: u32 = 5;
 
+/// Firewall restorations (`firewall_restored`) one site link may report per [`RATE_WINDOW`]:
+/// the site checks its table once a second, so an honest site sends at most 60; more is a
+/// hostile peer filling the audit log, and its link ends.
+pub const MAX_FIREWALL_ALARMS: u32 = 60;
+
 /// Links one account may hold at once: a technician has one daemon; a stolen bundle must not
 /// take the descriptors every other peer needs.
 pub const MAX_LINKS_PER_ACCOUNT: usize = 8;
@@ -209,6 +214,8 @@ struct Link<H> {
     last_list: Option<Instant>,
     /// Requests in the current rate window: (window start, count).
     requests: (Instant, u32),
+    /// A site's firewall reports in the current rate window: (window start, count).
+    alarms: (Instant, u32),
 }
 
 impl<H> Link<H> {
@@ -219,6 +226,16 @@ impl<H> Link<H> {
         }
         self.requests.1 += 1;
         self.requests.1 <= max
+    }
+
+    /// Counts one firewall report; `false` once more than [`MAX_FIREWALL_ALARMS`] arrived
+    /// within [`RATE_WINDOW`].
+    fn alarm_within_rate(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.alarms.0) >= RATE_WINDOW {
+            self.alarms = (now, 0);
+        }
+        self.alarms.1 += 1;
+        self.alarms.1 <= MAX_FIREWALL_ALARMS
     }
 }
 
@@ -416,6 +433,7 @@ impl<H: Clone> Hub<H> {
                 domain: None,
                 last_list: None,
                 requests: (now, 0),
+                alarms: (now, 0),
             },
         );
         Some(auth)
@@ -526,6 +544,33 @@ impl<H: Clone> Hub<H> {
                     return out;
                 }
                 self.site_agents(registry, link, &name, &agents, now, &mut out);
+            }
+            (PeerAuth::Site(name), GatewayEvent::FirewallRestored(change)) => {
+                if !self
+                    .links
+                    .get_mut(&link)
+                    .is_some_and(|l| l.alarm_within_rate(now))
+                {
+                    out.push(Command::Close {
+                        link,
+                        code: ErrorCode::Protocol,
+                        text: format!(
+                            "more than {MAX_FIREWALL_ALARMS} firewall reports within {} s",
+                            RATE_WINDOW.as_secs()
+                        ),
+                    });
+                    return out;
+                }
+                warn!(site = %name, change = change.describe(), "site restored its firewall");
+                let rec = AuditRecord::new(
+                    Actor::Site(name.clone()),
+                    site_object(&name),
+                    "site firewall restored",
+                    format!("site {name}: {}", change.describe()),
+                );
+                if let Err(e) = registry.record(&[rec]) {
+                    self.fail_closed(link, &e, &mut out);
+                }
             }
             (
                 PeerAuth::Technician(account),

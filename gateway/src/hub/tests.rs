@@ -698,3 +698,37 @@ fn an_inventory_always_fits_one_message() {
     );
     assert!(sites.len() >= 6 && sites.len() < 12, "{}", sites.len());
 }
+
+/// A site that restored its firewall table leaves an audit record; a flood of such reports
+/// ends its link.
+#[test]
+fn firewall_restorations_are_audited_and_bounded() {
+    let mut w = World::new();
+    w.site_online(2, vec![plc()]);
+    let cmds = w.event(
+        2,
+        GatewayEvent::FirewallRestored(pinhole_proto::FirewallChange::Removed),
+    );
+    assert!(
+        !cmds.iter().any(|c| matches!(c, Command::Close { .. })),
+        "{cmds:?}"
+    );
+    assert!(
+        w.events()
+            .iter()
+            .any(|e| e.contains("site firewall restored")),
+        "{:?}",
+        w.events()
+    );
+    let mut closed = false;
+    for _ in 0..MAX_FIREWALL_ALARMS {
+        let cmds = w.event(
+            2,
+            GatewayEvent::FirewallRestored(pinhole_proto::FirewallChange::Changed),
+        );
+        closed = cmds
+            .iter()
+            .any(|c| matches!(c, Command::Close { link: 2, .. }));
+    }
+    assert!(closed);
+}
