@@ -103,6 +103,12 @@ pub fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
 
+/// When a certificate issued now for `days` expires, as the issuer computes it
+/// (`Validity::days_from_now`), to the second.
+pub fn expiry(days: i64) -> String {
+    rfc3339(OffsetDateTime::now_utc() + time::Duration::days(days))
+}
+
 pub fn rfc3339(t: OffsetDateTime) -> String {
     // Second precision keeps the text sortable and readable; formatting a UTC time in RFC 3339
     // cannot fail for years 0..=9999.
@@ -184,6 +190,9 @@ pub struct AccountRow {
     pub name: String,
     pub created: String,
     pub closed: Option<String>,
+    /// When its certificate expires (RFC 3339); `None` for accounts stored before expiries
+    /// were recorded.
+    pub expires: Option<String>,
     pub tunnel_ip: Ipv4Addr,
     pub grants: Vec<String>,
     #[serde(skip)]
@@ -312,6 +321,15 @@ impl Store {
         if !has_revoked {
             conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
         }
+        let has_expires: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('accounts') WHERE name = 'expires'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_expires {
+            // Accounts created before the column existed show no expiry until re-issued.
+            conn.execute_batch("ALTER TABLE accounts ADD COLUMN expires TEXT")?;
+        }
         let has_token_site: bool = conn.query_row(
             "SELECT count(*) FROM pragma_table_info('tokens') WHERE name = 'site'",
             [],
@@ -320,6 +338,7 @@ impl Store {
         if !has_token_site {
             conn.execute_batch("ALTER TABLE tokens ADD COLUMN site TEXT")?;
         }
+        crate::portal::admins::upgrade(conn)?;
         Ok(())
     }
 
@@ -571,8 +590,8 @@ impl Store {
             return Err(StoreError::Exists(format!("account {name}")));
         }
         tx.execute(
-            "INSERT INTO accounts (name, created, serial) VALUES (?1, ?2, ?3)",
-            params![name, now_rfc3339(), serial],
+            "INSERT INTO accounts (name, created, serial, expires) VALUES (?1, ?2, ?3, ?4)",
+            params![name, now_rfc3339(), serial, expiry(days)],
         )?;
         let ip = tunnel_ip(tx.last_insert_rowid())?;
         audit::append(
@@ -687,7 +706,7 @@ impl Store {
 
     pub fn accounts(&self) -> Result<Vec<AccountRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ',')
+            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ','), a.expires
              FROM accounts a LEFT JOIN grants g ON g.account = a.name GROUP BY a.id ORDER BY a.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -699,11 +718,12 @@ impl Store {
                 r.get(3)?,
                 r.get(4)?,
                 grants,
+                r.get(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, created, closed, serial, grants) = row?;
+            let (id, name, created, closed, serial, grants, expires) = row?;
             let mut grants: Vec<String> = grants
                 .map(|g| g.split(',').map(str::to_owned).collect())
                 .unwrap_or_default();
@@ -712,6 +732,7 @@ impl Store {
                 name,
                 created,
                 closed,
+                expires,
                 tunnel_ip: tunnel_ip(id)?,
                 grants,
                 serial,

@@ -175,6 +175,8 @@ impl Gateway {
                 .arg("--state")
                 .arg(&self.state)
                 .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+                // Tests run side by side: each portal on a port of its own.
+                .args(["--admin-listen", "127.0.0.1:0"])
                 .env("RUST_LOG", "info"),
             log,
         );

@@ -29,6 +29,7 @@
 //! registry inside the decision, durably, before the command that acknowledges the action is
 //! returned; a record that cannot be written turns the action into a refusal.
 
+mod live;
 mod refusals;
 pub mod relay;
 
@@ -46,6 +47,7 @@ use crate::audit::Actor;
 use crate::registry::{
     Account, AuditRecord, EnrollError, Issued, Registry, RegistryError, SiteReport,
 };
+pub use live::{EndSessionError, LiveSession};
 pub use refusals::Kind as RefusalKind;
 use refusals::Refusals;
 pub use relay::Route;
@@ -1429,6 +1431,10 @@ impl<H: Clone> Hub<H> {
                         }
                         None
                     }
+                    Ok(Some(a)) if !a.closed => Some((
+                        ErrorCode::AccountClosed,
+                        "your certificate was replaced: import the new bundle",
+                    )),
                     Ok(_) => Some((ErrorCode::AccountClosed, "your account was closed")),
                     Err(e) => {
                         warn!(error = %e, "cannot re-check an account");

@@ -435,6 +435,39 @@ fn withdrawing_a_grant_ends_the_session_and_account_close_the_link() {
     );
 }
 
+/// A re-issued bundle (portal) revokes the old certificate: the old bundle's link ends with
+/// its session, and says why.
+#[test]
+fn a_reissued_certificate_ends_the_old_bundles_link() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    w.store
+        .reissue_account(&Actor::System, "alice", &[0xa2], 30)
+        .expect("reissue");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 1,
+                code: ErrorCode::AccountClosed,
+                text,
+            } if text.contains("replaced")
+        )),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 2, message } if matches!(&**message, Message::SessionClose { .. }))), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 0);
+}
+
 /// A site whose old link is replaced stays online when the old link finally ends.
 #[test]
 fn a_replaced_site_link_does_not_take_the_site_offline() {
@@ -492,6 +525,70 @@ fn inventory_updates_only_for_concerned_technicians() {
         .map(Command::link)
         .collect();
     assert_eq!(to, [1], "alice sees plant-a, bob has no grant");
+}
+
+#[test]
+fn an_admin_sees_live_sessions_with_their_bytes() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    let _ = w.hub.route(1, 5, 100);
+    let _ = w.hub.route(2, gsid, 40);
+    let live = w.hub.live_sessions(w.now + Duration::from_secs(7));
+    assert_eq!(
+        live,
+        vec![LiveSession {
+            id: gsid,
+            account: "alice".into(),
+            site: "plant-a".into(),
+            agents: vec!["plc".into()],
+            age: Duration::from_secs(7),
+            up: 100,
+            down: 40,
+        }]
+    );
+    assert_eq!(w.hub.session_site(gsid), Some("plant-a"));
+}
+
+#[test]
+fn an_admin_ends_a_session_at_both_ends_and_it_is_recorded() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let actor = Actor::Admin("root".into());
+    let cmds = w
+        .hub
+        .handle_end_session(&mut w.store, gsid, &actor, w.now)
+        .expect("ended");
+    let told: Vec<LinkId> = cmds
+        .iter()
+        .filter(|c| matches!(c, Command::Send { message, .. } if matches!(&**message, Message::SessionClose { .. })))
+        .map(Command::link)
+        .collect();
+    assert_eq!(told, vec![1, 2], "client and site are told: {cmds:?}");
+    assert!(w.hub.live_sessions(w.now).is_empty());
+    let ev = w.events();
+    assert!(
+        ev.iter().any(
+            |e| e == "session ended by admin | session of alice to plant-a ended by admin:root"
+        ),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter().any(|e| e.starts_with("session closed")),
+        "{ev:#?}"
+    );
+    assert_eq!(
+        w.hub.handle_end_session(&mut w.store, gsid, &actor, w.now),
+        Err(EndSessionError::NotOpen(gsid)),
+        "ending it twice is refused"
+    );
 }
 
 /// A technician asking for its inventory in a loop gets one answer, then one coalesced update.
