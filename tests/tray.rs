@@ -295,7 +295,8 @@ struct Host {
 }
 
 impl Host {
-    fn start(address: &str) -> Self {
+    /// The watcher and the notification server, and the file chooser portal if `portal`.
+    fn start(address: &str, portal: bool) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -303,13 +304,11 @@ impl Host {
             .expect("runtime");
         let desk: Shared = Arc::default();
         let conn = rt.block_on(async {
-            zbus::connection::Builder::address(address)
+            let mut b = zbus::connection::Builder::address(address)
                 .expect("address")
                 .name("org.kde.StatusNotifierWatcher")
                 .expect("name")
                 .name("org.freedesktop.Notifications")
-                .expect("name")
-                .name("org.freedesktop.portal.Desktop")
                 .expect("name")
                 .serve_at("/StatusNotifierWatcher", Watcher(desk.clone()))
                 .expect("watcher")
@@ -317,12 +316,15 @@ impl Host {
                     "/org/freedesktop/Notifications",
                     Notifications(desk.clone()),
                 )
-                .expect("notifications")
-                .serve_at("/org/freedesktop/portal/desktop", FileChooser(desk.clone()))
-                .expect("portal")
-                .build()
-                .await
-                .expect("connect to the test bus")
+                .expect("notifications");
+            if portal {
+                b = b
+                    .name("org.freedesktop.portal.Desktop")
+                    .expect("name")
+                    .serve_at("/org/freedesktop/portal/desktop", FileChooser(desk.clone()))
+                    .expect("portal");
+            }
+            b.build().await.expect("connect to the test bus")
         });
         Self { rt, conn, desk }
     }
@@ -372,8 +374,7 @@ impl Host {
             "GetLayout",
             &(0i32, -1i32, Vec::<&str>::new()),
         );
-        let (_rev, (id, _props, children)): (u32, Layout) =
-            m.body().deserialize().expect("layout");
+        let (_rev, (id, _props, children)): (u32, Layout) = m.body().deserialize().expect("layout");
         Node {
             id,
             label: String::new(),
@@ -439,6 +440,73 @@ fn pinentry(dir: &Path, pw: &Path) -> (PathBuf, PathBuf) {
     (script, log)
 }
 
+/// `pinhole tray` on `bus`, for the daemon at `socket`, with its own home under `dir`.
+fn tray(dir: &Path, bus: &Bus, socket: &Path, pinentry: &Path) -> Proc {
+    let home = dir.join("home");
+    Proc::spawn(
+        Command::new(bin("pinhole"))
+            .arg("tray")
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env("PINHOLE_SOCKET", socket)
+            .env("PINHOLE_PINENTRY", pinentry)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env("RUST_LOG", "info"),
+        dir.join("tray.log"),
+    )
+}
+
+/// No root: a daemon without a bundle, a desktop without a file chooser portal.
+#[test]
+fn without_a_portal_the_tray_says_how_to_import() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bus = Bus::start(dir.path());
+    let host = Host::start(&bus.address, false);
+    // Before the daemon runs: the tray says so, and offers nothing but the log.
+    let socket = dir.path().join("t.sock");
+    let mut tray = tray(
+        dir.path(),
+        &bus,
+        &socket,
+        Path::new("/nonexistent/pinentry"),
+    );
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "the tray did not register: {}",
+        tray.log_text()
+    );
+    host.wait_menu("the daemon is not running", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Pinhole is not available")
+            && m.children
+                .get(1)
+                .is_some_and(|n| n.label.starts_with("pinholed is not running"))
+    });
+    assert_eq!(host.text_property("IconName"), "pinhole-attention");
+    let client = common::Client::start(dir.path(), "t");
+    assert_eq!(client.socket, socket);
+    host.wait_menu("no certificate yet", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "No certificate imported")
+            && m.find(&|n| n.label == "Log in…")
+                .is_some_and(|n| !n.enabled)
+    });
+    host.click("Import certificate");
+    assert!(
+        wait_until(T, || !lock(&host.desk).notifications.is_empty()),
+        "{}",
+        tray.log_text()
+    );
+    let (summary, body) = lock(&host.desk).notifications[0].clone();
+    assert_eq!(summary, "Pinhole: no file chooser");
+    assert!(body.contains("pinhole import FILE.p12"), "{body}");
+    host.click("Quit");
+    assert!(wait_until(T, || tray.exited().is_some()));
+}
+
 #[test]
 #[ignore = "needs root"]
 fn the_tray_imports_logs_in_connects_and_tells_when_the_gateway_ends_a_session() {
@@ -448,22 +516,11 @@ fn the_tray_imports_logs_in_connects_and_tells_when_the_gateway_ends_a_session()
     // The tray starts from nothing: logged out, the bundle to be imported through its menu.
     alice.ok(&["logout"]);
     let bus = Bus::start(dir.path());
-    let host = Host::start(&bus.address);
+    let host = Host::start(&bus.address, true);
     lock(&host.desk).file = Some(dir.path().join("alice.p12"));
     let (pinentry, pinentry_log) = pinentry(dir.path(), &alice.pw);
     let home = dir.path().join("home");
-    let mut tray = Proc::spawn(
-        Command::new(bin("pinhole"))
-            .arg("tray")
-            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
-            .env("PINHOLE_SOCKET", &alice.socket)
-            .env("PINHOLE_PINENTRY", &pinentry)
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join("config"))
-            .env("XDG_STATE_HOME", home.join("state"))
-            .env("RUST_LOG", "info"),
-        dir.path().join("tray.log"),
-    );
+    let mut tray = tray(dir.path(), &bus, &alice.socket, &pinentry);
     assert!(
         wait_until(T, || host.item().is_some()),
         "the tray did not register with the watcher: {}",

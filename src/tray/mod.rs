@@ -127,10 +127,12 @@ pub async fn run() -> anyhow::Result<()> {
 
 /// Asks the daemon for its status, and for the sites when they are due.
 async fn read(last: &Snapshot, force_sites: bool, sites_at: &mut Option<Instant>) -> Snapshot {
-    let daemon = match blocking(Request::Status).await {
-        Ok(Response::Status(s)) => Daemon::Up(Box::new(s)),
-        Ok(other) => Daemon::Unreachable(format!("unexpected answer from pinholed: {other:?}")),
-        Err(e) => Daemon::Unreachable(e),
+    let asked = tokio::task::spawn_blocking(|| control::call(&Request::Status)).await;
+    let daemon = match asked {
+        Ok(Ok(Response::Status(s))) => Daemon::Up(Box::new(s)),
+        Ok(Ok(other)) => Daemon::Unreachable(format!("unexpected answer from pinholed: {other:?}")),
+        Ok(Err(e)) => Daemon::Unreachable(unreachable_text(&e)),
+        Err(e) => Daemon::Unreachable(format!("the request failed: {e}")),
     };
     let mut snap = Snapshot {
         daemon,
@@ -160,6 +162,29 @@ async fn blocking(req: Request) -> Result<Response, String> {
     tokio::task::spawn_blocking(move || control::call(&req).map_err(|e| e.to_string()))
         .await
         .unwrap_or_else(|e| Err(format!("the request failed: {e}")))
+}
+
+/// Why the daemon did not answer, with what to do about it.
+pub fn unreachable_text(e: &control::CallError) -> String {
+    use std::io::ErrorKind;
+    match e {
+        control::CallError::Unreachable { source, .. }
+            if source.kind() == ErrorKind::PermissionDenied =>
+        {
+            "Not allowed to use pinholed: join the group pinhole (sudo adduser $USER pinhole), \
+             then log in to the desktop again"
+                .into()
+        }
+        control::CallError::Unreachable { source, .. }
+            if matches!(
+                source.kind(),
+                ErrorKind::NotFound | ErrorKind::ConnectionRefused
+            ) =>
+        {
+            "pinholed is not running (sudo systemctl start pinholed)".into()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Whether a refusal is about the password (so asking again makes sense).
@@ -451,6 +476,10 @@ fn read_bundle(path: &std::path::Path) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
+/// The tray's log is moved to `tray.log.1` past this size: a few thousand lines of history,
+/// bounded however long the session runs.
+const LOG_ROTATE: u64 = 1024 * 1024;
+
 /// The tray's own log of what it saw and did (no passwords, no addresses beyond what the
 /// menu shows): what "Open log" opens. Best effort: a log that cannot be written is skipped.
 #[derive(Debug)]
@@ -468,6 +497,9 @@ impl Log {
 
     fn write(&self, line: &str) {
         let Some(path) = &self.path else { return };
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_ROTATE) {
+            let _ = std::fs::rename(path, path.with_extension("log.1"));
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -481,6 +513,17 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_daemon_is_explained() {
+        let e = |kind| control::CallError::Unreachable {
+            path: "/run/pinhole/pinholed.sock".into(),
+            source: std::io::Error::from(kind),
+        };
+        assert!(unreachable_text(&e(std::io::ErrorKind::PermissionDenied)).contains("adduser"));
+        assert!(unreachable_text(&e(std::io::ErrorKind::NotFound)).contains("not running"));
+        assert!(unreachable_text(&control::CallError::NoAnswer).contains("without answering"));
+    }
 
     #[test]
     fn only_a_wrong_password_is_asked_again() {

@@ -162,7 +162,7 @@ pub fn icon(snap: &Snapshot) -> Icon {
 pub fn status_line(snap: &Snapshot) -> String {
     let s = match &snap.daemon {
         Daemon::Unknown => return "Asking pinholed…".into(),
-        Daemon::Unreachable(_) => return "pinholed is not running".into(),
+        Daemon::Unreachable(_) => return "Pinhole is not available".into(),
         Daemon::Up(s) => s,
     };
     let account = s.account.as_deref().unwrap_or("?");
@@ -444,11 +444,14 @@ mod tests {
             "No certificate imported"
         );
         let down = Snapshot {
-            daemon: Daemon::Unreachable("cannot reach pinholed".into()),
+            daemon: Daemon::Unreachable("pinholed is not running".into()),
             sites: vec![],
         };
-        assert_eq!(status_line(&down), "pinholed is not running");
-        assert_eq!(menu(&down)[1], Entry::Text("cannot reach pinholed".into()));
+        assert_eq!(status_line(&down), "Pinhole is not available");
+        assert_eq!(
+            menu(&down)[1],
+            Entry::Text("pinholed is not running".into())
+        );
     }
 
     #[test]
