@@ -29,6 +29,9 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(45);
 /// A connect waits this long for the site's answer through the gateway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long `pinhole status` waits for the link task to bring its figures up to date.
+const REFRESH_WAIT: Duration = Duration::from_millis(500);
+
 /// The group id of `name` from /etc/group, and its member list.
 fn group(name: &str) -> Option<(u32, Vec<String>)> {
     let text = fs::read_to_string("/etc/group").ok()?;
@@ -139,6 +142,19 @@ impl Daemon {
         }
     }
 
+    /// Brings the status's sessions and counters up to date with the link task's plane, if a
+    /// link runs; waits at most [`REFRESH_WAIT`] (a busy link answers at its next turn).
+    async fn refresh(&self) {
+        let tx = match self.link.lock().await.as_ref() {
+            Some((tx, h)) if !h.is_finished() => tx.clone(),
+            _ => return,
+        };
+        let (done, rx) = oneshot::channel();
+        if tx.send(LinkCmd::Refresh(done)).await.is_ok() {
+            let _ = tokio::time::timeout(REFRESH_WAIT, rx).await;
+        }
+    }
+
     /// Whether a link task is alive.
     async fn link_running(&self) -> bool {
         self.link
@@ -150,7 +166,10 @@ impl Daemon {
 
     async fn handle(&self, req: Request) -> Response {
         match req {
-            Request::Status => Response::Status(self.status()),
+            Request::Status => {
+                self.refresh().await;
+                Response::Status(self.status())
+            }
             Request::Connect { site, agent } => {
                 let (reply, rx) = oneshot::channel();
                 self.link_call(LinkCmd::Connect { site, agent, reply }, rx)

@@ -36,6 +36,9 @@ pub const ACCOUNT_CLOSED: &str = "your account was closed; ask your administrato
 #[derive(Debug)]
 pub enum LinkCmd {
     Logout(oneshot::Sender<()>),
+    /// Copy the plane's current counters into the shared status, then answer: `pinhole
+    /// status` shows what happened up to the request, not up to the last tick.
+    Refresh(oneshot::Sender<()>),
     List(oneshot::Sender<Vec<SiteView>>),
     Connect {
         site: String,
@@ -230,6 +233,9 @@ pub async fn run(
                                 update(&status, |s| { s.state = LinkState::LoggedOut; s.tunnel_ip = None; s.since = None; });
                                 let _ = done.send(());
                                 return;
+                            }
+                            Some(LinkCmd::Refresh(done)) => {
+                                let _ = done.send(());
                             }
                             Some(LinkCmd::List(tx)) => {
                                 let _ = tx.send(inventory.lock().unwrap_or_else(|p| p.into_inner()).clone());
@@ -484,6 +490,10 @@ async fn connected(
                 Some(LinkCmd::Logout(done)) => {
                     core.logout(Instant::now());
                     logout = Some(done);
+                }
+                Some(LinkCmd::Refresh(done)) => {
+                    publish(status, plane);
+                    let _ = done.send(());
                 }
                 Some(LinkCmd::List(tx)) => {
                     if core.is_logged_in() {
