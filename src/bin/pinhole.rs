@@ -117,11 +117,14 @@ fn main() -> std::process::ExitCode {
 
 /// The tray: its own runtime (one thread is plenty for a menu), logs on stderr.
 fn tray() -> anyhow::Result<()> {
+    // A level, not an EnvFilter: per-target directives are not worth the regex engine they
+    // link into every technician's `pinhole` (RUST_LOG=debug etc. still works).
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_current_thread()
