@@ -210,6 +210,7 @@ impl Daemon {
                         state: LinkState::LoggedOut,
                         account: Some(account.clone()),
                         certificate_expires: Some(expires.clone()),
+                        ended: std::mem::take(&mut s.ended),
                         ..empty_status()
                     };
                 });
@@ -254,6 +255,7 @@ impl Daemon {
                         state: LinkState::Connecting,
                         account: Some(account),
                         certificate_expires: Some(expiry_text(expires)),
+                        ended: std::mem::take(&mut s.ended),
                         ..empty_status()
                     };
                 });
@@ -351,6 +353,7 @@ fn empty_status() -> Status {
         sessions: Vec::new(),
         filter: Default::default(),
         refused: Vec::new(),
+        ended: Vec::new(),
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use crate::control::{LinkState, Status};
+use crate::control::{LinkState, SessionView, Status};
 use crate::plane::{AdapterConfig, Plane};
 
 /// TCP connect and TLS handshake to one address must finish this soon.
@@ -174,7 +174,11 @@ pub async fn run(
             Err(end) => end,
         };
         // Sessions do not outlive their link: the technician connects again after a loss.
+        let before = plane.views().0;
         plane.close_all().await;
+        if let End::Fatal(why) | End::Retry(why) = &end {
+            record_ended(&status, &before, &plane, why);
+        }
         if !matches!(end, End::Retry(_)) || first.is_some() {
             plane.shutdown().await;
         }
@@ -248,6 +252,20 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Records in the status the devices that were in `before` and are no longer in the plane,
+/// ended for `reason` without the technician asking (the tray tells them).
+fn record_ended(status: &Mutex<Status>, before: &[SessionView], plane: &Plane, reason: &str) {
+    let after = plane.views().0;
+    let at = crate::now_rfc3339();
+    update(status, |s| {
+        for v in before {
+            if !after.iter().any(|a| a.site == v.site && a.agent == v.agent) {
+                s.push_ended(&v.site, &v.agent, reason, at.clone());
+            }
+        }
+    });
 }
 
 /// Copies the plane's sessions and counters into the shared status.
@@ -376,7 +394,9 @@ async fn connected(
                     agent,
                 } => {
                     info!(session, agent = ?agent, %reason, "device disconnected by the gateway");
+                    let before = plane.views().0;
                     plane.close(session, agent.as_deref()).await;
+                    record_ended(status, &before, plane, &reason);
                     update(status, |s| {
                         s.last_error = Some(format!("disconnected: {reason}"))
                     });
