@@ -47,7 +47,10 @@ fn forgetful_firewall(lab: &Lab) {
             "table inet carrier {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"{site}\" ct state invalid counter drop\n    oifname \"{site}\" ct state invalid counter drop\n    oifname \"{site}\" ct state new counter drop\n  }}\n}}\n"
         ),
     );
-    lab.sysctl("wan", "net.netfilter.nf_conntrack_tcp_timeout_established=20");
+    lab.sysctl(
+        "wan",
+        "net.netfilter.nf_conntrack_tcp_timeout_established=20",
+    );
     lab.sysctl("wan", "net.netfilter.nf_conntrack_tcp_loose=0");
 }
 
@@ -111,12 +114,18 @@ fn a_session_request_a_cut_off_site_does_not_answer_is_refused_within_seconds() 
             "table inet cut {{\n  chain forward {{\n    type filter hook forward priority 0; policy accept;\n    iifname \"{site}\" drop\n    oifname \"{site}\" drop\n  }}\n}}\n"
         ),
     );
-    assert!(sys.gateway(&["sites", "--json"]).contains("\"online\": true"));
+    assert!(
+        sys.gateway(&["sites", "--json"])
+            .contains("\"online\": true")
+    );
     let t = Instant::now();
     let out = alice.cli(&["connect", "plant-a/press-4-plc"]);
     let took = t.elapsed();
     let text = common::text(&out);
-    eprintln!("figures: the refused connect took {took:?}: {}", text.trim());
+    eprintln!(
+        "figures: the refused connect took {took:?}: {}",
+        text.trim()
+    );
     assert!(!out.status.success(), "{text}");
     assert!(
         text.contains("plant-a does not answer; its connection to the gateway may be broken"),
@@ -134,7 +143,9 @@ fn a_session_request_a_cut_off_site_does_not_answer_is_refused_within_seconds() 
 
     // The path heals: the site notices its old link is gone and comes back by itself.
     let t = Instant::now();
-    let out = sys.lab.exec("wan", &["nft", "delete", "table", "inet", "cut"]);
+    let out = sys
+        .lab
+        .exec("wan", &["nft", "delete", "table", "inet", "cut"]);
     assert!(out.status.success(), "{}", common::text(&out));
     assert!(
         wait_until(Duration::from_secs(60), || online(&sys, "plant-a")),
