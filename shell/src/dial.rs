@@ -169,6 +169,11 @@ impl Dialer {
         self
     }
 
+    /// Starts the next dial at `address` (one that worked before, remembered by the caller).
+    pub fn prefer(&mut self, address: GatewayAddress) {
+        self.preferred = Some(address);
+    }
+
     /// The order of the next dial: the address that worked last, then the others as given.
     pub fn order(&self) -> Vec<&GatewayAddress> {
         let first = self

@@ -444,6 +444,8 @@ pub struct System {
     pub ports: Vec<u16>,
     /// From starting the sites until the gateway listed both online.
     pub sites_online_after: Duration,
+    /// When the gateway listed both sites online (their links' last packets, if they idle).
+    pub sites_online_at: std::time::Instant,
 }
 
 /// How [`System::start_with`] sets the system up.
@@ -590,6 +592,7 @@ impl System {
             gw,
             ports: options.gateway_ports.clone(),
             sites_online_after: Duration::ZERO,
+            sites_online_at: sites_started,
         };
         assert!(
             wait_until(Duration::from_secs(20), || {
@@ -599,7 +602,8 @@ impl System {
             "sites did not come online: {}",
             std::fs::read_to_string(dir.join("plant-a.log")).unwrap_or_default()
         );
-        sys.sites_online_after = sites_started.elapsed();
+        sys.sites_online_at = std::time::Instant::now();
+        sys.sites_online_after = sys.sites_online_at - sites_started;
         sys
     }
 
