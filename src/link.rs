@@ -86,11 +86,14 @@ fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
 }
 
 /// Runs the link until logout or a fatal refusal. `first` gets the outcome of the first
-/// attempt: `pinhole login` reports it and the link gives up if it failed.
+/// attempt: `pinhole login` reports it and the link gives up if it failed. `last_gateway`, the
+/// address the previous login reached, is dialed first: a network that blocks 443 then costs
+/// one connect timeout per daemon, not one per login.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     adapter: AdapterConfig,
     bundle: Bundle,
+    last_gateway: Option<GatewayAddress>,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
     mut cmds: mpsc::Receiver<LinkCmd>,
@@ -100,15 +103,7 @@ pub async fn run(
     let mut backoff = Backoff::new();
     let mut plane = Plane::new(&adapter);
     let mut dialer = Dialer::new(bundle.gateway().addresses().to_vec());
-    // The address of the last login goes first again: a network that blocks 443 costs one
-    // connect timeout per daemon, not one per login.
-    if let Some(last) = status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .gateway
-        .as_deref()
-        .and_then(|g| g.parse().ok())
-    {
+    if let Some(last) = last_gateway {
         dialer.prefer(last);
     }
     let config = match tls::client_config(
