@@ -254,6 +254,8 @@ struct ClientLink<'a> {
     waiting_connect: Vec<(u32, String, Reply)>,
     tun_buf: Vec<u8>,
     tick: tokio::time::Interval,
+    /// The engine's count of refusals as last published.
+    answered: u64,
 }
 
 impl ClientLink<'_> {
@@ -523,6 +525,13 @@ impl Handler for ClientLink<'_> {
                 let now = Instant::now();
                 self.plane.handle_tun_packets(&mut self.tun_buf, n, now);
                 self.plane.flush(core, now).await;
+                // A refused packet shows in `pinhole status` as soon as the tool reports it,
+                // not at the next tick (refusals are rate-limited, so this stays rare).
+                let answered = self.plane.answered();
+                if answered != self.answered {
+                    self.answered = answered;
+                    publish(self.status, self.plane);
+                }
             }
             Wake::Tun(Err(_)) => {}
             Wake::Tick => {
@@ -578,6 +587,7 @@ async fn connected(
         waiting_connect: Vec::new(),
         tun_buf: vec![0u8; pinhole_adapter::wg::BUFFER],
         tick: tokio::time::interval(TICK),
+        answered: 0,
     };
     let span = tracing::info_span!("link", gateway = %addr);
     let end = drive(&mut stream, &mut core, &mut link)
