@@ -250,6 +250,7 @@ impl Daemon {
                     ));
                 }
                 let account = bundle.peer().name.clone();
+                let last_gateway = self.status().gateway.and_then(|g| g.parse().ok());
                 self.set(|s| {
                     *s = Status {
                         state: LinkState::Connecting,
@@ -264,6 +265,7 @@ impl Daemon {
                 let handle = tokio::spawn(link::run(
                     self.adapter.clone(),
                     bundle,
+                    last_gateway,
                     self.status.clone(),
                     self.inventory.clone(),
                     rx,

@@ -321,14 +321,7 @@ fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinhole-gateway"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    pinhole_shell::telemetry::init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

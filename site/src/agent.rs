@@ -19,21 +19,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use pinhole_certs::ca::{generate_site_key, pem_decode, pem_encode};
 use pinhole_certs::fsutil::write_private_atomic;
-use pinhole_certs::tls::{self, key_refused};
+use pinhole_certs::tls;
 use pinhole_certs::{
-    CaPinnedServerVerifier, GatewayAddress, Identity, KeyRefused, PinnedServerVerifier,
-    TofuServerVerifier, TofuStore,
+    CaPinnedServerVerifier, Identity, PinnedServerVerifier, TofuServerVerifier, TofuStore,
 };
 use pinhole_proto::{
     Backoff, CloseReason, ErrorCode, FirewallChange, SiteCore, SiteEvent, SiteHello,
 };
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use pinhole_shell::{DialError, Dialer, Handler, Lost, Refused, Stream, drive};
+use rustls::pki_types::CertificateDer;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Mutex, mpsc};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
@@ -45,14 +41,9 @@ use crate::{firewall, light};
 use pinhole_adapter::Dest;
 use pinhole_adapter::tun::Tun;
 
-/// A TCP connect plus TLS handshake to one gateway address must finish this soon.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How often the switch input is read: the issue allows a 1 s poll, and a file read per second
 /// costs nothing.
 const SWITCH_POLL: Duration = Duration::from_secs(1);
-
-const READ_BUFFER: usize = 16 * 1024;
 
 /// How often the engine's timers run (WireGuard handshakes and rekeying, flow and fragment
 /// expiry).
@@ -238,41 +229,40 @@ fn boot_id() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn server_name(addr: &GatewayAddress) -> anyhow::Result<ServerName<'static>> {
-    Ok(match addr.ip() {
-        Some(ip) => ServerName::IpAddress(ip.into()),
-        None => ServerName::try_from(addr.host().to_owned()).context("gateway host name")?,
-    })
+/// The gateway's certificate, as the handshake presented it.
+fn gateway_certificate(stream: &Stream) -> anyhow::Result<CertificateDer<'static>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .context("the gateway sent no certificate")
 }
 
-/// Dials the gateway addresses in order; the first that completes a handshake wins.
-async fn dial(
-    gateways: &[GatewayAddress],
-    config: rustls::ClientConfig,
-) -> anyhow::Result<TlsStream<TcpStream>> {
-    let connector = TlsConnector::from(Arc::new(config));
-    let mut errors = Vec::new();
-    for addr in gateways {
-        let attempt = async {
-            let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
-            tcp.set_nodelay(true)?;
-            socket2::SockRef::from(&tcp).set_send_buffer_size(tls::LINK_SEND_BUFFER)?;
-            connector
-                .connect(server_name(addr).map_err(std::io::Error::other)?, tcp)
-                .await
-        };
-        match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => {
-                if let Some(refused) = key_refused(&e) {
-                    return Err(anyhow::Error::new(refused));
-                }
-                errors.push(format!("{addr}: {e}"));
-            }
-            Err(_) => errors.push(format!("{addr}: timed out")),
+/// A refusal in an operator's words.
+fn refusal_words(r: &Refused, state: &Path) -> String {
+    match r {
+        Refused::Key(k) => format!(
+            "{k}: the gateway's key does not match the key pinned at first connection — possible \
+             interception; not connected. If the gateway was really replaced, run \
+             `pinhole-site repin --state {}`",
+            state.display()
+        ),
+        Refused::Revoked => {
+            "the gateway refused this site's certificate: it was revoked (the site was removed \
+             at the gateway); enroll it again with a new token"
+                .into()
+        }
+        Refused::Expired => {
+            "the gateway refused this site's certificate: it has expired; enroll the site again \
+             with a new token"
+                .into()
+        }
+        Refused::Certificate(alert) => {
+            format!("the gateway refused this site's certificate ({alert:?})")
         }
     }
-    bail!("gateway unreachable ({})", errors.join("; "))
 }
 
 struct Signals {
@@ -325,6 +315,8 @@ pub struct SiteAgent {
     plane: Plane,
     /// Firewall restorations to report to the gateway.
     reports: Option<mpsc::Receiver<FirewallChange>>,
+    /// The gateway's addresses, the one that worked last first.
+    dialer: Dialer,
 }
 
 impl std::fmt::Debug for SiteAgent {
@@ -343,6 +335,7 @@ impl SiteAgent {
         }
         Ok(Self {
             config_path: config_path.to_owned(),
+            dialer: Dialer::new(config.gateways.clone()),
             config,
             state: SiteState::new(state),
             plane: Plane::default(),
@@ -359,6 +352,9 @@ impl SiteAgent {
         match Config::load(&self.config_path) {
             Ok(c) => {
                 let changed = c != self.config;
+                if c.gateways != self.config.gateways {
+                    self.dialer = Dialer::new(c.gateways.clone());
+                }
                 self.config = c;
                 info!(changed, "configuration reloaded");
                 changed
@@ -467,13 +463,8 @@ impl SiteAgent {
                 Ok(Outcome::SwitchedOff | Outcome::Enrolled) => continue,
                 Ok(Outcome::Lost { worked }) => worked,
                 Err(e) => {
-                    if e.downcast_ref::<KeyRefused>().is_some() {
-                        error!(
-                            error = %e,
-                            "the gateway's key does not match the key pinned at first connection — possible interception; \
-                             not connected. If the gateway was really replaced, run `pinhole-site repin --state {}`",
-                            self.state.root.display()
-                        );
+                    if let Some(DialError::Refused(r)) = e.downcast_ref::<DialError>() {
+                        error!(reason = %refusal_words(r, &self.state.root), "not connected");
                     } else if e.downcast_ref::<Fatal>().is_some() {
                         return Err(e);
                     } else {
@@ -500,7 +491,7 @@ impl SiteAgent {
         }
     }
 
-    async fn enroll(&self, tofu: &TofuStore) -> anyhow::Result<()> {
+    async fn enroll(&mut self, tofu: &TofuStore) -> anyhow::Result<()> {
         let Some(token) = self.config.token.clone() else {
             return Err(Fatal("this site is not enrolled and site.toml has no `token`: create one with `pinhole-gateway site-token create DOMAIN`".into()).into());
         };
@@ -521,61 +512,17 @@ impl SiteAgent {
             }
         };
         let config = tls::enrollment_client_config(verifier)?;
-        let mut stream = dial(&self.config.gateways, config).await?;
-        let peer = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .cloned()
-            .context("the gateway sent no certificate")?;
-        let now = Instant::now();
-        let mut core = SiteCore::enroll(now, token.secret(), &self.config.name, &spki);
-        let mut buf = vec![0u8; READ_BUFFER];
-        loop {
-            while let Some(b) = core.poll_transmit() {
-                stream.write_all(&b).await?;
-            }
-            while let Some(ev) = core.poll_event() {
-                match ev {
-                    SiteEvent::Enrolled { certificate, ca } => {
-                        tofu.confirm(&peer)?;
-                        fs::write(self.state.path("ca.crt"), pem_encode("CERTIFICATE", &ca))?;
-                        write_private_atomic(
-                            &self.state.path("site.crt"),
-                            pem_encode("CERTIFICATE", &certificate).as_bytes(),
-                        )?;
-                        info!(site = %self.config.name, pin = %pinhole_certs::Pin::of_certificate(&peer)?, "enrolled; gateway key pinned");
-                        warn!(
-                            config = %self.config_path.display(),
-                            "enrolled: remove `token` from site.toml now; it is used up and not needed again"
-                        );
-                        return Ok(());
-                    }
-                    SiteEvent::Closed(CloseReason::Error {
-                        code: ErrorCode::TokenRefused,
-                        text,
-                    }) => {
-                        return Err(Fatal(format!(
-                            "{text} (ask the gateway operator for a new token)"
-                        ))
-                        .into());
-                    }
-                    SiteEvent::Closed(reason) => bail!("enrollment failed: {reason:?}"),
-                    _ => {}
-                }
-            }
-            let timeout = core
-                .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + DIAL_TIMEOUT);
-            tokio::select! {
-                r = stream.read(&mut buf) => match r? {
-                    0 => bail!("the gateway closed the connection during enrollment"),
-                    n => core.handle_input(&buf[..n], Instant::now()),
-                },
-                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-            }
-        }
+        let mut stream = self.dialer.dial(Arc::new(config)).await?.stream;
+        let peer = gateway_certificate(&stream)?;
+        let mut core = SiteCore::enroll(Instant::now(), token.secret(), &self.config.name, &spki);
+        let mut enrollment = Enrollment {
+            state: &self.state,
+            site: &self.config.name,
+            config_path: &self.config_path,
+            tofu,
+            peer,
+        };
+        drive(&mut stream, &mut core, &mut enrollment).await
     }
 
     async fn connected(
@@ -587,18 +534,12 @@ impl SiteAgent {
         let verifier = CaPinnedServerVerifier::new(&self.state.ca()?, tofu.clone())
             .context("ca.crt from enrollment")?;
         let config = tls::client_config(identity, verifier)?;
-        let stream = dial(&self.config.gateways, config).await?;
-        let peer = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .cloned()
-            .context("the gateway sent no certificate")?;
+        let dialed = self.dialer.dial(Arc::new(config)).await?;
+        let mut stream = dialed.stream;
+        let peer = gateway_certificate(&stream)?;
         if let pinhole_certs::TofuOutcome::Recorded(pin) = tofu.confirm(&peer)? {
             info!(%pin, "gateway key pinned (first use)");
         }
-        let (mut rd, mut wr) = tokio::io::split(stream);
         let hello = SiteHello {
             software: env!("CARGO_PKG_VERSION").into(),
             boot_id: boot_id(),
@@ -606,7 +547,11 @@ impl SiteAgent {
             agents: self.config.agents.clone(),
         };
         let mut core = SiteCore::new(Instant::now(), hello);
-        let result = self.link_loop(&mut core, &mut rd, &mut wr, signals).await;
+        let span = tracing::info_span!("link", gateway = %dialed.address);
+        let outcome = {
+            let mut link = SiteLink::new(self, signals);
+            tracing::Instrument::instrument(drive(&mut stream, &mut core, &mut link), span).await
+        };
         // Whatever ended the link ended its sessions.
         if !self.plane.fwd.is_empty() {
             info!(
@@ -616,8 +561,7 @@ impl SiteAgent {
             self.plane.fwd.clear();
             self.sync_plane().await;
         }
-        let _ = wr.shutdown().await;
-        result
+        Ok(outcome)
     }
 
     /// Applies the sessions to the firewall and the light.
@@ -676,135 +620,258 @@ impl SiteAgent {
             Err(reason) => core.session_refused(session, &reason.to_string(), now),
         }
     }
+}
 
-    async fn link_loop<R, W>(
-        &mut self,
-        core: &mut SiteCore,
-        rd: &mut R,
-        wr: &mut W,
-        signals: &mut Signals,
-    ) -> anyhow::Result<Outcome>
-    where
-        R: tokio::io::AsyncRead + Unpin,
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        let mut buf = vec![0u8; READ_BUFFER];
-        let mut tun_buf = vec![0u8; pinhole_adapter::wg::BUFFER];
-        let mut switch_tick = tokio::time::interval(SWITCH_POLL);
-        let mut wg_tick = tokio::time::interval(WG_TICK);
-        let mut worked = false;
-        loop {
-            while let Some(ev) = core.poll_event() {
-                match ev {
-                    SiteEvent::Welcomed => {
-                        worked = true;
-                        info!(site = %self.config.name, agents = self.config.agents.len(), "connected to the gateway");
-                    }
-                    SiteEvent::SessionOpen {
-                        session,
-                        agent,
-                        key,
-                        tunnel_ip,
-                    } => {
-                        self.open_session(core, session, &agent, &key, tunnel_ip)
-                            .await;
-                    }
-                    SiteEvent::SessionClose {
-                        session,
-                        reason,
-                        agent,
-                    } => {
-                        info!(session, agent = ?agent, %reason, "session closed by the gateway");
-                        self.plane.fwd.close(session, agent.as_deref());
-                        self.sync_plane().await;
-                    }
-                    SiteEvent::Data { session, datagram } => {
-                        let now = Instant::now();
-                        self.plane.fwd.handle_datagram(session, &datagram, now);
-                        self.plane.flush(core, now).await;
-                    }
-                    SiteEvent::Closed(CloseReason::Error { code, text }) => {
-                        warn!(?code, %text, "the gateway ended the connection");
-                    }
-                    SiteEvent::Closed(reason) => warn!(?reason, "connection to the gateway lost"),
-                    SiteEvent::Enrolled { .. } => {}
-                }
+/// The enrollment exchange: the token out, the certificate and the CA back.
+struct Enrollment<'a> {
+    state: &'a SiteState,
+    site: &'a str,
+    config_path: &'a Path,
+    tofu: &'a TofuStore,
+    peer: CertificateDer<'static>,
+}
+
+impl Enrollment<'_> {
+    fn store(&self, certificate: &[u8], ca: &[u8]) -> anyhow::Result<()> {
+        self.tofu.confirm(&self.peer)?;
+        fs::write(self.state.path("ca.crt"), pem_encode("CERTIFICATE", ca))?;
+        write_private_atomic(
+            &self.state.path("site.crt"),
+            pem_encode("CERTIFICATE", certificate).as_bytes(),
+        )?;
+        info!(site = %self.site, pin = %pinhole_certs::Pin::of_certificate(&self.peer)?, "enrolled; gateway key pinned");
+        warn!(
+            config = %self.config_path.display(),
+            "enrolled: remove `token` from site.toml now; it is used up and not needed again"
+        );
+        Ok(())
+    }
+}
+
+impl Handler for Enrollment<'_> {
+    type Core = SiteCore;
+    type Wake = ();
+    type End = anyhow::Result<()>;
+
+    async fn on_event(&mut self, _: &mut SiteCore, event: SiteEvent) -> Option<anyhow::Result<()>> {
+        match event {
+            SiteEvent::Enrolled { certificate, ca } => Some(self.store(&certificate, &ca)),
+            SiteEvent::Closed(CloseReason::Error {
+                code: ErrorCode::TokenRefused,
+                text,
+            }) => Some(Err(Fatal(format!(
+                "{text} (ask the gateway operator for a new token)"
+            ))
+            .into())),
+            SiteEvent::Closed(reason) => {
+                Some(Err(anyhow::anyhow!("enrollment failed: {reason:?}")))
             }
-            while let Some(b) = core.poll_transmit() {
-                if wr.write_all(&b).await.is_err() {
-                    return Ok(Outcome::Lost { worked });
-                }
+            _ => None,
+        }
+    }
+
+    async fn wait(&mut self) {
+        std::future::pending::<()>().await
+    }
+
+    async fn on_wake(&mut self, _: &mut SiteCore, (): ()) -> Option<anyhow::Result<()>> {
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> anyhow::Result<()> {
+        match lost {
+            Lost::Failed {
+                error,
+                refused: None,
+            } => Err(anyhow::Error::new(error).context("enrollment")),
+            other => bail!("the gateway ended the enrollment: {other}"),
+        }
+    }
+}
+
+/// What the site's own inputs produced, while a link is up.
+enum Wake {
+    Tun(std::io::Result<usize>),
+    EngineTick,
+    /// The firewall table was restored: tell the gateway.
+    Report(FirewallChange),
+    SwitchTick,
+    Signal(Sig),
+}
+
+/// The site's side of a connected link: the gateway's events, the TUN, the engine's timers,
+/// the switch input and signals.
+struct SiteLink<'a> {
+    agent: &'a mut SiteAgent,
+    signals: &'a mut Signals,
+    tun_buf: Vec<u8>,
+    switch_tick: tokio::time::Interval,
+    engine_tick: tokio::time::Interval,
+    /// Whether the gateway welcomed the site on this link.
+    worked: bool,
+}
+
+impl<'a> SiteLink<'a> {
+    fn new(agent: &'a mut SiteAgent, signals: &'a mut Signals) -> Self {
+        Self {
+            agent,
+            signals,
+            tun_buf: vec![0u8; pinhole_adapter::wg::BUFFER],
+            switch_tick: tokio::time::interval(SWITCH_POLL),
+            engine_tick: tokio::time::interval(WG_TICK),
+            worked: false,
+        }
+    }
+
+    /// Applies a reloaded configuration to the link; `Some` when the link must be redone.
+    async fn reloaded(&mut self, core: &mut SiteCore) -> Option<Outcome> {
+        let before = self.agent.config.clone();
+        if !self.agent.reload() {
+            return None;
+        }
+        let after = &self.agent.config;
+        if (&before.name, &before.gateways, &before.device_interface)
+            != (&after.name, &after.gateways, &after.device_interface)
+        {
+            info!("name, gateway or device interface changed: reconnecting");
+            return Some(Outcome::Lost { worked: true });
+        }
+        // Agents removed or changed end their sessions.
+        for old in &before.agents {
+            if self.agent.config.agents.contains(old) {
+                continue;
             }
-            if core.is_closed() {
-                return Ok(Outcome::Lost { worked });
+            for session in self.agent.plane.fwd.sessions_with(&old.name) {
+                info!(session, agent = %old.name, "agent changed: ending its part of the session");
+                self.agent.plane.fwd.close(session, Some(&old.name));
+                core.close_session(
+                    session,
+                    Some(&old.name),
+                    "the agent's configuration changed",
+                    Instant::now(),
+                );
             }
-            let timeout = core
-                .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-            let tun = self.plane.tun.as_ref();
-            tokio::select! {
-                r = rd.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => {
-                        warn!("connection to the gateway lost");
-                        return Ok(Outcome::Lost { worked });
+        }
+        self.agent.sync_plane().await;
+        core.update_agents(self.agent.config.agents.clone(), Instant::now());
+        None
+    }
+}
+
+impl Handler for SiteLink<'_> {
+    type Core = SiteCore;
+    type Wake = Wake;
+    type End = Outcome;
+
+    async fn on_event(&mut self, core: &mut SiteCore, event: SiteEvent) -> Option<Outcome> {
+        let agent = &mut *self.agent;
+        match event {
+            SiteEvent::Welcomed => {
+                self.worked = true;
+                info!(site = %agent.config.name, agents = agent.config.agents.len(), "connected to the gateway");
+            }
+            SiteEvent::SessionOpen {
+                session,
+                agent: name,
+                key,
+                tunnel_ip,
+            } => {
+                let span = tracing::info_span!("session", session);
+                tracing::Instrument::instrument(
+                    agent.open_session(core, session, &name, &key, tunnel_ip),
+                    span,
+                )
+                .await;
+            }
+            SiteEvent::SessionClose {
+                session,
+                reason,
+                agent: name,
+            } => {
+                info!(session, agent = ?name, %reason, "session closed by the gateway");
+                agent.plane.fwd.close(session, name.as_deref());
+                agent.sync_plane().await;
+            }
+            SiteEvent::Data { session, datagram } => {
+                let now = Instant::now();
+                agent.plane.fwd.handle_datagram(session, &datagram, now);
+                agent.plane.flush(core, now).await;
+            }
+            SiteEvent::Closed(CloseReason::Error { code, text }) => {
+                warn!(?code, %text, "the gateway ended the connection");
+                return Some(Outcome::Lost {
+                    worked: self.worked,
+                });
+            }
+            SiteEvent::Closed(reason) => {
+                warn!(?reason, "connection to the gateway lost");
+                return Some(Outcome::Lost {
+                    worked: self.worked,
+                });
+            }
+            SiteEvent::Enrolled { .. } => {}
+        }
+        None
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let tun = self.agent.plane.tun.as_ref();
+        tokio::select! {
+            n = pinhole_adapter::tun::recv_or_wait(tun, &mut self.tun_buf) => Wake::Tun(n),
+            _ = self.engine_tick.tick() => Wake::EngineTick,
+            Some(change) = next_report(&mut self.agent.reports), if self.worked => Wake::Report(change),
+            _ = self.switch_tick.tick() => Wake::SwitchTick,
+            sig = self.signals.next() => Wake::Signal(sig),
+        }
+    }
+
+    async fn on_wake(&mut self, core: &mut SiteCore, wake: Wake) -> Option<Outcome> {
+        let plane = &mut self.agent.plane;
+        match wake {
+            Wake::Tun(Ok(n)) => {
+                let now = Instant::now();
+                plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
+                // Take the rest of a burst too: one write to the gateway for all of it.
+                if let Some(tun) = &plane.tun {
+                    for _ in 1..pinhole_adapter::tun::BATCH {
+                        let Ok(n) = tun.try_recv(&mut self.tun_buf) else {
+                            break;
+                        };
+                        plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
                     }
-                    Ok(n) => core.handle_input(&buf[..n], Instant::now()),
-                },
-                n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
-                    if let Ok(n) = n {
-                        let now = Instant::now();
-                        self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
-                        // Take the rest of a burst too: one write to the gateway for all of it.
-                        if let Some(tun) = &self.plane.tun {
-                            for _ in 1..pinhole_adapter::tun::BATCH {
-                                let Ok(n) = tun.try_recv(&mut tun_buf) else { break };
-                                self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
-                            }
-                        }
-                        self.plane.flush(core, now).await;
-                    }
                 }
-                _ = wg_tick.tick() => {
-                    let now = Instant::now();
-                    self.plane.fwd.handle_timeout(now);
-                    self.plane.flush(core, now).await;
-                }
-                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-                Some(change) = next_report(&mut self.reports), if worked => {
-                    core.firewall_restored(change, Instant::now());
-                }
-                _ = switch_tick.tick() => if !self.switched_on() {
+                plane.flush(core, now).await;
+            }
+            Wake::Tun(Err(_)) => {}
+            Wake::EngineTick => {
+                let now = Instant::now();
+                plane.fwd.handle_timeout(now);
+                plane.flush(core, now).await;
+            }
+            Wake::Report(change) => core.firewall_restored(change, Instant::now()),
+            Wake::SwitchTick => {
+                if !self.agent.switched_on() {
                     info!("remote access switched off: closing the gateway connection");
-                    return Ok(Outcome::SwitchedOff);
-                },
-                sig = signals.next() => match sig {
-                    Sig::Stop => return Ok(Outcome::Stop),
-                    Sig::Reload => {
-                        let before = self.config.clone();
-                        if self.reload() {
-                            if (&before.name, &before.gateways, &before.device_interface)
-                                != (&self.config.name, &self.config.gateways, &self.config.device_interface)
-                            {
-                                info!("name, gateway or device interface changed: reconnecting");
-                                return Ok(Outcome::Lost { worked: true });
-                            }
-                            // Agents removed or changed end their sessions.
-                            for old in &before.agents {
-                                if self.config.agents.contains(old) {
-                                    continue;
-                                }
-                                for session in self.plane.fwd.sessions_with(&old.name) {
-                                    info!(session, agent = %old.name, "agent changed: ending its part of the session");
-                                    self.plane.fwd.close(session, Some(&old.name));
-                                    core.close_session(session, Some(&old.name), "the agent's configuration changed", Instant::now());
-                                }
-                            }
-                            self.sync_plane().await;
-                            core.update_agents(self.config.agents.clone(), Instant::now());
-                        }
-                    }
-                },
+                    return Some(Outcome::SwitchedOff);
+                }
             }
+            Wake::Signal(Sig::Stop) => return Some(Outcome::Stop),
+            Wake::Signal(Sig::Reload) => return self.reloaded(core).await,
+        }
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> Outcome {
+        match &lost {
+            Lost::Failed {
+                refused: Some(r), ..
+            } => {
+                error!(reason = %refusal_words(r, &self.agent.state.root), "the gateway ended the connection")
+            }
+            _ => warn!(reason = %lost, "connection to the gateway lost"),
+        }
+        Outcome::Lost {
+            worked: self.worked,
         }
     }
 }

@@ -63,14 +63,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinhole-site"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    pinhole_shell::telemetry::init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

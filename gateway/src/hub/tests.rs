@@ -732,3 +732,85 @@ fn firewall_restorations_are_audited_and_bounded() {
     }
     assert!(closed);
 }
+
+#[test]
+fn a_session_request_the_site_leaves_unanswered_is_refused_and_the_site_link_ended() {
+    let mut w = World::new();
+    let gsid = w.open();
+    // The request is due an answer within SESSION_ANSWER: the hub wants to be woken then.
+    let due = w.now + SESSION_ANSWER;
+    assert!(w.hub.poll_timeout().is_some_and(|t| t <= due));
+    let early = w
+        .hub
+        .handle_timeout(&mut w.store, due - Duration::from_millis(1));
+    assert!(early.iter().all(|c| c.link() != 1), "{early:?}");
+    let cmds = w.hub.handle_timeout(&mut w.store, due);
+    let refusal = cmds.iter().find_map(|c| match c {
+        Command::Send { link: 1, message } => match &**message {
+            Message::SessionRefused { session: 5, reason } => Some(reason.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
+    assert_eq!(
+        refusal.as_deref(),
+        Some("plant-a does not answer; its connection to the gateway may be broken"),
+        "{cmds:?}"
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::Close { link: 2, .. })),
+        "the suspect site link is ended: {cmds:?}"
+    );
+    assert_eq!(w.hub.sessions(), 0, "session {gsid} is gone");
+    // Until its link is gone, the suspect site takes no more requests.
+    let again = w.event(
+        1,
+        GatewayEvent::SessionOpen {
+            session: 6,
+            site: "plant-a".into(),
+            agent: "plc".into(),
+            key: "c1".repeat(32),
+        },
+    );
+    assert!(again.iter().all(|c| c.link() != 2), "{again:?}");
+    assert!(
+        again.iter().any(|c| matches!(c, Command::Send { link: 1, message }
+            if matches!(&**message, Message::SessionRefused { reason, .. } if reason.contains("does not answer")))),
+        "{again:?}"
+    );
+    let events = w.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("site link suspect | site plant-a did not answer")),
+        "{events:?}"
+    );
+    // The I/O layer closes the link: plant-a goes offline.
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 2, &CloseReason::Local, due);
+    assert!(!w.hub.site_online("plant-a"));
+}
+
+#[test]
+fn an_answered_request_sets_off_nothing_when_its_deadline_passes() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let cmds = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    assert!(!cmds.is_empty());
+    let cmds = w.hub.handle_timeout(&mut w.store, w.now + SESSION_ANSWER);
+    assert!(
+        cmds.iter()
+            .all(|c| !matches!(c, Command::Close { .. }) && c.link() != 1),
+        "{cmds:?}"
+    );
+    assert_eq!(w.hub.sessions(), 1);
+}
