@@ -210,6 +210,7 @@ impl Daemon {
                         state: LinkState::LoggedOut,
                         account: Some(account.clone()),
                         certificate_expires: Some(expires.clone()),
+                        ended: std::mem::take(&mut s.ended),
                         ..empty_status()
                     };
                 });
@@ -249,11 +250,13 @@ impl Daemon {
                     ));
                 }
                 let account = bundle.peer().name.clone();
+                let last_gateway = self.status().gateway.and_then(|g| g.parse().ok());
                 self.set(|s| {
                     *s = Status {
                         state: LinkState::Connecting,
                         account: Some(account),
                         certificate_expires: Some(expiry_text(expires)),
+                        ended: std::mem::take(&mut s.ended),
                         ..empty_status()
                     };
                 });
@@ -262,6 +265,7 @@ impl Daemon {
                 let handle = tokio::spawn(link::run(
                     self.adapter.clone(),
                     bundle,
+                    last_gateway,
                     self.status.clone(),
                     self.inventory.clone(),
                     rx,
@@ -351,6 +355,7 @@ fn empty_status() -> Status {
         sessions: Vec::new(),
         filter: Default::default(),
         refused: Vec::new(),
+        ended: Vec::new(),
     }
 }
 

@@ -1,8 +1,8 @@
 //! pinhole: the technician's client — the `pinholed` daemon and the `pinhole` CLI.
 //!
 //! What it is for: the daemon ([`daemon`]) keeps the imported bundle, logs in to the gateway and
-//! keeps the link up ([`link`]); the CLI talks to it over a local socket ([`control`]). The TUN
-//! adapter, host routes and packet filter of connected devices join the daemon next.
+//! keeps the link up ([`link`]), and routes and filters the connected devices ([`plane`]); the
+//! CLI and the tray ([`tray`]) talk to it over a local socket ([`control`]).
 //!
 //! Must not depend on: the gateway or site crates; it talks to them only through the protocol.
 
@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod link;
 pub mod plane;
+pub mod tray;
 
 /// The current UTC time in RFC 3339, second precision.
 pub fn now_rfc3339() -> String {

@@ -402,6 +402,11 @@ impl Plane {
         }
     }
 
+    /// Packets the engine refused with a local answer so far (a cheap check for "publish").
+    pub fn answered(&self) -> u64 {
+        self.engine.as_ref().map_or(0, |e| e.counters().2)
+    }
+
     /// A datagram from a site.
     pub fn handle_datagram(&mut self, sid: u32, datagram: &[u8], now: Instant) {
         if let Some(e) = self.engine.as_mut() {

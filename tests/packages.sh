@@ -29,7 +29,8 @@ fail() {
 
 need=()
 for pair in mmdebstrap:mmdebstrap minisign:minisign apt-ftparchive:apt-utils gpg:gnupg \
-    dpkg-shlibdeps:dpkg-dev systemd-nspawn:systemd-container strip:binutils; do
+    dpkg-shlibdeps:dpkg-dev systemd-nspawn:systemd-container strip:binutils \
+    desktop-file-validate:desktop-file-utils; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -62,6 +63,11 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
+
+step "desktop-file-validate: the tray's .desktop file and autostart entry"
+for f in packaging/desktop/*.desktop; do
+    out=$(desktop-file-validate "$f" 2>&1) || fail "desktop-file-validate $f: $out"
+done
 
 # ---------------------------------------------------------------- keys, packages, minisign
 step "test keys: OpenPGP release key, another key, minisign key"
@@ -207,6 +213,23 @@ for b in pinhole pinholed pinhole-gateway pinhole-site; do
     [ -f "$root/usr/share/fish/vendor_completions.d/$b.fish" ] || fail "no fish completion for $b"
 done
 [ -f "$root/usr/share/man/man1/pinhole-gateway-account-create.1.gz" ] || fail "no subcommand man page"
+# The tray: its man page and completion come from the CLI's clap definition; the .desktop file,
+# autostart entry (a conffile: an administrator may switch it off) and icons.
+[ -f "$root/usr/share/man/man1/pinhole-tray.1.gz" ] || fail "no man page for pinhole tray"
+grep -qw tray "$root/usr/share/bash-completion/completions/pinhole" || fail "no completion for pinhole tray"
+ct pinhole tray --help | grep -q "system tray" || fail "pinhole tray --help"
+for f in usr/share/applications/pinhole-tray.desktop etc/xdg/autostart/pinhole-tray.desktop \
+    usr/share/icons/hicolor/scalable/apps/pinhole.svg \
+    usr/share/icons/hicolor/scalable/apps/pinhole-connected.svg \
+    usr/share/icons/hicolor/scalable/apps/pinhole-attention.svg; do
+    [ -f "$root/$f" ] || fail "no /$f"
+done
+for f in usr/share/applications/pinhole-tray.desktop etc/xdg/autostart/pinhole-tray.desktop; do
+    grep -qx 'Exec=pinhole tray' "$root/$f" || fail "/$f does not start pinhole tray"
+done
+grep -qx /etc/xdg/autostart/pinhole-tray.desktop "$root/var/lib/dpkg/info/pinhole.conffiles" ||
+    fail "the autostart entry is no conffile"
+dpkg-deb -f "$tmp"/build1/pinhole_*.deb Recommends | grep -q pinentry || fail "pinhole does not recommend a pinentry"
 ct pinhole-site check --config /etc/pinhole-site/site.toml.example >/dev/null || fail "the example site.toml"
 grep -q site.toml.example "$root/var/lib/dpkg/info/pinhole-site.conffiles" || fail "site.toml.example is no conffile"
 ct getent group pinhole >/dev/null || fail "no group pinhole"
@@ -265,6 +288,7 @@ sed -e 's/^#token = .*/token = "'"$token"'"/' \
     -e 's/^gateway = .*/gateway = ["127.0.0.1:443"]/' \
     -e 's/^device_interface = .*/device_interface = "dev0"/' \
     "$root/etc/pinhole-site/site.toml.example" >"$root/etc/pinhole-site/site.toml"
+chmod 600 "$root/etc/pinhole-site/site.toml" # it holds a token: the site refuses a readable one
 ct pinhole-site check >/dev/null
 ct systemctl start pinhole-site
 wait_for 30 "site online" ct sh -c 'pinhole-gateway sites --json | grep -q "\"online\": *true"'

@@ -2,7 +2,7 @@
 //!
 //! What it is for: the gateway's certificate authority and the certificates it issues
 //! ([`ca`]); the technician's password-protected PKCS#12 bundle that carries the gateway's
-//! addresses and key pin ([`bundle`], [`gateway_info`]); key pins ([`pin`]); and the one TLS
+//! addresses and key pin ([`bundle`], [`gateway_info`]); key pins ([`pin`]); the site enrollment token that carries the gateway's pin ([`token`]); and the one TLS
 //! profile with the verifiers of the three programs ([`tls`]).
 //!
 //! Depends on: rustls with the aws-lc-rs provider (the only crypto provider of the workspace),
@@ -23,6 +23,7 @@ pub mod fsutil;
 pub mod gateway_info;
 pub mod pin;
 pub mod tls;
+pub mod token;
 pub mod x509;
 
 pub use bundle::{Bundle, BundleError, Protection};
@@ -30,9 +31,11 @@ pub use ca::{CertificateAuthority, Identity, IssueError, PeerIdentity, Role, Val
 pub use gateway_info::{GatewayAddress, GatewayInfo, GatewayInfoError};
 pub use pin::{Pin, PinError};
 pub use tls::{
-    ALPN, Anonymous, GatewayClientVerifier, KeyRefused, PinnedServerVerifier, RevocationList,
-    TlsError, TofuError, TofuOutcome, TofuServerVerifier, TofuStore,
+    ALPN, Anonymous, CaPinnedServerVerifier, GatewayClientVerifier, KeyRefused,
+    PinnedServerVerifier, RevocationList, TlsError, TofuError, TofuOutcome, TofuServerVerifier,
+    TofuStore,
 };
+pub use token::{EnrollmentToken, TokenError};
 
 /// `N` bytes from the operating system's secure random source (through aws-lc).
 pub fn random<const N: usize>() -> [u8; N] {

@@ -78,6 +78,10 @@ pub enum KeyRefused {
     PinMismatch { expected: Pin, seen: Pin },
     #[error("the pin file {0} is damaged; refusing every gateway until it is repinned")]
     PinFileDamaged(PathBuf),
+    #[error(
+        "the gateway's certificate is not a gateway certificate of the CA received at enrollment: {0}"
+    )]
+    NotGatewayOfCa(String),
 }
 
 /// The [`KeyRefused`] behind a failed handshake, if that is why it failed.
@@ -372,6 +376,110 @@ impl ServerCertVerifier for TofuServerVerifier {
     }
 }
 
+/// A site's verifier after enrollment: the gateway's certificate must chain to the CA the
+/// site received at enrollment, carry the serverAuth key usage and the gateway role, **and**
+/// match the pinned key. With nothing pinned (after `pinhole-site repin`), the first gateway
+/// that passes the CA checks is accepted and its key is then recorded by
+/// [`TofuStore::confirm`]; a server with a certificate of any other issuer never is.
+#[derive(Debug)]
+pub struct CaPinnedServerVerifier {
+    roots: RootCertStore,
+    store: TofuStore,
+    signatures: Signatures,
+}
+
+impl CaPinnedServerVerifier {
+    pub fn new(ca: &CertificateDer<'static>, store: TofuStore) -> Result<Arc<Self>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(ca.clone())
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
+        Ok(Arc::new(Self {
+            roots,
+            store,
+            signatures: Signatures::new(),
+        }))
+    }
+}
+
+/// Chain to `roots`, serverAuth, and the gateway role in the subject.
+fn check_gateway_of_ca(
+    roots: &RootCertStore,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    signatures: &Signatures,
+) -> Result<(), KeyRefused> {
+    let parsed = rustls::server::ParsedCertificate::try_from(end_entity)
+        .map_err(|e| KeyRefused::NotGatewayOfCa(e.to_string()))?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        roots,
+        intermediates,
+        now,
+        signatures.0.signature_verification_algorithms.all,
+    )
+    .map_err(|e| KeyRefused::NotGatewayOfCa(e.to_string()))?;
+    let peer = crate::ca::PeerIdentity::from_certificate(end_entity)
+        .map_err(|e| KeyRefused::NotGatewayOfCa(e.to_string()))?;
+    if peer.role != crate::ca::Role::Gateway {
+        return Err(KeyRefused::NotGatewayOfCa(format!(
+            "its role is {}, not gateway",
+            peer.role
+        )));
+    }
+    Ok(())
+}
+
+impl ServerCertVerifier for CaPinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let seen = current_key_pin(end_entity, now)?;
+        check_gateway_of_ca(
+            &self.roots,
+            end_entity,
+            intermediates,
+            now,
+            &self.signatures,
+        )
+        .map_err(refuse)?;
+        match self.store.pinned() {
+            Ok(None) => Ok(ServerCertVerified::assertion()),
+            Ok(Some(expected)) if expected == seen => Ok(ServerCertVerified::assertion()),
+            Ok(Some(expected)) => Err(refuse(KeyRefused::PinMismatch { expected, seen })),
+            Err(_) => Err(refuse(KeyRefused::PinFileDamaged(self.store.path.clone()))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.signatures.tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.signatures.schemes()
+    }
+}
+
 /// The gateway's list of revoked certificate serials (big-endian bytes, as in the certificate).
 pub trait RevocationList: Send + Sync + fmt::Debug {
     fn is_revoked(&self, serial: &[u8]) -> bool;
@@ -621,6 +729,37 @@ mod tests {
         assert!(store.forget().expect("forget"));
         assert!(!store.forget().expect("forget again"));
         assert_eq!(store.pinned().expect("read"), None);
+    }
+
+    #[test]
+    fn after_enrollment_only_a_gateway_of_the_ca_is_pinned() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = TofuStore::new(dir.path().join("gateway.pin"));
+        let ca = CertificateAuthority::generate("acme").expect("ca");
+        let gw = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("gw");
+        let other_ca = CertificateAuthority::generate("acme").expect("other ca");
+        let fake = other_ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("fake");
+        let v = CaPinnedServerVerifier::new(ca.certificate(), store.clone()).expect("verifier");
+        let name = ServerName::try_from("anything").expect("name");
+        let verify = |cert: &CertificateDer<'_>| {
+            v.verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+        };
+        // Nothing pinned (after `repin`): a gateway of another CA is refused, ours accepted.
+        let err = verify(fake.certificate()).expect_err("another CA");
+        assert!(format!("{err:?}").contains("NotGatewayOfCa"), "{err:?}");
+        verify(gw.certificate()).expect("the CA's gateway");
+        // Pinned: another key of the same CA is refused too.
+        store.confirm(gw.certificate()).expect("pin");
+        let twin = ca
+            .issue_server(&["gw".into()], Validity::days_from_now(1))
+            .expect("twin");
+        let err = verify(twin.certificate()).expect_err("not the pinned key");
+        assert!(format!("{err:?}").contains("PinMismatch"), "{err:?}");
+        verify(gw.certificate()).expect("pinned and of the CA");
     }
 
     #[test]

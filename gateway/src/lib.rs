@@ -24,6 +24,7 @@ pub(crate) mod link;
 pub mod listen;
 pub mod operator;
 pub mod outbox;
+pub mod portal;
 pub mod registry;
 pub mod serve;
 pub mod state;

@@ -57,8 +57,11 @@ fn presented(
 
 /// Handshake, authentication, then the link until it ends.
 pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, ticket: Ticket) {
-    let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(pinhole_certs::tls::LINK_SEND_BUFFER);
+    // The peer's side sets the same: keepalive keeps a NAT's state of an idle link alive and
+    // finds a dead path; the user timeout ends a link whose data goes unacknowledged.
+    if let Err(e) = pinhole_shell::socket::tune(&tcp) {
+        debug!(%peer, error = %e, "cannot set the link's socket options");
+    }
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp));
     let handshake = async {
         tokio::select! {

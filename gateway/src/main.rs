@@ -74,7 +74,25 @@ enum Command {
         /// Address to listen on; repeat for several.
         #[arg(long = "listen", default_values = ["0.0.0.0:443", "0.0.0.0:11444"])]
         listen: Vec<SocketAddr>,
+        /// Address of the admin portal (HTTPS). Keep it on loopback and reach it through an
+        /// SSH tunnel or a VPN; see README, "Admin portal".
+        #[arg(long, default_value = "127.0.0.1:8443", value_name = "ADDR")]
+        admin_listen: SocketAddr,
+        /// The portal's certificate chain (PEM, leaf first). Default: the gateway's server
+        /// certificate, which browsers do not trust until its CA (STATE/ca.crt) is imported.
+        #[arg(long, value_name = "PATH", requires = "admin_key")]
+        admin_cert: Option<PathBuf>,
+        /// The private key of --admin-cert (PEM, readable by the gateway's user only).
+        #[arg(long, value_name = "PATH", requires = "admin_cert")]
+        admin_key: Option<PathBuf>,
+        /// A host name the portal answers to (checked against the Host header), besides
+        /// localhost, the listen address and the public addresses; repeat for several.
+        #[arg(long = "admin-host", value_name = "NAME")]
+        admin_hosts: Vec<String>,
     },
+    /// Portal administrators.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Domains: the tree that sites belong to and grants name.
     #[command(subcommand)]
     Domain(DomainCmd),
@@ -116,9 +134,36 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum AdminCmd {
+    /// Create a portal administrator and print a one-time password; at first login they set
+    /// their own password and enroll TOTP.
+    Create {
+        name: String,
+        /// gateway (everything), auditor (reads everything, the audit log included), or
+        /// domain:PATH (everything within the domain PATH and below it).
+        #[arg(long, default_value = "gateway")]
+        role: pinhole_gateway::portal::authz::AdminRole,
+    },
+    /// Give an administrator a new one-time password and remove their TOTP and recovery
+    /// codes (a lost phone); they enroll again at next login.
+    Reset { name: String },
+    /// List the portal administrators.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DomainCmd {
     /// Create a domain (and its missing parents), e.g. `acme.plant-a`.
     Create { domain: DomainPath },
+    /// Rename a domain with everything below it; its sites, grants, accounts and domain
+    /// administrators follow. The new name's parent must exist.
+    Rename { from: DomainPath, to: DomainPath },
+    /// Delete an empty domain (no subdomain, site, grant, account, administrator or unused
+    /// enrollment token in it).
+    Delete { domain: DomainPath },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,8 +183,14 @@ enum SiteCmd {
 #[derive(Debug, Subcommand)]
 enum TokenCmd {
     /// Print a one-time enrollment token for a site in DOMAIN.
+    ///
+    /// The token carries the gateway's key pin (after `@`), so that the site's first contact
+    /// is pinned too: one string to paste into the site's site.toml.
     Create {
         domain: DomainPath,
+        /// The name of the site that may use the token; any other name is refused.
+        #[arg(long)]
+        site: Option<String>,
         /// How long the token stays valid (s, m, h or d).
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
@@ -152,6 +203,28 @@ enum AccountCmd {
     Create {
         name: String,
         /// Where to write the bundle (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Read the bundle password from this file (first line); otherwise a strong one-time
+        /// password is generated and printed once.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Encrypt the bundle with 3DES and a SHA-1 MAC, for old platforms.
+        #[arg(long)]
+        legacy: bool,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = DEFAULT_TECHNICIAN_DAYS)]
+        days: i64,
+        /// The domain the account belongs to, whose domain administrators manage it in the
+        /// portal. Default: none (gateway administrators only).
+        #[arg(long)]
+        domain: Option<DomainPath>,
+    },
+    /// Give an open account a new bundle and revoke its current certificate (a running
+    /// gateway ends the old bundle's connections).
+    Reissue {
+        name: String,
+        /// Where to write the new bundle (mode 0600).
         #[arg(long)]
         out: PathBuf,
         /// Read the bundle password from this file (first line); otherwise a strong one-time
@@ -248,14 +321,7 @@ fn read_password_file(path: &PathBuf) -> anyhow::Result<Zeroizing<String>> {
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinhole-gateway"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    pinhole_shell::telemetry::init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -298,16 +364,78 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        Command::Serve { listen } => {
+        Command::Serve {
+            listen,
+            admin_listen,
+            admin_cert,
+            admin_key,
+            admin_hosts,
+        } => {
+            let admin = pinhole_gateway::serve::AdminOptions {
+                listen: admin_listen,
+                cert: admin_cert.zip(admin_key),
+                hosts: admin_hosts,
+            };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(pinhole_gateway::serve::serve(&state, &listen))?;
+            runtime.block_on(pinhole_gateway::serve::serve(&state, &listen, &admin))?;
+        }
+        Command::Admin(AdminCmd::Create { name, role }) => {
+            let password = generate_password();
+            let hash = pinhole_gateway::state::hash_password(&password)?;
+            state.store()?.add_admin(&operator(), &name, &role, &hash)?;
+            println!("created portal administrator {name} ({role})");
+            println!(
+                "one-time password (shown once, change it at first login): {}",
+                password.as_str()
+            );
+        }
+        Command::Admin(AdminCmd::Reset { name }) => {
+            let password = generate_password();
+            let hash = pinhole_gateway::state::hash_password(&password)?;
+            state.store()?.reset_admin(&operator(), &name, &hash)?;
+            println!("reset portal administrator {name}: TOTP and recovery codes removed");
+            println!(
+                "one-time password (shown once, change it at first login): {}",
+                password.as_str()
+            );
+        }
+        Command::Admin(AdminCmd::List { json }) => {
+            let admins = state.store()?.admins()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&admins)?);
+            } else {
+                println!("{:<20} {:<36} {:<10} CREATED", "ADMIN", "ROLE", "TOTP");
+                for a in admins {
+                    println!(
+                        "{:<20} {:<36} {:<10} {}",
+                        escape(&a.name),
+                        escape(&a.role.to_string()),
+                        if a.must_change {
+                            "first login"
+                        } else if a.totp_enrolled {
+                            "enrolled"
+                        } else {
+                            "none"
+                        },
+                        a.created
+                    );
+                }
+            }
         }
         Command::Domain(DomainCmd::Create { domain }) => {
             let created = state.store()?.create_domain(&operator(), &domain)?;
             println!("created {}", created.join(", "));
+        }
+        Command::Domain(DomainCmd::Rename { from, to }) => {
+            state.store()?.rename_domain(&operator(), &from, &to)?;
+            println!("renamed domain {from} to {to}, with everything below it");
+        }
+        Command::Domain(DomainCmd::Delete { domain }) => {
+            state.store()?.delete_domain(&operator(), &domain)?;
+            println!("deleted domain {domain}");
         }
         Command::Site(SiteCmd::Revoke { name }) => {
             state.store()?.revoke_site(&operator(), &name)?;
@@ -321,9 +449,23 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 "removed site {name}: certificate revoked, site deleted; to enroll it again: `pinhole-gateway site-token create DOMAIN`, then on the site delete site.crt from its state directory and set the new token in site.toml"
             );
         }
-        Command::SiteToken(TokenCmd::Create { domain, ttl }) => {
-            let (token, expires) = state.store()?.create_token(&operator(), &domain, ttl)?;
-            eprintln!("one-time enrollment token for a site in {domain}, valid until {expires}:");
+        Command::SiteToken(TokenCmd::Create { domain, site, ttl }) => {
+            let pin = state.load()?.pin;
+            let (secret, expires) =
+                state
+                    .store()?
+                    .create_site_token(&operator(), &domain, site.as_deref(), ttl)?;
+            let token = pinhole_certs::EnrollmentToken::new(&secret, Some(pin))
+                .context("the token the store made")?;
+            match &site {
+                Some(site) => eprintln!(
+                    "one-time enrollment token for site {site} in {domain}, valid until {expires}:"
+                ),
+                None => eprintln!(
+                    "one-time enrollment token for a site in {domain}, valid until {expires} \
+                     (any site name may use it; give --site NAME to bind it to one):"
+                ),
+            }
             println!("{token}");
         }
         Command::Account(AccountCmd::Create {
@@ -332,8 +474,26 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             password_file,
             legacy,
             days,
+            domain,
         }) => {
-            create_account(&state, &name, &out, password_file.as_ref(), legacy, days)?;
+            create_account(
+                &state,
+                &name,
+                &out,
+                password_file.as_ref(),
+                legacy,
+                days,
+                domain.as_ref(),
+            )?;
+        }
+        Command::Account(AccountCmd::Reissue {
+            name,
+            out,
+            password_file,
+            legacy,
+            days,
+        }) => {
+            reissue_account(&state, &name, &out, password_file.as_ref(), legacy, days)?;
         }
         Command::Account(AccountCmd::Close { name }) => {
             state.store()?.close_account(&operator(), &name)?;
@@ -412,6 +572,60 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Issues `name` a new certificate and writes its bundle to `out` (mode 0600); the store then
+/// swaps the serial and revokes the old one, or the bundle is removed again.
+fn reissue_account(
+    state: &StateDir,
+    name: &str,
+    out: &PathBuf,
+    password_file: Option<&PathBuf>,
+    legacy: bool,
+    days: i64,
+) -> anyhow::Result<()> {
+    if days < 1 {
+        bail!("--days must be at least 1");
+    }
+    if out.exists() {
+        bail!("{} exists; refusing to overwrite a bundle", out.display());
+    }
+    let mut store = state.store()?;
+    match store.account(name)? {
+        None => bail!("account {name} not found"),
+        Some(a) if a.closed.is_some() => bail!("account {name} is closed: it gets no new bundle"),
+        Some(_) => {}
+    }
+    let (password, generated) = match password_file {
+        Some(p) => (read_password_file(p)?, false),
+        None => (generate_password(), true),
+    };
+    let loaded = state.load()?;
+    let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
+    let identity = loaded
+        .ca
+        .issue_technician(name, &info, Validity::days_from_now(days))?;
+    let serial = PeerIdentity::from_certificate(identity.certificate())?.serial;
+    let protection = if legacy {
+        Protection::Legacy
+    } else {
+        Protection::Modern
+    };
+    let p12 = Bundle::new(identity)?.to_pkcs12(&password, protection)?;
+    write_private_atomic(out, &p12).with_context(|| format!("writing {}", out.display()))?;
+    if let Err(e) = store.reissue_account(&operator(), name, &serial, days) {
+        let _ = std::fs::remove_file(out);
+        return Err(e.into());
+    }
+    println!(
+        "re-issued the bundle of {name}: old certificate revoked; new bundle written to {}",
+        out.display()
+    );
+    if generated {
+        println!("bundle password (shown once): {}", password.as_str());
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
 fn create_account(
     state: &StateDir,
     name: &str,
@@ -419,6 +633,7 @@ fn create_account(
     password_file: Option<&PathBuf>,
     legacy: bool,
     days: i64,
+    domain: Option<&DomainPath>,
 ) -> anyhow::Result<()> {
     if days < 1 {
         bail!("--days must be at least 1");
@@ -450,7 +665,11 @@ fn create_account(
     // The bundle is written before the account is recorded: a failed write leaves no account
     // without a bundle; a failed record removes the bundle again.
     write_private_atomic(out, &p12).with_context(|| format!("writing {}", out.display()))?;
-    let ip = match store.create_account(&operator(), name, &serial, days) {
+    let created = match domain {
+        Some(d) => store.create_account_in(&operator(), name, &serial, days, d),
+        None => store.create_account(&operator(), name, &serial, days),
+    };
+    let ip = match created {
         Ok(ip) => ip,
         Err(e) => {
             let _ = std::fs::remove_file(out);

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::audit::Actor;
-use crate::hub::{Command, Hub, Issuer, LinkId};
+use crate::hub::{Command, EndSessionError, Hub, Issuer, LinkId, LiveSession};
 use crate::listen::{self, Unwelcomed};
 use crate::outbox::Outbox;
 use crate::registry::Issued;
@@ -81,6 +81,55 @@ impl Issuer for CaIssuer {
 
     fn ca_certificate(&self) -> &[u8] {
         &self.der
+    }
+}
+
+/// Technician bundles for the portal, from the gateway CA.
+struct CaBundles {
+    ca: CertificateAuthority,
+    info: pinhole_certs::GatewayInfo,
+}
+
+impl crate::portal::BundleIssuer for CaBundles {
+    fn issue(&self, account: &str, days: i64) -> Result<crate::portal::IssuedBundle, String> {
+        let identity = self
+            .ca
+            .issue_technician(account, &self.info, Validity::days_from_now(days))
+            .map_err(|e| e.to_string())?;
+        let serial = PeerIdentity::from_certificate(identity.certificate())
+            .map_err(|e| e.to_string())?
+            .serial;
+        let bundle = pinhole_certs::Bundle::new(identity).map_err(|e| e.to_string())?;
+        let password = crate::state::generate_password();
+        let p12 = bundle
+            .to_pkcs12(&password, pinhole_certs::Protection::Modern)
+            .map_err(|e| e.to_string())?;
+        Ok(crate::portal::IssuedBundle {
+            p12: zeroize::Zeroizing::new(p12),
+            password,
+            serial,
+        })
+    }
+}
+
+/// Where and how the admin portal is served.
+#[derive(Debug, Clone)]
+pub struct AdminOptions {
+    pub listen: SocketAddr,
+    /// The operator's certificate chain and key (PEM); default: the gateway's own.
+    pub cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Host names besides localhost, the listen address and the public addresses.
+    pub hosts: Vec<String>,
+}
+
+impl AdminOptions {
+    /// Loopback only, with the gateway's certificate: reach it through an SSH tunnel.
+    pub fn loopback() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            cert: None,
+            hosts: Vec::new(),
+        }
     }
 }
 
@@ -158,7 +207,7 @@ impl Shared {
         }
     }
 
-    fn links(&self) -> usize {
+    fn links_count(&self) -> usize {
         self.outboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -166,8 +215,104 @@ impl Shared {
     }
 }
 
+impl crate::portal::Live for Shared {
+    fn sessions(&self) -> Vec<LiveSession> {
+        self.decide(|hub, _| hub.live_sessions(Instant::now()))
+    }
+
+    fn end_session(
+        &self,
+        id: u32,
+        actor: &Actor,
+        allowed: &dyn Fn(Option<&str>) -> bool,
+    ) -> crate::portal::EndOutcome {
+        use crate::portal::EndOutcome;
+        use crate::registry::Registry;
+        let (outcome, cmds) = self.decide(|hub, store| {
+            let Some(site) = hub.session_site(id).map(str::to_owned) else {
+                return (EndOutcome::NotOpen, Vec::new());
+            };
+            let domain = match Registry::site(store, &site) {
+                Ok(s) => s.map(|s| s.domain),
+                Err(e) => return (EndOutcome::Failed(e.to_string()), Vec::new()),
+            };
+            if !allowed(domain.as_deref()) {
+                return (EndOutcome::Forbidden, Vec::new());
+            }
+            match hub.handle_end_session(store, id, actor, Instant::now()) {
+                Ok(cmds) => (EndOutcome::Ended, cmds),
+                Err(EndSessionError::NotOpen(_)) => (EndOutcome::NotOpen, Vec::new()),
+                Err(e) => (EndOutcome::Failed(e.to_string()), Vec::new()),
+            }
+        });
+        self.dispatch(cmds);
+        outcome
+    }
+}
+
+/// Host names the portal answers to by default: loopback, the listen address and the
+/// gateway's public addresses.
+fn portal_hosts(admin: &AdminOptions, addresses: &[pinhole_certs::GatewayAddress]) -> Vec<String> {
+    let mut hosts: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "[::1]".into()];
+    if !admin.listen.ip().is_unspecified() {
+        hosts.push(match admin.listen {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        });
+    }
+    hosts.extend(addresses.iter().map(|a| a.host().to_owned()));
+    hosts.extend(admin.hosts.iter().cloned());
+    hosts.sort();
+    hosts.dedup();
+    hosts
+}
+
+/// Starts the admin portal on its own listener.
+async fn start_portal(
+    state: &StateDir,
+    shared: Arc<Shared>,
+    admin: &AdminOptions,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let loaded = state.load()?;
+    let (chain, key) = match &admin.cert {
+        Some((cert, key)) => crate::portal::tls::load_pem(cert, key)?,
+        None => (loaded.server.chain().to_vec(), loaded.server.private_key()),
+    };
+    let config = crate::portal::tls::server_config(chain, key)?;
+    let listener = crate::portal::tls::TlsListener::bind(admin.listen, config)
+        .await
+        .with_context(|| format!("admin portal: listening on {}", admin.listen))?;
+    let local = listener.local_addr();
+    let hosts = portal_hosts(admin, &loaded.addresses);
+    let info = pinhole_certs::GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
+    let issuer = loaded
+        .addresses
+        .first()
+        .map_or_else(|| "Pinhole".to_owned(), |a| format!("Pinhole {}", a.host()));
+    let portal = crate::portal::Portal::new(
+        state.store()?,
+        shared,
+        Arc::new(CaBundles {
+            ca: loaded.ca,
+            info,
+        }),
+        crate::portal::PortalConfig { hosts, issuer },
+    );
+    info!(address = %local, "admin portal listening");
+    tasks.spawn(listener.serve(
+        crate::portal::router(portal),
+        crate::portal::tls::Limits::default(),
+    ));
+    Ok(())
+}
+
 /// Serves until SIGTERM or SIGINT.
-pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()> {
+pub async fn serve(
+    state: &StateDir,
+    listen: &[SocketAddr],
+    admin: &AdminOptions,
+) -> anyhow::Result<()> {
     let nofile = listen::raise_nofile_limit();
     let loaded = state.load()?;
     let mut store = state.store()?;
@@ -253,6 +398,7 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
         });
     }
     let mut tasks = tokio::task::JoinSet::new();
+    start_portal(state, shared.clone(), admin, &mut tasks).await?;
     tasks.spawn(watch_loop(shared.clone(), revoked));
     tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
 
@@ -264,7 +410,7 @@ pub async fn serve(state: &StateDir, listen: &[SocketAddr]) -> anyhow::Result<()
     let _ = shutdown_tx.send(true);
     // Give links a moment to send their goodbye and record disconnections.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline && shared.links() > 0 {
+    while Instant::now() < deadline && shared.links_count() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tasks.abort_all();

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     domain TEXT NOT NULL REFERENCES domains(name),
     created TEXT NOT NULL,
     expires TEXT NOT NULL,
-    used TEXT
+    used TEXT,
+    site TEXT
 );
 CREATE TABLE IF NOT EXISTS admins (
     name TEXT PRIMARY KEY,
@@ -100,6 +101,12 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 pub fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
+}
+
+/// When a certificate issued now for `days` expires, as the issuer computes it
+/// (`Validity::days_from_now`), to the second.
+pub fn expiry(days: i64) -> String {
+    rfc3339(OffsetDateTime::now_utc() + time::Duration::days(days))
 }
 
 pub fn rfc3339(t: OffsetDateTime) -> String {
@@ -183,6 +190,9 @@ pub struct AccountRow {
     pub name: String,
     pub created: String,
     pub closed: Option<String>,
+    /// When its certificate expires (RFC 3339); `None` for accounts stored before expiries
+    /// were recorded.
+    pub expires: Option<String>,
     pub tunnel_ip: Ipv4Addr,
     pub grants: Vec<String>,
     #[serde(skip)]
@@ -311,6 +321,24 @@ impl Store {
         if !has_revoked {
             conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
         }
+        let has_expires: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('accounts') WHERE name = 'expires'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_expires {
+            // Accounts created before the column existed show no expiry until re-issued.
+            conn.execute_batch("ALTER TABLE accounts ADD COLUMN expires TEXT")?;
+        }
+        let has_token_site: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('tokens') WHERE name = 'site'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_token_site {
+            conn.execute_batch("ALTER TABLE tokens ADD COLUMN site TEXT")?;
+        }
+        crate::portal::admins::upgrade(conn)?;
         Ok(())
     }
 
@@ -409,13 +437,29 @@ impl Store {
             .is_some())
     }
 
-    /// A one-time enrollment token for a site in `domain`, valid for `ttl`.
+    /// A one-time enrollment token for a site in `domain`, valid for `ttl`, usable by any site
+    /// name (see [`Store::create_site_token`]).
     pub fn create_token(
         &mut self,
         actor: &Actor,
         domain: &DomainPath,
         ttl: Duration,
     ) -> Result<(String, String)> {
+        self.create_site_token(actor, domain, None, ttl)
+    }
+
+    /// A one-time enrollment token for a site in `domain`, valid for `ttl`; with `site`, only a
+    /// site of that name may use it.
+    pub fn create_site_token(
+        &mut self,
+        actor: &Actor,
+        domain: &DomainPath,
+        site: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(String, String)> {
+        if let Some(site) = site {
+            pinhole_certs::ca::check_name(site).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        }
         let tx = self.tx()?;
         if !Self::domain_exists(&tx, domain.as_str())? {
             return Err(StoreError::NotFound(format!(
@@ -426,12 +470,13 @@ impl Store {
         let now = OffsetDateTime::now_utc();
         let expires = rfc3339(now + ttl);
         tx.execute(
-            "INSERT INTO tokens (hash, domain, created, expires) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO tokens (hash, domain, created, expires, site) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 sha256(token.as_bytes()),
                 domain.as_str(),
                 rfc3339(now),
-                expires
+                expires,
+                site
             ],
         )?;
         // The token itself never reaches the log: only a short fingerprint of its hash.
@@ -441,7 +486,10 @@ impl Store {
             actor,
             &format!("domain:{domain}"),
             "enrollment token created",
-            &format!("token {fp}… valid until {expires}"),
+            &match site {
+                Some(site) => format!("token {fp}… for site {site}, valid until {expires}"),
+                None => format!("token {fp}… valid until {expires}"),
+            },
         )?;
         tx.commit()?;
         Ok((token, expires))
@@ -461,19 +509,22 @@ impl Store {
         let hash = sha256(token.as_bytes());
         let fp = hex::encode(&hash)[..12].to_owned();
         let actor = Actor::Site(site.to_owned());
-        let row: Option<(String, String, Option<String>)> = self
+        let row: Option<(String, String, Option<String>, Option<String>)> = self
             .conn
             .query_row(
-                "SELECT domain, expires, used FROM tokens WHERE hash = ?1",
+                "SELECT domain, expires, used, site FROM tokens WHERE hash = ?1",
                 [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         let refusal = match &row {
             None => Some("unknown token"),
-            Some((_, _, Some(_))) => Some("token already used"),
-            Some((_, expires, None)) if expires.as_str() < now_rfc3339().as_str() => {
+            Some((_, _, Some(_), _)) => Some("token already used"),
+            Some((_, expires, None, _)) if expires.as_str() < now_rfc3339().as_str() => {
                 Some("token expired")
+            }
+            Some((_, _, None, Some(bound))) if bound != site => {
+                Some("this token was created for another site name")
             }
             Some(_) => None,
         };
@@ -486,7 +537,7 @@ impl Store {
         if let Some(why) = refusal {
             return Err(StoreError::TokenRefused(why));
         }
-        let Some((domain, _, _)) = row else {
+        let Some((domain, _, _, _)) = row else {
             return Err(StoreError::TokenRefused("unknown token"));
         };
         let (cert, serial) = issue().map_err(StoreError::Invalid)?;
@@ -539,8 +590,8 @@ impl Store {
             return Err(StoreError::Exists(format!("account {name}")));
         }
         tx.execute(
-            "INSERT INTO accounts (name, created, serial) VALUES (?1, ?2, ?3)",
-            params![name, now_rfc3339(), serial],
+            "INSERT INTO accounts (name, created, serial, expires) VALUES (?1, ?2, ?3, ?4)",
+            params![name, now_rfc3339(), serial, expiry(days)],
         )?;
         let ip = tunnel_ip(tx.last_insert_rowid())?;
         audit::append(
@@ -655,7 +706,7 @@ impl Store {
 
     pub fn accounts(&self) -> Result<Vec<AccountRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ',')
+            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ','), a.expires
              FROM accounts a LEFT JOIN grants g ON g.account = a.name GROUP BY a.id ORDER BY a.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -667,11 +718,12 @@ impl Store {
                 r.get(3)?,
                 r.get(4)?,
                 grants,
+                r.get(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, created, closed, serial, grants) = row?;
+            let (id, name, created, closed, serial, grants, expires) = row?;
             let mut grants: Vec<String> = grants
                 .map(|g| g.split(',').map(str::to_owned).collect())
                 .unwrap_or_default();
@@ -680,6 +732,7 @@ impl Store {
                 name,
                 created,
                 closed,
+                expires,
                 tunnel_ip: tunnel_ip(id)?,
                 grants,
                 serial,
@@ -1029,6 +1082,23 @@ mod tests {
         s.set_grant(&ADMIN, "alice", &d("acme"), false)
             .expect("ungrant");
         assert!(s.inventory("alice").expect("inv").is_empty());
+    }
+
+    #[test]
+    fn a_token_bound_to_a_site_name_refuses_another_name() {
+        let (_d, mut s) = store();
+        s.create_domain(&ADMIN, &d("acme")).expect("a");
+        let (tok, _) = s
+            .create_site_token(&ADMIN, &d("acme"), Some("plant-a"), Duration::from_secs(60))
+            .expect("token");
+        assert!(matches!(
+            s.enroll(&tok, "plant-b", || Ok((vec![1], vec![1]))),
+            Err(StoreError::TokenRefused(
+                "this token was created for another site name"
+            ))
+        ));
+        s.enroll(&tok, "plant-a", || Ok((vec![1], vec![2])))
+            .expect("the bound name enrolls, the refusal did not consume the token");
     }
 
     #[test]

@@ -432,3 +432,76 @@ fn site_revoke_and_remove_say_what_they_did_and_refuse_an_unknown_site() {
         text(&out)
     );
 }
+
+#[test]
+fn domains_are_renamed_and_deleted_and_a_bundle_reissued_from_the_cli_as_from_the_portal() {
+    let gw = Gw::init();
+    gw.ok(&["domain", "create", "acme.plant-a"]);
+    gw.ok(&["domain", "create", "acme.empty"]);
+    let out = gw.ok(&["domain", "rename", "acme.plant-a", "acme.plant-z"]);
+    assert!(
+        out.contains("renamed domain acme.plant-a to acme.plant-z"),
+        "{out}"
+    );
+    let out = gw.run(&["domain", "delete", "acme"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("not empty"), "{}", text(&out));
+    gw.ok(&["domain", "delete", "acme.empty"]);
+    assert_eq!(
+        gw.store().domains().expect("domains"),
+        ["acme", "acme.plant-z"]
+    );
+
+    let dir = gw.dir.path();
+    let first = dir.join("alice.p12");
+    gw.ok(&[
+        "account",
+        "create",
+        "alice",
+        "--out",
+        first.to_str().expect("utf8"),
+    ]);
+    let old = gw.store().account("alice").expect("q").expect("a").serial;
+    let second = dir.join("alice-2.p12");
+    let out = gw.ok(&[
+        "account",
+        "reissue",
+        "alice",
+        "--out",
+        second.to_str().expect("utf8"),
+        "--days",
+        "90",
+    ]);
+    assert!(out.contains("bundle password (shown once): "), "{out}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&second).expect("bundle").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let store = gw.store();
+    let now = store.account("alice").expect("q").expect("a");
+    assert_ne!(now.serial, old);
+    assert!(store.revoked().expect("revoked").contains(&old));
+    assert!(now.expires.is_some());
+    // An existing file is not overwritten; a closed account gets no new bundle.
+    assert!(
+        !gw.run(&[
+            "account",
+            "reissue",
+            "alice",
+            "--out",
+            second.to_str().expect("utf8")
+        ])
+        .status
+        .success()
+    );
+    gw.ok(&["account", "close", "alice"]);
+    let third = dir.join("alice-3.p12");
+    let out = gw.run(&[
+        "account",
+        "reissue",
+        "alice",
+        "--out",
+        third.to_str().expect("utf8"),
+    ]);
+    assert!(!out.status.success() && !third.exists(), "{}", text(&out));
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
 use crate::link::{CloseReason, Input, Link};
-use crate::message::{ErrorCode, Message, Role, SiteView};
+use crate::message::{ErrorCode, FirewallChange, Message, Role, SiteView};
 use crate::validate::{self, Invalid};
 
 /// A peer with a certificate must say `hello` this soon after the TLS handshake.
@@ -68,6 +68,8 @@ pub enum GatewayEvent {
     },
     List,
     Agents(Vec<Agent>),
+    /// A site restored its firewall table.
+    FirewallRestored(FirewallChange),
     SessionOpen {
         session: u32,
         site: String,
@@ -148,6 +150,7 @@ fn check_fields(m: &Message) -> Result<(), Invalid> {
         | Message::List
         | Message::Inventory { .. }
         | Message::InventoryUpdate { .. }
+        | Message::FirewallRestored { .. }
         | Message::Heartbeat
         | Message::Logout
         | Message::Error { .. } => Ok(()),
@@ -337,6 +340,9 @@ impl GatewayCore {
             (Phase::Running, PeerAuth::Site(_), Message::Agents { agents }) => {
                 self.events.push_back(GatewayEvent::Agents(agents))
             }
+            (Phase::Running, PeerAuth::Site(_), Message::FirewallRestored { change }) => self
+                .events
+                .push_back(GatewayEvent::FirewallRestored(change)),
             (
                 Phase::Running,
                 PeerAuth::Site(_),

@@ -10,6 +10,7 @@
 //! | `inventory`       | gateway → client       | the sites and agents the account may use (answer to `list`) |
 //! | `inventory_update`| gateway → client       | the inventory changed (a site went on- or offline, a grant changed) |
 //! | `agents`          | site → gateway         | the site's agents changed (config reload) |
+//! | `firewall_restored` | site → gateway       | the site found its firewall table removed or changed and restored it; the gateway audits it (a fixed kind, no free text) |
 //! | `heartbeat`       | both ways              | sent after `heartbeat_secs` of silence; 3 missed intervals end the link |
 //! | `session_open`    | client → gateway → site| open a session to `site/agent` with the client's WireGuard key; the same session id again adds an agent of the same site to its tunnel |
 //! | `session_opened`  | site → gateway → client| the site's WireGuard key and the agent (device address, ports) |
@@ -43,6 +44,26 @@ pub struct SiteView {
     pub domain: String,
     pub online: bool,
     pub agents: Vec<Agent>,
+}
+
+/// What the site found when it restored its firewall table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirewallChange {
+    /// The table was gone (for example `nft flush ruleset`).
+    Removed,
+    /// The table was there but not as the site made it.
+    Changed,
+}
+
+impl FirewallChange {
+    /// The audit text.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FirewallChange::Removed => "site firewall table was removed; restored",
+            FirewallChange::Changed => "site firewall table was changed; restored",
+        }
+    }
 }
 
 /// Why the gateway ends a link or refuses something.
@@ -111,6 +132,9 @@ pub enum Message {
     Agents {
         agents: Vec<Agent>,
     },
+    FirewallRestored {
+        change: FirewallChange,
+    },
     Heartbeat,
     SessionOpen {
         session: u32,
@@ -169,6 +193,7 @@ impl Message {
             Message::Inventory { .. } => "inventory",
             Message::InventoryUpdate { .. } => "inventory_update",
             Message::Agents { .. } => "agents",
+            Message::FirewallRestored { .. } => "firewall_restored",
             Message::Heartbeat => "heartbeat",
             Message::SessionOpen { .. } => "session_open",
             Message::SessionOpened { .. } => "session_opened",

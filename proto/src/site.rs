@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
 use crate::link::{CloseReason, Input, Link};
-use crate::message::{Message, Role};
+use crate::message::{FirewallChange, Message, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SiteEvent {
@@ -175,6 +175,11 @@ impl SiteCore {
     /// Reports a new agent list (after a configuration reload).
     pub fn update_agents(&mut self, agents: Vec<Agent>, now: Instant) {
         self.link.send(&Message::Agents { agents }, now);
+    }
+
+    /// Reports that the site restored its firewall table (audited at the gateway).
+    pub fn firewall_restored(&mut self, change: FirewallChange, now: Instant) {
+        self.link.send(&Message::FirewallRestored { change }, now);
     }
 
     pub fn session_opened(&mut self, session: u32, key: &str, agent: Agent, now: Instant) {

@@ -1,8 +1,14 @@
 //! The site agent's main loop: enroll once, then stay connected to the gateway.
 //!
 //! State directory (0700): `site.key` (0600, generated here, never leaves the site),
-//! `site.crt` and `ca.crt` (from enrollment), `gateway.pin` (0600, the gateway's key, pinned on
-//! first use).
+//! `site.crt` and `ca.crt` (from enrollment), `gateway.pin` (0600, the gateway's key: from the
+//! enrollment token, or pinned on first use), `isolation.state` (what the device domain
+//! changed, while the site runs; see [`crate::isolation`]).
+//!
+//! Trust in the gateway: enrollment is pinned by the pin the token carries (a token without
+//! one is trusted on first use, with a warning); afterwards every connection must present a
+//! gateway certificate of the CA received at enrollment **and** the pinned key; after `repin`
+//! the next gateway of that CA is pinned.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -13,32 +19,31 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use pinhole_certs::ca::{generate_site_key, pem_decode, pem_encode};
 use pinhole_certs::fsutil::write_private_atomic;
-use pinhole_certs::tls::{self, key_refused};
-use pinhole_certs::{GatewayAddress, Identity, KeyRefused, TofuServerVerifier, TofuStore};
-use pinhole_proto::{Backoff, CloseReason, ErrorCode, SiteCore, SiteEvent, SiteHello};
-use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use pinhole_certs::tls;
+use pinhole_certs::{
+    CaPinnedServerVerifier, Identity, PinnedServerVerifier, TofuServerVerifier, TofuStore,
+};
+use pinhole_proto::{
+    Backoff, CloseReason, ErrorCode, FirewallChange, SiteCore, SiteEvent, SiteHello,
+};
+use pinhole_shell::{DialError, Dialer, Handler, Lost, Refused, Stream, drive};
+use rustls::pki_types::CertificateDer;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
+use tokio::sync::{Mutex, mpsc};
 use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::{Config, IfName};
+use crate::firewall::Firewall;
 use crate::forward::Forwarder;
+use crate::isolation::DeviceDomain;
 use crate::{firewall, light};
 use pinhole_adapter::Dest;
 use pinhole_adapter::tun::Tun;
 
-/// A TCP connect plus TLS handshake to one gateway address must finish this soon.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// How often the switch input is read: the issue allows a 1 s poll, and a file read per second
 /// costs nothing.
 const SWITCH_POLL: Duration = Duration::from_secs(1);
-
-const READ_BUFFER: usize = 16 * 1024;
 
 /// How often the engine's timers run (WireGuard handshakes and rekeying, flow and fragment
 /// expiry).
@@ -53,12 +58,79 @@ pub const SITE_TUN: &str = "pinhole-site0";
 const SITE_TUN_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(100, 64, 0, 1);
 const SITE_TUN_PREFIX: u8 = 10;
 
+/// How often the firewall table is checked: a removed or changed table is restored within
+/// this plus one `nft` run, inside the 2 s the issue allows, at the cost of one `nft list` a
+/// second.
+const FIREWALL_CHECK: Duration = Duration::from_secs(1);
+
+/// Firewall reports waiting for the gateway link: one a second at most, so a minute's worth;
+/// more while the link is down are dropped (and logged locally).
+const FIREWALL_REPORTS: usize = 64;
+
+/// The two layers that keep the uplink and the device network apart: the device routing
+/// domain with its forwarding switch, and the firewall table.
+#[derive(Debug)]
+struct Guard {
+    domain: DeviceDomain,
+    firewall: Firewall,
+}
+
 /// The data plane: TUN, sessions, and what the light shows.
 #[derive(Default)]
 struct Plane {
     tun: Option<Tun>,
+    guard: Option<Arc<Mutex<Guard>>>,
     fwd: Forwarder,
     light_on: Option<bool>,
+}
+
+/// Checks the firewall table every [`FIREWALL_CHECK`]; while it is missing or changed,
+/// forwarding is off; it is restored and the restoration reported (`reports`).
+async fn watch_firewall(guard: Arc<Mutex<Guard>>, reports: mpsc::Sender<FirewallChange>) {
+    let mut tick = tokio::time::interval(FIREWALL_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut g = guard.lock().await;
+        let change = match g.firewall.check().await {
+            Ok(None) => {
+                if !g.domain.forwarding()
+                    && let Err(e) = g.domain.set_forwarding(true)
+                {
+                    error!(error = %e, "cannot switch forwarding on");
+                }
+                continue;
+            }
+            Ok(Some(change)) => change,
+            Err(e) => {
+                error!(error = %e, "cannot check the firewall table");
+                FirewallChange::Changed
+            }
+        };
+        // No session traffic is forwarded until the table is back.
+        if let Err(e) = g.domain.set_forwarding(false) {
+            error!(error = %e, "cannot switch forwarding off");
+        }
+        match g.firewall.restore().await {
+            Ok(()) => {
+                if let Err(e) = g.domain.set_forwarding(true) {
+                    error!(error = %e, "cannot switch forwarding on");
+                }
+                error!(
+                    what = change.describe(),
+                    "the firewall table was not as the site made it: restored"
+                );
+                if reports.try_send(change).is_err() {
+                    warn!(
+                        "too many firewall reports waiting for the gateway: this one is only logged here"
+                    );
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot restore the firewall table; forwarding stays off");
+            }
+        }
+    }
 }
 
 impl Plane {
@@ -127,6 +199,13 @@ impl SiteState {
         Ok(Some(id))
     }
 
+    /// The CA certificate received at enrollment.
+    fn ca(&self) -> anyhow::Result<CertificateDer<'static>> {
+        let pem = fs::read_to_string(self.path("ca.crt")).context("reading ca.crt")?;
+        let der = pem_decode("CERTIFICATE", &pem).context("ca.crt is not PEM")?;
+        Ok(CertificateDer::from(der))
+    }
+
     /// The site's key: made once, kept.
     fn key(&self) -> anyhow::Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
         let path = self.path("site.key");
@@ -150,41 +229,40 @@ fn boot_id() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn server_name(addr: &GatewayAddress) -> anyhow::Result<ServerName<'static>> {
-    Ok(match addr.ip() {
-        Some(ip) => ServerName::IpAddress(ip.into()),
-        None => ServerName::try_from(addr.host().to_owned()).context("gateway host name")?,
-    })
+/// The gateway's certificate, as the handshake presented it.
+fn gateway_certificate(stream: &Stream) -> anyhow::Result<CertificateDer<'static>> {
+    stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .cloned()
+        .context("the gateway sent no certificate")
 }
 
-/// Dials the gateway addresses in order; the first that completes a handshake wins.
-async fn dial(
-    gateways: &[GatewayAddress],
-    config: rustls::ClientConfig,
-) -> anyhow::Result<TlsStream<TcpStream>> {
-    let connector = TlsConnector::from(Arc::new(config));
-    let mut errors = Vec::new();
-    for addr in gateways {
-        let attempt = async {
-            let tcp = TcpStream::connect((addr.host(), addr.port())).await?;
-            tcp.set_nodelay(true)?;
-            socket2::SockRef::from(&tcp).set_send_buffer_size(tls::LINK_SEND_BUFFER)?;
-            connector
-                .connect(server_name(addr).map_err(std::io::Error::other)?, tcp)
-                .await
-        };
-        match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => {
-                if let Some(refused) = key_refused(&e) {
-                    return Err(anyhow::Error::new(refused));
-                }
-                errors.push(format!("{addr}: {e}"));
-            }
-            Err(_) => errors.push(format!("{addr}: timed out")),
+/// A refusal in an operator's words.
+fn refusal_words(r: &Refused, state: &Path) -> String {
+    match r {
+        Refused::Key(k) => format!(
+            "{k}: the gateway's key does not match the key pinned at first connection — possible \
+             interception; not connected. If the gateway was really replaced, run \
+             `pinhole-site repin --state {}`",
+            state.display()
+        ),
+        Refused::Revoked => {
+            "the gateway refused this site's certificate: it was revoked (the site was removed \
+             at the gateway); enroll it again with a new token"
+                .into()
+        }
+        Refused::Expired => {
+            "the gateway refused this site's certificate: it has expired; enroll the site again \
+             with a new token"
+                .into()
+        }
+        Refused::Certificate(alert) => {
+            format!("the gateway refused this site's certificate ({alert:?})")
         }
     }
-    bail!("gateway unreachable ({})", errors.join("; "))
 }
 
 struct Signals {
@@ -235,6 +313,10 @@ pub struct SiteAgent {
     config: Config,
     state: SiteState,
     plane: Plane,
+    /// Firewall restorations to report to the gateway.
+    reports: Option<mpsc::Receiver<FirewallChange>>,
+    /// The gateway's addresses, the one that worked last first.
+    dialer: Dialer,
 }
 
 impl std::fmt::Debug for SiteAgent {
@@ -248,11 +330,16 @@ impl std::fmt::Debug for SiteAgent {
 impl SiteAgent {
     pub fn new(config_path: &Path, state: &Path) -> anyhow::Result<Self> {
         let config = Config::load(config_path)?;
+        if config.token.is_some() {
+            check_token_file(config_path)?;
+        }
         Ok(Self {
             config_path: config_path.to_owned(),
+            dialer: Dialer::new(config.gateways.clone()),
             config,
             state: SiteState::new(state),
             plane: Plane::default(),
+            reports: None,
         })
     }
 
@@ -265,6 +352,9 @@ impl SiteAgent {
         match Config::load(&self.config_path) {
             Ok(c) => {
                 let changed = c != self.config;
+                if c.gateways != self.config.gateways {
+                    self.dialer = Dialer::new(c.gateways.clone());
+                }
                 self.config = c;
                 info!(changed, "configuration reloaded");
                 changed
@@ -279,34 +369,75 @@ impl SiteAgent {
     /// Runs until SIGTERM or SIGINT.
     pub async fn run(mut self) -> anyhow::Result<()> {
         self.state.ensure()?;
+        if self.config.token.is_some() && self.state.identity()?.is_some() {
+            warn!(
+                config = %self.config_path.display(),
+                "this site is enrolled: remove `token` from site.toml, it is not needed any more"
+            );
+        }
+        // Before anything changes: a SIGTERM during the start is then handled once the start is
+        // complete (a clean stop), not by the default action in the middle of it.
+        let mut signals = Signals::new()?;
+        let mut watcher = None;
         if let Some(dev) = self.config.device_interface.clone() {
-            if !Path::new("/sys/class/net").join(&dev).exists() {
-                bail!("device_interface {dev:?} does not exist on this machine");
-            }
-            let tun = Tun::create(SITE_TUN, SITE_TUN_ADDR, SITE_TUN_PREFIX)
-                .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
-            fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
-            firewall::apply(tun.name(), &dev, &firewall::Policy::default())
-                .await
-                .context("creating the nftables table")?;
-            info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+            let (guard, tun) = self.isolate(dev).await?;
+            let guard = Arc::new(Mutex::new(guard));
+            let (tx, rx) = mpsc::channel(FIREWALL_REPORTS);
+            self.reports = Some(rx);
+            watcher = Some(tokio::spawn(watch_firewall(guard.clone(), tx)));
+            self.plane.guard = Some(guard);
             self.plane.tun = Some(tun);
         }
         self.sync_plane().await;
-        let result = self.main_loop().await;
+        let result = self.main_loop(&mut signals).await;
         self.plane.fwd.clear();
-        if self.plane.tun.is_some()
-            && let Err(e) = firewall::remove().await
-        {
-            warn!(error = %e, "cannot remove the nftables table");
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        if let Some(guard) = self.plane.guard.take() {
+            let mut g = guard.lock().await;
+            // Forwarding off first: no moment without the table but with forwarding.
+            g.domain.release();
+            if let Err(e) = firewall::remove().await {
+                warn!(error = %e, "cannot remove the nftables table");
+            }
+            info!("forwarding restored to what it was; the device routing domain stays in place");
         }
         self.plane.light_on = None;
         light::set(self.config.light.as_ref(), false);
         result
     }
 
-    async fn main_loop(&mut self) -> anyhow::Result<()> {
-        let mut signals = Signals::new()?;
+    /// Builds the device side: TUN, routing domain, firewall table, and only then forwarding.
+    /// Whatever fails leaves forwarding as it was.
+    async fn isolate(&self, dev: IfName) -> anyhow::Result<(Guard, Tun)> {
+        if !Path::new("/sys/class/net").join(dev.as_str()).exists() {
+            bail!("device_interface {dev:?} does not exist on this machine");
+        }
+        let tun = Tun::create(SITE_TUN, SITE_TUN_ADDR, SITE_TUN_PREFIX)
+            .with_context(|| format!("creating the TUN device {SITE_TUN} (needs root)"))?;
+        let tun_name: IfName = tun
+            .name()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("the TUN's name {:?}: {e}", tun.name()))?;
+        let mut domain = DeviceDomain::establish(&self.state.root, tun_name.clone(), dev.clone())
+            .context("building the device routing domain")?;
+        let mut firewall = Firewall::new(tun_name, dev.clone());
+        if let Err(e) = firewall.apply(&firewall::Policy::default()).await {
+            domain.release();
+            return Err(
+                anyhow::Error::new(e).context("creating the nftables table; forwarding stays off")
+            );
+        }
+        if let Err(e) = domain.set_forwarding(true) {
+            domain.release();
+            return Err(anyhow::Error::new(e).context("switching forwarding on"));
+        }
+        info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+        Ok((Guard { domain, firewall }, tun))
+    }
+
+    async fn main_loop(&mut self, signals: &mut Signals) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
         let tofu = self.state.pin_store();
         loop {
@@ -324,7 +455,7 @@ impl SiteAgent {
                 info!("remote access is switched on");
             }
             let outcome = match self.state.identity()? {
-                Some(identity) => self.connected(&identity, &tofu, &mut signals).await,
+                Some(identity) => self.connected(&identity, &tofu, signals).await,
                 None => self.enroll(&tofu).await.map(|()| Outcome::Enrolled),
             };
             let worked = match outcome {
@@ -332,13 +463,8 @@ impl SiteAgent {
                 Ok(Outcome::SwitchedOff | Outcome::Enrolled) => continue,
                 Ok(Outcome::Lost { worked }) => worked,
                 Err(e) => {
-                    if e.downcast_ref::<KeyRefused>().is_some() {
-                        error!(
-                            error = %e,
-                            "the gateway's key does not match the key pinned at first connection — possible interception; \
-                             not connected. If the gateway was really replaced, run `pinhole-site repin --state {}`",
-                            self.state.root.display()
-                        );
+                    if let Some(DialError::Refused(r)) = e.downcast_ref::<DialError>() {
+                        error!(reason = %refusal_words(r, &self.state.root), "not connected");
                     } else if e.downcast_ref::<Fatal>().is_some() {
                         return Err(e);
                     } else {
@@ -365,64 +491,38 @@ impl SiteAgent {
         }
     }
 
-    async fn enroll(&self, tofu: &TofuStore) -> anyhow::Result<()> {
+    async fn enroll(&mut self, tofu: &TofuStore) -> anyhow::Result<()> {
         let Some(token) = self.config.token.clone() else {
             return Err(Fatal("this site is not enrolled and site.toml has no `token`: create one with `pinhole-gateway site-token create DOMAIN`".into()).into());
         };
         info!(site = %self.config.name, "enrolling with the gateway");
         let (_key, spki) = self.state.key()?;
-        let config = tls::enrollment_client_config(TofuServerVerifier::new(tofu.clone()))?;
-        let mut stream = dial(&self.config.gateways, config).await?;
-        let peer = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .cloned()
-            .context("the gateway sent no certificate")?;
-        let now = Instant::now();
-        let mut core = SiteCore::enroll(now, &token, &self.config.name, &spki);
-        let mut buf = vec![0u8; READ_BUFFER];
-        loop {
-            while let Some(b) = core.poll_transmit() {
-                stream.write_all(&b).await?;
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match token.pin() {
+            Some(pin) => {
+                info!(%pin, "enrolling with the gateway key pin from the token");
+                PinnedServerVerifier::new(pin)
             }
-            while let Some(ev) = core.poll_event() {
-                match ev {
-                    SiteEvent::Enrolled { certificate, ca } => {
-                        tofu.confirm(&peer)?;
-                        fs::write(self.state.path("ca.crt"), pem_encode("CERTIFICATE", &ca))?;
-                        write_private_atomic(
-                            &self.state.path("site.crt"),
-                            pem_encode("CERTIFICATE", &certificate).as_bytes(),
-                        )?;
-                        info!(site = %self.config.name, pin = %pinhole_certs::Pin::of_certificate(&peer)?, "enrolled; gateway key pinned");
-                        return Ok(());
-                    }
-                    SiteEvent::Closed(CloseReason::Error {
-                        code: ErrorCode::TokenRefused,
-                        text,
-                    }) => {
-                        return Err(Fatal(format!(
-                            "{text} (ask the gateway operator for a new token)"
-                        ))
-                        .into());
-                    }
-                    SiteEvent::Closed(reason) => bail!("enrollment failed: {reason:?}"),
-                    _ => {}
-                }
+            None => {
+                warn!(
+                    "the token carries no gateway key pin: the first connection trusts whichever \
+                     server answers; use a token from `pinhole-gateway site-token create`, which \
+                     carries the pin"
+                );
+                TofuServerVerifier::new(tofu.clone())
             }
-            let timeout = core
-                .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + DIAL_TIMEOUT);
-            tokio::select! {
-                r = stream.read(&mut buf) => match r? {
-                    0 => bail!("the gateway closed the connection during enrollment"),
-                    n => core.handle_input(&buf[..n], Instant::now()),
-                },
-                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-            }
-        }
+        };
+        let config = tls::enrollment_client_config(verifier)?;
+        let mut stream = self.dialer.dial(Arc::new(config)).await?.stream;
+        let peer = gateway_certificate(&stream)?;
+        let mut core = SiteCore::enroll(Instant::now(), token.secret(), &self.config.name, &spki);
+        let mut enrollment = Enrollment {
+            state: &self.state,
+            site: &self.config.name,
+            config_path: &self.config_path,
+            tofu,
+            peer,
+        };
+        drive(&mut stream, &mut core, &mut enrollment).await
     }
 
     async fn connected(
@@ -431,19 +531,15 @@ impl SiteAgent {
         tofu: &TofuStore,
         signals: &mut Signals,
     ) -> anyhow::Result<Outcome> {
-        let config = tls::client_config(identity, TofuServerVerifier::new(tofu.clone()))?;
-        let stream = dial(&self.config.gateways, config).await?;
-        let peer = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .cloned()
-            .context("the gateway sent no certificate")?;
+        let verifier = CaPinnedServerVerifier::new(&self.state.ca()?, tofu.clone())
+            .context("ca.crt from enrollment")?;
+        let config = tls::client_config(identity, verifier)?;
+        let dialed = self.dialer.dial(Arc::new(config)).await?;
+        let mut stream = dialed.stream;
+        let peer = gateway_certificate(&stream)?;
         if let pinhole_certs::TofuOutcome::Recorded(pin) = tofu.confirm(&peer)? {
             info!(%pin, "gateway key pinned (first use)");
         }
-        let (mut rd, mut wr) = tokio::io::split(stream);
         let hello = SiteHello {
             software: env!("CARGO_PKG_VERSION").into(),
             boot_id: boot_id(),
@@ -451,7 +547,11 @@ impl SiteAgent {
             agents: self.config.agents.clone(),
         };
         let mut core = SiteCore::new(Instant::now(), hello);
-        let result = self.link_loop(&mut core, &mut rd, &mut wr, signals).await;
+        let span = tracing::info_span!("link", gateway = %dialed.address);
+        let outcome = {
+            let mut link = SiteLink::new(self, signals);
+            tracing::Instrument::instrument(drive(&mut stream, &mut core, &mut link), span).await
+        };
         // Whatever ended the link ended its sessions.
         if !self.plane.fwd.is_empty() {
             info!(
@@ -461,17 +561,21 @@ impl SiteAgent {
             self.plane.fwd.clear();
             self.sync_plane().await;
         }
-        let _ = wr.shutdown().await;
-        result
+        Ok(outcome)
     }
 
     /// Applies the sessions to the firewall and the light.
     async fn sync_plane(&mut self) {
         let active = !self.plane.fwd.is_empty();
-        if let (Some(tun), Some(dev)) = (&self.plane.tun, &self.config.device_interface)
-            && let Err(e) = firewall::apply(tun.name(), dev, &self.plane.fwd.policy()).await
-        {
-            error!(error = %e, "cannot update the firewall");
+        if let Some(guard) = &self.plane.guard {
+            let mut g = guard.lock().await;
+            if let Err(e) = g.firewall.apply(&self.plane.fwd.policy()).await {
+                // Fail closed; the watcher retries every second.
+                error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
+                if let Err(e) = g.domain.set_forwarding(false) {
+                    error!(error = %e, "cannot switch forwarding off");
+                }
+            }
         }
         if self.plane.light_on != Some(active) {
             self.plane.light_on = Some(active);
@@ -516,134 +620,291 @@ impl SiteAgent {
             Err(reason) => core.session_refused(session, &reason.to_string(), now),
         }
     }
+}
 
-    async fn link_loop<R, W>(
-        &mut self,
-        core: &mut SiteCore,
-        rd: &mut R,
-        wr: &mut W,
-        signals: &mut Signals,
-    ) -> anyhow::Result<Outcome>
-    where
-        R: tokio::io::AsyncRead + Unpin,
-        W: tokio::io::AsyncWrite + Unpin,
-    {
-        let mut buf = vec![0u8; READ_BUFFER];
-        let mut tun_buf = vec![0u8; pinhole_adapter::wg::BUFFER];
-        let mut switch_tick = tokio::time::interval(SWITCH_POLL);
-        let mut wg_tick = tokio::time::interval(WG_TICK);
-        let mut worked = false;
-        loop {
-            while let Some(ev) = core.poll_event() {
-                match ev {
-                    SiteEvent::Welcomed => {
-                        worked = true;
-                        info!(site = %self.config.name, agents = self.config.agents.len(), "connected to the gateway");
-                    }
-                    SiteEvent::SessionOpen {
-                        session,
-                        agent,
-                        key,
-                        tunnel_ip,
-                    } => {
-                        self.open_session(core, session, &agent, &key, tunnel_ip)
-                            .await;
-                    }
-                    SiteEvent::SessionClose {
-                        session,
-                        reason,
-                        agent,
-                    } => {
-                        info!(session, agent = ?agent, %reason, "session closed by the gateway");
-                        self.plane.fwd.close(session, agent.as_deref());
-                        self.sync_plane().await;
-                    }
-                    SiteEvent::Data { session, datagram } => {
-                        let now = Instant::now();
-                        self.plane.fwd.handle_datagram(session, &datagram, now);
-                        self.plane.flush(core, now).await;
-                    }
-                    SiteEvent::Closed(CloseReason::Error { code, text }) => {
-                        warn!(?code, %text, "the gateway ended the connection");
-                    }
-                    SiteEvent::Closed(reason) => warn!(?reason, "connection to the gateway lost"),
-                    SiteEvent::Enrolled { .. } => {}
-                }
+/// The enrollment exchange: the token out, the certificate and the CA back.
+struct Enrollment<'a> {
+    state: &'a SiteState,
+    site: &'a str,
+    config_path: &'a Path,
+    tofu: &'a TofuStore,
+    peer: CertificateDer<'static>,
+}
+
+impl Enrollment<'_> {
+    fn store(&self, certificate: &[u8], ca: &[u8]) -> anyhow::Result<()> {
+        self.tofu.confirm(&self.peer)?;
+        fs::write(self.state.path("ca.crt"), pem_encode("CERTIFICATE", ca))?;
+        write_private_atomic(
+            &self.state.path("site.crt"),
+            pem_encode("CERTIFICATE", certificate).as_bytes(),
+        )?;
+        info!(site = %self.site, pin = %pinhole_certs::Pin::of_certificate(&self.peer)?, "enrolled; gateway key pinned");
+        warn!(
+            config = %self.config_path.display(),
+            "enrolled: remove `token` from site.toml now; it is used up and not needed again"
+        );
+        Ok(())
+    }
+}
+
+impl Handler for Enrollment<'_> {
+    type Core = SiteCore;
+    type Wake = ();
+    type End = anyhow::Result<()>;
+
+    async fn on_event(&mut self, _: &mut SiteCore, event: SiteEvent) -> Option<anyhow::Result<()>> {
+        match event {
+            SiteEvent::Enrolled { certificate, ca } => Some(self.store(&certificate, &ca)),
+            SiteEvent::Closed(CloseReason::Error {
+                code: ErrorCode::TokenRefused,
+                text,
+            }) => Some(Err(Fatal(format!(
+                "{text} (ask the gateway operator for a new token)"
+            ))
+            .into())),
+            SiteEvent::Closed(reason) => {
+                Some(Err(anyhow::anyhow!("enrollment failed: {reason:?}")))
             }
-            while let Some(b) = core.poll_transmit() {
-                if wr.write_all(&b).await.is_err() {
-                    return Ok(Outcome::Lost { worked });
-                }
-            }
-            if core.is_closed() {
-                return Ok(Outcome::Lost { worked });
-            }
-            let timeout = core
-                .poll_timeout()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
-            let tun = self.plane.tun.as_ref();
-            tokio::select! {
-                r = rd.read(&mut buf) => match r {
-                    Ok(0) | Err(_) => {
-                        warn!("connection to the gateway lost");
-                        return Ok(Outcome::Lost { worked });
-                    }
-                    Ok(n) => core.handle_input(&buf[..n], Instant::now()),
-                },
-                n = pinhole_adapter::tun::recv_or_wait(tun, &mut tun_buf) => {
-                    if let Ok(n) = n {
-                        let now = Instant::now();
-                        self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
-                        // Take the rest of a burst too: one write to the gateway for all of it.
-                        if let Some(tun) = &self.plane.tun {
-                            for _ in 1..pinhole_adapter::tun::BATCH {
-                                let Ok(n) = tun.try_recv(&mut tun_buf) else { break };
-                                self.plane.fwd.handle_tun_packet(&tun_buf[..n], now);
-                            }
-                        }
-                        self.plane.flush(core, now).await;
-                    }
-                }
-                _ = wg_tick.tick() => {
-                    let now = Instant::now();
-                    self.plane.fwd.handle_timeout(now);
-                    self.plane.flush(core, now).await;
-                }
-                _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-                _ = switch_tick.tick() => if !self.switched_on() {
-                    info!("remote access switched off: closing the gateway connection");
-                    return Ok(Outcome::SwitchedOff);
-                },
-                sig = signals.next() => match sig {
-                    Sig::Stop => return Ok(Outcome::Stop),
-                    Sig::Reload => {
-                        let before = self.config.clone();
-                        if self.reload() {
-                            if (&before.name, &before.gateways, &before.device_interface)
-                                != (&self.config.name, &self.config.gateways, &self.config.device_interface)
-                            {
-                                info!("name, gateway or device interface changed: reconnecting");
-                                return Ok(Outcome::Lost { worked: true });
-                            }
-                            // Agents removed or changed end their sessions.
-                            for old in &before.agents {
-                                if self.config.agents.contains(old) {
-                                    continue;
-                                }
-                                for session in self.plane.fwd.sessions_with(&old.name) {
-                                    info!(session, agent = %old.name, "agent changed: ending its part of the session");
-                                    self.plane.fwd.close(session, Some(&old.name));
-                                    core.close_session(session, Some(&old.name), "the agent's configuration changed", Instant::now());
-                                }
-                            }
-                            self.sync_plane().await;
-                            core.update_agents(self.config.agents.clone(), Instant::now());
-                        }
-                    }
-                },
-            }
+            _ => None,
         }
     }
+
+    async fn wait(&mut self) {
+        std::future::pending::<()>().await
+    }
+
+    async fn on_wake(&mut self, _: &mut SiteCore, (): ()) -> Option<anyhow::Result<()>> {
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> anyhow::Result<()> {
+        match lost {
+            Lost::Failed {
+                error,
+                refused: None,
+            } => Err(anyhow::Error::new(error).context("enrollment")),
+            other => bail!("the gateway ended the enrollment: {other}"),
+        }
+    }
+}
+
+/// What the site's own inputs produced, while a link is up.
+enum Wake {
+    Tun(std::io::Result<usize>),
+    EngineTick,
+    /// The firewall table was restored: tell the gateway.
+    Report(FirewallChange),
+    SwitchTick,
+    Signal(Sig),
+}
+
+/// The site's side of a connected link: the gateway's events, the TUN, the engine's timers,
+/// the switch input and signals.
+struct SiteLink<'a> {
+    agent: &'a mut SiteAgent,
+    signals: &'a mut Signals,
+    tun_buf: Vec<u8>,
+    switch_tick: tokio::time::Interval,
+    engine_tick: tokio::time::Interval,
+    /// Whether the gateway welcomed the site on this link.
+    worked: bool,
+}
+
+impl<'a> SiteLink<'a> {
+    fn new(agent: &'a mut SiteAgent, signals: &'a mut Signals) -> Self {
+        Self {
+            agent,
+            signals,
+            tun_buf: vec![0u8; pinhole_adapter::wg::BUFFER],
+            switch_tick: tokio::time::interval(SWITCH_POLL),
+            engine_tick: tokio::time::interval(WG_TICK),
+            worked: false,
+        }
+    }
+
+    /// Applies a reloaded configuration to the link; `Some` when the link must be redone.
+    async fn reloaded(&mut self, core: &mut SiteCore) -> Option<Outcome> {
+        let before = self.agent.config.clone();
+        if !self.agent.reload() {
+            return None;
+        }
+        let after = &self.agent.config;
+        if (&before.name, &before.gateways, &before.device_interface)
+            != (&after.name, &after.gateways, &after.device_interface)
+        {
+            info!("name, gateway or device interface changed: reconnecting");
+            return Some(Outcome::Lost { worked: true });
+        }
+        // Agents removed or changed end their sessions.
+        for old in &before.agents {
+            if self.agent.config.agents.contains(old) {
+                continue;
+            }
+            for session in self.agent.plane.fwd.sessions_with(&old.name) {
+                info!(session, agent = %old.name, "agent changed: ending its part of the session");
+                self.agent.plane.fwd.close(session, Some(&old.name));
+                core.close_session(
+                    session,
+                    Some(&old.name),
+                    "the agent's configuration changed",
+                    Instant::now(),
+                );
+            }
+        }
+        self.agent.sync_plane().await;
+        core.update_agents(self.agent.config.agents.clone(), Instant::now());
+        None
+    }
+}
+
+impl Handler for SiteLink<'_> {
+    type Core = SiteCore;
+    type Wake = Wake;
+    type End = Outcome;
+
+    async fn on_event(&mut self, core: &mut SiteCore, event: SiteEvent) -> Option<Outcome> {
+        let agent = &mut *self.agent;
+        match event {
+            SiteEvent::Welcomed => {
+                self.worked = true;
+                info!(site = %agent.config.name, agents = agent.config.agents.len(), "connected to the gateway");
+            }
+            SiteEvent::SessionOpen {
+                session,
+                agent: name,
+                key,
+                tunnel_ip,
+            } => {
+                let span = tracing::info_span!("session", session);
+                tracing::Instrument::instrument(
+                    agent.open_session(core, session, &name, &key, tunnel_ip),
+                    span,
+                )
+                .await;
+            }
+            SiteEvent::SessionClose {
+                session,
+                reason,
+                agent: name,
+            } => {
+                info!(session, agent = ?name, %reason, "session closed by the gateway");
+                agent.plane.fwd.close(session, name.as_deref());
+                agent.sync_plane().await;
+            }
+            SiteEvent::Data { session, datagram } => {
+                let now = Instant::now();
+                agent.plane.fwd.handle_datagram(session, &datagram, now);
+                agent.plane.flush(core, now).await;
+            }
+            SiteEvent::Closed(CloseReason::Error { code, text }) => {
+                warn!(?code, %text, "the gateway ended the connection");
+                return Some(Outcome::Lost {
+                    worked: self.worked,
+                });
+            }
+            SiteEvent::Closed(reason) => {
+                warn!(?reason, "connection to the gateway lost");
+                return Some(Outcome::Lost {
+                    worked: self.worked,
+                });
+            }
+            SiteEvent::Enrolled { .. } => {}
+        }
+        None
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let tun = self.agent.plane.tun.as_ref();
+        tokio::select! {
+            n = pinhole_adapter::tun::recv_or_wait(tun, &mut self.tun_buf) => Wake::Tun(n),
+            _ = self.engine_tick.tick() => Wake::EngineTick,
+            Some(change) = next_report(&mut self.agent.reports), if self.worked => Wake::Report(change),
+            _ = self.switch_tick.tick() => Wake::SwitchTick,
+            sig = self.signals.next() => Wake::Signal(sig),
+        }
+    }
+
+    async fn on_wake(&mut self, core: &mut SiteCore, wake: Wake) -> Option<Outcome> {
+        let plane = &mut self.agent.plane;
+        match wake {
+            Wake::Tun(Ok(n)) => {
+                let now = Instant::now();
+                plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
+                // Take the rest of a burst too: one write to the gateway for all of it.
+                if let Some(tun) = &plane.tun {
+                    for _ in 1..pinhole_adapter::tun::BATCH {
+                        let Ok(n) = tun.try_recv(&mut self.tun_buf) else {
+                            break;
+                        };
+                        plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
+                    }
+                }
+                plane.flush(core, now).await;
+            }
+            Wake::Tun(Err(_)) => {}
+            Wake::EngineTick => {
+                let now = Instant::now();
+                plane.fwd.handle_timeout(now);
+                plane.flush(core, now).await;
+            }
+            Wake::Report(change) => core.firewall_restored(change, Instant::now()),
+            Wake::SwitchTick => {
+                if !self.agent.switched_on() {
+                    info!("remote access switched off: closing the gateway connection");
+                    return Some(Outcome::SwitchedOff);
+                }
+            }
+            Wake::Signal(Sig::Stop) => return Some(Outcome::Stop),
+            Wake::Signal(Sig::Reload) => return self.reloaded(core).await,
+        }
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> Outcome {
+        match &lost {
+            Lost::Failed {
+                refused: Some(r), ..
+            } => {
+                error!(reason = %refusal_words(r, &self.agent.state.root), "the gateway ended the connection")
+            }
+            _ => warn!(reason = %lost, "connection to the gateway lost"),
+        }
+        Outcome::Lost {
+            worked: self.worked,
+        }
+    }
+}
+
+/// The next firewall report; without a firewall, waits forever (a `select!` branch that
+/// never fires).
+async fn next_report(
+    reports: &mut Option<mpsc::Receiver<FirewallChange>>,
+) -> Option<FirewallChange> {
+    match reports {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Refuses a site.toml that holds an enrollment token and that group or others may read: the
+/// token enrolls a site into the plant's domain.
+fn check_token_file(path: &Path) -> anyhow::Result<()> {
+    let mode = fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Fatal(format!(
+            "{} holds an enrollment token and is readable by group or others (mode {:o}): \
+             `chmod 600 {}`, or remove the token if the site is enrolled",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// An error that retrying cannot fix (no token, token refused): the agent stops.

@@ -3,7 +3,7 @@
 //! ```toml
 //! name = "plant-a"
 //! gateway = ["gw.example.com:443", "gw.example.com:11444"]   # tried in order
-//! token = "…"                    # one-time enrollment token; used on the first run only
+//! token = "…@sha256:…"            # from `site-token create`; remove it after enrollment
 //! device_interface = "eth1"      # the interface towards the machines
 //! heartbeat = "10m"              # default 10m
 //!
@@ -35,9 +35,49 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pinhole_certs::GatewayAddress;
+use pinhole_certs::{EnrollmentToken, GatewayAddress};
 use pinhole_proto::{Agent, AgentType, Port};
 use serde::Deserialize;
+
+/// A network interface name as the kernel accepts it (`dev_valid_name`): 1 to 15 bytes of
+/// `[A-Za-z0-9_.:-]`, not `.` or `..`. Only such names reach a command line or a path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IfName(String);
+
+/// `IFNAMSIZ` (16) minus the terminating zero.
+const MAX_IFNAME: usize = 15;
+
+impl IfName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for IfName {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || s.len() > MAX_IFNAME {
+            return Err("an interface name has 1 to 15 characters");
+        }
+        if s == "." || s == ".." {
+            return Err("not a Linux interface name");
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        {
+            return Err("an interface name has only letters, digits and `_ . : -`");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
 
 /// A site that reports every ten minutes is noticed offline within half an hour, at a cost of
 /// a few bytes; sites on metered links may raise it.
@@ -81,7 +121,7 @@ struct RawConfig {
 struct RawProxy {
     url: String,
     #[serde(default)]
-    auth: crate::proxy::Auth,
+    auth: pinhole_shell::proxy::Auth,
     credentials: Option<PathBuf>,
 }
 
@@ -159,13 +199,13 @@ pub struct Light {
 pub struct Config {
     pub name: String,
     pub gateways: Vec<GatewayAddress>,
-    pub token: Option<String>,
-    pub device_interface: Option<String>,
+    pub token: Option<EnrollmentToken>,
+    pub device_interface: Option<IfName>,
     pub heartbeat: Duration,
     pub switch: Option<Switch>,
     pub light: Option<Light>,
     /// The corporate proxy the link goes through, if any.
-    pub proxy: Option<crate::proxy::Proxy>,
+    pub proxy: Option<pinhole_shell::proxy::Proxy>,
     pub agents: Vec<Agent>,
 }
 
@@ -226,20 +266,22 @@ impl Config {
                 d
             }
         };
-        if let Some(t) = &raw.token
-            && (t.is_empty() || !t.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
-            return Err(bad("token".into(), "<hidden>", "an enrollment token is the hexadecimal text that `pinhole-gateway site-token create` printed".into()));
-        }
-        if let Some(ifname) = &raw.device_interface
-            && (ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']))
-        {
-            return Err(bad(
-                "device_interface".into(),
-                ifname,
-                "not a Linux interface name".into(),
-            ));
-        }
+        let token = raw
+            .token
+            .as_deref()
+            .map(|t| {
+                t.parse::<EnrollmentToken>()
+                    .map_err(|e| bad("token".into(), "<hidden>", e.to_string()))
+            })
+            .transpose()?;
+        let device_interface = raw
+            .device_interface
+            .as_deref()
+            .map(|i| {
+                i.parse::<IfName>()
+                    .map_err(|e| bad("device_interface".into(), i, e.into()))
+            })
+            .transpose()?;
         let switch = raw
             .switch
             .map(|s| {
@@ -275,7 +317,7 @@ impl Config {
 
         let proxy = raw
             .proxy
-            .map(|p| crate::proxy::Proxy::from_setting(&p.url, p.auth, p.credentials.as_deref()))
+            .map(|p| pinhole_shell::proxy::Proxy::from_setting(&p.url, p.auth, p.credentials.as_deref()))
             .transpose()
             .map_err(|e| bad("proxy".into(), "…", e.to_string()))?;
 
@@ -332,8 +374,8 @@ impl Config {
         Ok(Config {
             name: raw.name,
             gateways,
-            token: raw.token,
-            device_interface: raw.device_interface,
+            token,
+            device_interface,
             heartbeat,
             switch,
             light,
@@ -474,6 +516,47 @@ ports = ["tcp/8080", "udp/161"]
             cred.display()
         )));
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernel_rules() {
+        for good in [
+            "eth1",
+            "enp3s0",
+            "br-plant.10",
+            "veth_a:1",
+            "a23456789012345",
+        ] {
+            assert!(good.parse::<IfName>().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a234567890123456",
+            "eth 1",
+            "eth1/",
+            "eth\"1",
+            "eth1;x",
+            "ä",
+        ] {
+            assert!(bad.parse::<IfName>().is_err(), "{bad:?}");
+        }
+        let e = err(&GOOD.replace("\"eth1\"", "\"eth1\\\" accept\""));
+        assert!(e.contains("device_interface"), "{e}");
+    }
+
+    #[test]
+    fn a_token_may_carry_the_gateway_pin() {
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let c = parse(&GOOD.replace("abcdef0123", &format!("abcdef0123@{pin}"))).expect("good");
+        let t = c.token.expect("token");
+        assert_eq!(
+            (t.secret(), t.pin().map(|p| p.to_string())),
+            ("abcdef0123", Some(pin))
+        );
+        let e = err(&GOOD.replace("abcdef0123", "abcdef0123@sha256:00"));
+        assert!(e.contains("token") && !e.contains("abcdef0123"), "{e}");
     }
 
     #[test]

@@ -140,9 +140,9 @@ impl Forwarder {
         let mut p = Policy::default();
         for s in self.sessions.values() {
             for a in s.agents.values() {
-                p.echo.insert(a.address);
+                p.echo.insert((s.tunnel_ip, a.address));
                 for port in &a.ports {
-                    p.allowed.insert((a.address, *port));
+                    p.allowed.insert((s.tunnel_ip, a.address, *port));
                 }
             }
         }

@@ -34,8 +34,15 @@ enum Command {
         #[arg(long, default_value = "/var/lib/pinhole-site")]
         state: PathBuf,
     },
-    /// Forget the pinned gateway key: the next gateway is trusted on first use.
+    /// Forget the pinned gateway key: the next gateway whose certificate chains to the CA
+    /// received at enrollment is pinned.
     Repin {
+        #[arg(long, default_value = "/var/lib/pinhole-site")]
+        state: PathBuf,
+    },
+    /// Remove the device routing domain (policy rules and table) that stays in place while
+    /// the site is stopped: before uninstalling.
+    RemoveIsolation {
         #[arg(long, default_value = "/var/lib/pinhole-site")]
         state: PathBuf,
     },
@@ -56,14 +63,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinhole-site"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    pinhole_shell::telemetry::init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -86,10 +86,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Repin { state } => {
             let store = SiteState::new(&state).pin_store();
             if store.forget()? {
-                println!("forgot the pinned gateway key; the next gateway is trusted on first use");
+                println!(
+                    "forgot the pinned gateway key; the next gateway whose certificate chains to \
+                     the CA received at enrollment ({}) is pinned. Compare the pin the site logs \
+                     (\"gateway key pinned\") with `pinhole-gateway init`'s or the gateway's log.",
+                    state.join("ca.crt").display()
+                );
             } else {
                 println!("no gateway key was pinned");
             }
+            Ok(())
+        }
+        Command::RemoveIsolation { state } => {
+            pinhole_site::isolation::remove(&state);
+            println!(
+                "removed the device routing domain: the uplink and device networks are now kept apart only by this machine's own settings"
+            );
             Ok(())
         }
         Command::Switch { state, config } => {

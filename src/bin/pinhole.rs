@@ -1,14 +1,11 @@
 //! `pinhole`: the technician's command line.
 #![allow(clippy::print_stdout)] // a CLI prints for its user
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use pinhole::control::{Request, Response, socket_path};
+use pinhole::control::{Request, Response};
 use zeroize::Zeroizing;
 
 /// Pinhole: reach one industrial device through your gateway, and nothing else.
@@ -62,6 +59,14 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Show Pinhole in the desktop's system tray: log in and out, connect and disconnect
+    /// devices from its menu, and get a notification when a session ends that you did not end.
+    ///
+    /// Needs a desktop session (its D-Bus session bus, a StatusNotifier host such as the KDE or
+    /// XFCE panel or GNOME's AppIndicator extension). Passwords are asked with `pinentry`; the
+    /// settings are in ~/.config/pinhole/tray.toml, the tray's log in
+    /// ~/.local/state/pinhole/tray.log.
+    Tray,
 }
 
 fn split_target(t: &str) -> anyhow::Result<(String, String)> {
@@ -96,25 +101,7 @@ fn password(file: Option<&PathBuf>) -> anyhow::Result<Zeroizing<String>> {
 }
 
 fn call(req: &Request) -> anyhow::Result<Response> {
-    let path = socket_path();
-    let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach pinholed at {} (is it running? PINHOLE_SOCKET overrides the path)",
-            path.display()
-        )
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut line = Zeroizing::new(serde_json::to_vec(req)?);
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .context("reading the daemon's answer")?;
-    if reply.is_empty() {
-        bail!("pinholed closed the connection without answering");
-    }
-    serde_json::from_str(&reply).context("the daemon's answer is malformed")
+    Ok(pinhole::control::call(req)?)
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,8 +115,28 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The tray: its own runtime (one thread is plenty for a menu), logs on stderr.
+fn tray() -> anyhow::Result<()> {
+    // A level, not an EnvFilter: per-target directives are not worth the regex engine they
+    // link into every technician's `pinhole` (RUST_LOG=debug etc. still works).
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(pinhole::tray::run())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let response = match &cli.command {
+        Command::Tray => return tray(),
         Command::Import {
             file,
             password_file,

@@ -30,14 +30,7 @@ struct Cli {
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinholed"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    pinhole_shell::telemetry::init();
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

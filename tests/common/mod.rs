@@ -110,6 +110,12 @@ impl Drop for Proc {
     }
 }
 
+/// Makes a file readable by its owner only (a site.toml with a token must be).
+pub fn private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 /// Runs a command to completion.
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("run")
@@ -169,6 +175,8 @@ impl Gateway {
                 .arg("--state")
                 .arg(&self.state)
                 .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)])
+                // Tests run side by side: each portal on a port of its own.
+                .args(["--admin-listen", "127.0.0.1:0"])
                 .env("RUST_LOG", "info"),
             log,
         );
@@ -258,6 +266,7 @@ impl Site {
             ),
         )
         .expect("site.toml");
+        private(&config);
         Self {
             config,
             state: dir.join(format!("{name}-state")),

@@ -378,10 +378,29 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).trim() == "open"
     }
 
+    /// Loads an nftables ruleset (`nft -f`) inside a namespace.
+    pub fn nft(&self, ns: &str, ruleset: &str) {
+        let file = self.dir.join(format!("{ns}-{}.nft", self.p));
+        std::fs::write(&file, ruleset).expect("ruleset");
+        let out = self.exec(ns, &["nft", "-f", file.to_str().expect("utf8")]);
+        assert!(out.status.success(), "nft -f {ruleset}: {}", text(&out));
+    }
+
+    /// Sets a sysctl inside a namespace.
+    pub fn sysctl(&self, ns: &str, key_value: &str) {
+        let out = self.exec(ns, &["sysctl", "-qw", key_value]);
+        assert!(out.status.success(), "sysctl {key_value}: {}", text(&out));
+    }
+
     pub fn ping(&self, ns: &str, host: &str) -> bool {
         self.exec(ns, &["ping", "-c", "1", "-W", "1", host])
             .status
             .success()
+    }
+
+    /// Registers a namespace the test made itself, so that it goes with the lab.
+    pub fn adopt(&mut self, ns: &str) {
+        self.namespaces.push(self.ns(ns));
     }
 
     pub fn routes(&self, ns: &str) -> String {
@@ -426,6 +445,31 @@ pub struct System {
     pub gw_state: PathBuf,
     pub light: PathBuf,
     pub gw: usize,
+    /// The gateway's ports on 10.9.2.2, in the order sites and technicians try them.
+    pub ports: Vec<u16>,
+    /// From starting the sites until the gateway listed both online.
+    pub sites_online_after: Duration,
+    /// When the gateway listed both sites online (their links' last packets, if they idle).
+    pub sites_online_at: std::time::Instant,
+}
+
+/// How [`System::start_with`] sets the system up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The sites' `heartbeat`; `None` keeps the default (10 minutes).
+    pub site_heartbeat: Option<&'static str>,
+    /// The gateway's ports, as its public addresses (in order) and where it listens.
+    pub gateway_ports: Vec<u16>,
+}
+
+impl Default for Options {
+    /// Two-second heartbeats (a lost link is noticed within seconds) and port 443 only.
+    fn default() -> Self {
+        Self {
+            site_heartbeat: Some("2s"),
+            gateway_ports: vec![443],
+        }
+    }
 }
 
 impl System {
@@ -441,7 +485,28 @@ impl System {
     }
 
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &Options::default(), |_| {})
+    }
+
+    /// The gateway's `serve` arguments for `ports` on 10.9.2.2.
+    pub fn serve_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--state".to_owned(),
+            self.gw_state.to_str().expect("utf8").to_owned(),
+            "serve".to_owned(),
+        ];
+        for port in &self.ports {
+            args.push("--listen".into());
+            args.push(format!("10.9.2.2:{port}"));
+        }
+        args
+    }
+
+    /// Like [`System::start`], with `options`; `prepare` runs on the lab before any program
+    /// starts (a firewall on the path, say).
+    pub fn start_with(dir: &Path, options: &Options, prepare: impl FnOnce(&Lab)) -> Self {
         let mut lab = Lab::new(dir);
+        prepare(&lab);
         lab.start_services();
         let gw_state = dir.join("gw");
         let g = |args: &[&str]| {
@@ -454,24 +519,35 @@ impl System {
             assert!(out.status.success(), "{args:?}: {}", text(&out));
             String::from_utf8_lossy(&out.stdout).trim().to_owned()
         };
-        g(&["init", "--public-address", "10.9.2.2:443"]);
+        let addresses: Vec<String> = options
+            .gateway_ports
+            .iter()
+            .map(|p| format!("10.9.2.2:{p}"))
+            .collect();
+        let mut init = vec!["init"];
+        for a in &addresses {
+            init.extend(["--public-address", a]);
+        }
+        g(&init);
         g(&["domain", "create", "acme.plant-a"]);
         g(&["domain", "create", "beta"]);
         let token_a = g(&["site-token", "create", "acme.plant-a"]);
         let token_b = g(&["site-token", "create", "beta"]);
-        let gw = lab.spawn(
-            "gw",
-            &bin("pinhole-gateway"),
-            &[
-                "--state",
-                gw_state.to_str().expect("utf8"),
-                "serve",
-                "--listen",
-                "10.9.2.2:443",
-            ],
-            &[],
-            "gateway.log",
-        );
+        let mut serve = vec!["--state", gw_state.to_str().expect("utf8"), "serve"];
+        for a in &addresses {
+            serve.extend(["--listen", a]);
+        }
+        let gw = lab.spawn("gw", &bin("pinhole-gateway"), &serve, &[], "gateway.log");
+        let gateways = addresses
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let heartbeat = options
+            .site_heartbeat
+            .map(|h| format!("heartbeat = \"{h}\"\n"))
+            .unwrap_or_default();
+        let sites_started = std::time::Instant::now();
         let light = dir.join("light");
         for (name, token, dev, agents, ns) in [
             (
@@ -496,9 +572,10 @@ impl System {
             let config = dir.join(format!("{name}.toml"));
             std::fs::write(
                 &config,
-                format!("name = \"{name}\"\ngateway = [\"10.9.2.2:443\"]\ntoken = \"{token}\"\ndevice_interface = \"{dev}\"\nheartbeat = \"2s\"\n{agents}"),
+                format!("name = \"{name}\"\ngateway = [{gateways}]\ntoken = \"{token}\"\ndevice_interface = \"{dev}\"\n{heartbeat}{agents}"),
             )
             .expect("site.toml");
+            super::private(&config);
             let state = dir.join(format!("{name}-state"));
             lab.spawn(
                 ns,
@@ -514,11 +591,14 @@ impl System {
                 &format!("{name}.log"),
             );
         }
-        let sys = Self {
+        let mut sys = Self {
             lab,
             gw_state,
             light,
             gw,
+            ports: options.gateway_ports.clone(),
+            sites_online_after: Duration::ZERO,
+            sites_online_at: sites_started,
         };
         assert!(
             wait_until(Duration::from_secs(20), || {
@@ -528,6 +608,8 @@ impl System {
             "sites did not come online: {}",
             std::fs::read_to_string(dir.join("plant-a.log")).unwrap_or_default()
         );
+        sys.sites_online_at = std::time::Instant::now();
+        sys.sites_online_after = sys.sites_online_at - sites_started;
         sys
     }
 

@@ -1,5 +1,6 @@
-//! What the gateway's bench tools (`load`, `flood`) share: dialing the gateway over real TLS
-//! from a chosen loopback source, the fixture of enrolled sites and technician accounts,
+//! What the gateway's bench tools (`load`, `flood`) share: dialing the gateway with the
+//! programs' own dial and link driver (`pinhole-shell`) from a chosen loopback source, raw TCP
+//! and TLS for the attackers, the fixture of enrolled sites and technician accounts,
 //! simulated sites (reconnecting with the real site's backoff) and technicians (with or without
 //! a live session that relays a datagram a second), one-shot login probes, and /proc readings.
 //! Not part of the product.
@@ -12,21 +13,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use pinhole_certs::{GatewayInfo, Identity, Pin, PinnedServerVerifier, Validity, tls};
+use anyhow::{Context, anyhow, bail};
+use pinhole_certs::{
+    GatewayAddress, GatewayInfo, Identity, Pin, PinnedServerVerifier, Validity, tls,
+};
 use pinhole_gateway::audit::Actor;
 use pinhole_gateway::state::StateDir;
 use pinhole_proto::{
     Agent, AgentType, Backoff, ClientCore, ClientEvent, SiteCore, SiteEvent, SiteHello,
 };
+use pinhole_shell::{Dialer, Handler, Lost, Stream, drive};
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_rustls::TlsConnector;
-
-pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// The WireGuard key simulated sites answer with: X25519's base point, a valid public key.
 pub const SITE_KEY: &str = "0900000000000000000000000000000000000000000000000000000000000000";
@@ -102,17 +103,22 @@ pub async fn tcp(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Tc
     socket.connect(addr).await
 }
 
-/// A TLS link to the gateway with `config` (a peer's certificate, or none), from `source`.
+/// A site's or technician's link to the gateway at `addr` with `config`, from `source`: the
+/// programs' own dial.
 pub async fn tls_link(
     addr: SocketAddr,
     source: Option<IpAddr>,
     config: Arc<ClientConfig>,
 ) -> anyhow::Result<Stream> {
-    let tcp = tcp(addr, source).await?;
-    Ok(tls_over(addr, tcp, config).await?)
+    let address: GatewayAddress = addr.to_string().parse()?;
+    let mut dialer = Dialer::new(vec![address]);
+    if let Some(ip) = source {
+        dialer = dialer.from_source(ip);
+    }
+    Ok(dialer.dial(config).await?.stream)
 }
 
-/// The TLS handshake on a connected `tcp` to `addr`.
+/// The TLS handshake on a connected `tcp` to `addr` (an attacker's: no socket options).
 pub async fn tls_over(
     addr: SocketAddr,
     tcp: TcpStream,
@@ -308,6 +314,71 @@ fn plc() -> Agent {
     )
 }
 
+/// A simulated site's side of its link.
+struct SimSiteLink<'a> {
+    site: &'a SimSite,
+    notes: &'a UnboundedSender<SiteNote>,
+    traffic: &'a LiveTraffic,
+    welcomed: &'a mut bool,
+    agent: Agent,
+    sessions: BTreeSet<u32>,
+    tick: tokio::time::Interval,
+}
+
+impl Handler for SimSiteLink<'_> {
+    type Core = SiteCore;
+    type Wake = ();
+    type End = anyhow::Result<()>;
+
+    async fn on_event(&mut self, core: &mut SiteCore, ev: SiteEvent) -> Option<anyhow::Result<()>> {
+        match ev {
+            SiteEvent::Welcomed => {
+                *self.welcomed = true;
+                let _ = self.notes.send(SiteNote::Welcomed {
+                    site: self.site.index,
+                    at: Instant::now(),
+                });
+            }
+            SiteEvent::SessionOpen { session, .. } => {
+                core.session_opened(session, SITE_KEY, self.agent.clone(), Instant::now());
+                self.sessions.insert(session);
+            }
+            SiteEvent::SessionClose { session, .. } => {
+                self.sessions.remove(&session);
+            }
+            SiteEvent::Data { .. } if self.site.live => self.traffic.to_site.received(),
+            SiteEvent::Closed(r) => return Some(Err(anyhow!("site link closed: {r:?}"))),
+            _ => {}
+        }
+        None
+    }
+
+    async fn wait(&mut self) {
+        if self.site.live && !self.sessions.is_empty() {
+            self.tick.tick().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn on_wake(&mut self, core: &mut SiteCore, (): ()) -> Option<anyhow::Result<()>> {
+        let now = Instant::now();
+        for &session in &self.sessions {
+            if self.traffic.to_tech.send() {
+                core.send_data(session, b"site to technician", now);
+            }
+        }
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> anyhow::Result<()> {
+        match lost {
+            Lost::Closed => bail!("the gateway closed the link"),
+            other => bail!("{other}"),
+        }
+    }
+}
+
 async fn site_link(
     addr: SocketAddr,
     site: &SimSite,
@@ -326,59 +397,18 @@ async fn site_link(
             agents: vec![agent.clone()],
         },
     );
-    let mut buf = vec![0u8; 4096];
-    let mut sessions = BTreeSet::new();
     let mut tick = tokio::time::interval(DATA_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        while let Some(ev) = core.poll_event() {
-            match ev {
-                SiteEvent::Welcomed => {
-                    *welcomed = true;
-                    let _ = notes.send(SiteNote::Welcomed {
-                        site: site.index,
-                        at: Instant::now(),
-                    });
-                }
-                SiteEvent::SessionOpen { session, .. } => {
-                    core.session_opened(session, SITE_KEY, agent.clone(), Instant::now());
-                    sessions.insert(session);
-                }
-                SiteEvent::SessionClose { session, .. } => {
-                    sessions.remove(&session);
-                }
-                SiteEvent::Data { .. } if site.live => traffic.to_site.received(),
-                SiteEvent::Closed(r) => bail!("site link closed: {r:?}"),
-                _ => {}
-            }
-        }
-        while let Some(b) = core.poll_transmit() {
-            s.write_all(&b).await?;
-        }
-        s.flush().await?;
-        let timeout = core
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
-        let send_data = site.live && !sessions.is_empty();
-        tokio::select! {
-            read = s.read(&mut buf) => {
-                let n = read?;
-                if n == 0 {
-                    bail!("the gateway closed the link");
-                }
-                core.handle_input(&buf[..n], Instant::now());
-            }
-            _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-            _ = tick.tick(), if send_data => {
-                let now = Instant::now();
-                for &session in &sessions {
-                    if traffic.to_tech.send() {
-                        core.send_data(session, b"site to technician", now);
-                    }
-                }
-            }
-        }
-    }
+    let mut link = SimSiteLink {
+        site,
+        notes,
+        traffic,
+        welcomed,
+        agent,
+        sessions: BTreeSet::new(),
+        tick,
+    };
+    drive(&mut s, &mut core, &mut link).await
 }
 
 /// A simulated technician with one session.
@@ -425,6 +455,72 @@ pub async fn run_technician(
     });
 }
 
+/// A simulated technician's side of its link.
+struct SimTechLink<'a> {
+    tech: &'a SimTech,
+    notes: &'a UnboundedSender<TechNote>,
+    traffic: &'a LiveTraffic,
+    open: bool,
+    tick: tokio::time::Interval,
+}
+
+impl Handler for SimTechLink<'_> {
+    type Core = ClientCore;
+    type Wake = ();
+    type End = anyhow::Result<String>;
+
+    async fn on_event(
+        &mut self,
+        core: &mut ClientCore,
+        ev: ClientEvent,
+    ) -> Option<anyhow::Result<String>> {
+        match ev {
+            ClientEvent::LoggedIn { .. } => {
+                core.open_session(1, &self.tech.site, "plc", CLIENT_KEY, Instant::now());
+            }
+            ClientEvent::SessionOpened { .. } => {
+                self.open = true;
+                let _ = self.notes.send(TechNote::Opened {
+                    tech: self.tech.index,
+                    at: Instant::now(),
+                });
+            }
+            ClientEvent::SessionRefused { reason, .. } => {
+                return Some(Err(anyhow!("session refused: {reason}")));
+            }
+            ClientEvent::SessionClosed { reason, .. } => {
+                return Some(Ok(format!("session closed: {reason}")));
+            }
+            ClientEvent::Data { .. } if self.tech.live => self.traffic.to_tech.received(),
+            ClientEvent::Closed(r) => return Some(Ok(format!("link closed: {r:?}"))),
+            _ => {}
+        }
+        None
+    }
+
+    async fn wait(&mut self) {
+        if self.tech.live && self.open {
+            self.tick.tick().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn on_wake(&mut self, core: &mut ClientCore, (): ()) -> Option<anyhow::Result<String>> {
+        if self.traffic.to_site.send() {
+            core.send_data(1, b"technician to site", Instant::now());
+        }
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> anyhow::Result<String> {
+        match lost {
+            Lost::Closed => Ok("the gateway closed the link".into()),
+            other => Ok(other.to_string()),
+        }
+    }
+}
+
 async fn technician_link(
     addr: SocketAddr,
     tech: &SimTech,
@@ -433,55 +529,16 @@ async fn technician_link(
 ) -> anyhow::Result<String> {
     let mut s = tls_link(addr, tech.source, tech.config.clone()).await?;
     let mut core = ClientCore::new(Instant::now(), "load", IDLE_HEARTBEAT);
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut open = false;
     let mut tick = tokio::time::interval(DATA_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        while let Some(ev) = core.poll_event() {
-            match ev {
-                ClientEvent::LoggedIn { .. } => {
-                    core.open_session(1, &tech.site, "plc", CLIENT_KEY, Instant::now());
-                }
-                ClientEvent::SessionOpened { .. } => {
-                    open = true;
-                    let _ = notes.send(TechNote::Opened {
-                        tech: tech.index,
-                        at: Instant::now(),
-                    });
-                }
-                ClientEvent::SessionRefused { reason, .. } => bail!("session refused: {reason}"),
-                ClientEvent::SessionClosed { reason, .. } => {
-                    return Ok(format!("session closed: {reason}"));
-                }
-                ClientEvent::Data { .. } if tech.live => traffic.to_tech.received(),
-                ClientEvent::Closed(r) => return Ok(format!("link closed: {r:?}")),
-                _ => {}
-            }
-        }
-        while let Some(b) = core.poll_transmit() {
-            s.write_all(&b).await?;
-        }
-        s.flush().await?;
-        let timeout = core
-            .poll_timeout()
-            .unwrap_or_else(|| Instant::now() + IDLE_HEARTBEAT);
-        tokio::select! {
-            read = s.read(&mut buf) => {
-                let n = read.unwrap_or(0);
-                if n == 0 {
-                    return Ok("the gateway closed the link".into());
-                }
-                core.handle_input(&buf[..n], Instant::now());
-            }
-            _ = tokio::time::sleep_until(timeout.into()) => core.handle_timeout(Instant::now()),
-            _ = tick.tick(), if tech.live && open => {
-                if traffic.to_site.send() {
-                    core.send_data(1, b"technician to site", Instant::now());
-                }
-            }
-        }
-    }
+    let mut link = SimTechLink {
+        tech,
+        notes,
+        traffic,
+        open: false,
+        tick,
+    };
+    drive(&mut s, &mut core, &mut link).await
 }
 
 /// What one legitimate technician waited for.
@@ -491,6 +548,74 @@ pub struct ProbeTimes {
     pub login: Duration,
     /// From `session_open` to `session_opened` (the gateway asks the site, the site answers).
     pub connect: Duration,
+}
+
+/// A probe's side of its link: login, one session, logout.
+struct ProbeLink<'a> {
+    site: &'a str,
+    stage: &'a std::cell::Cell<&'static str>,
+    t0: Instant,
+    login: Option<Duration>,
+    asked: Instant,
+}
+
+impl Handler for ProbeLink<'_> {
+    type Core = ClientCore;
+    type Wake = ();
+    type End = anyhow::Result<ProbeTimes>;
+
+    async fn on_event(
+        &mut self,
+        core: &mut ClientCore,
+        ev: ClientEvent,
+    ) -> Option<anyhow::Result<ProbeTimes>> {
+        match ev {
+            ClientEvent::LoggedIn { .. } => {
+                self.login = Some(self.t0.elapsed());
+                self.asked = Instant::now();
+                self.stage.set("session open");
+                core.open_session(1, self.site, "plc", CLIENT_KEY, self.asked);
+                None
+            }
+            ClientEvent::SessionOpened { .. } => {
+                let connect = self.asked.elapsed();
+                let Some(login) = self.login else {
+                    return Some(Err(anyhow!("opened before login")));
+                };
+                let now = Instant::now();
+                self.stage.set("logout");
+                // The driver sends both before it closes the link.
+                core.close_session(1, None, "probe done", now);
+                core.logout(now);
+                Some(Ok(ProbeTimes { login, connect }))
+            }
+            ClientEvent::SessionRefused { reason, .. } => {
+                Some(Err(anyhow!("session refused: {reason}")))
+            }
+            ClientEvent::Closed(r) => Some(Err(anyhow!("link closed: {r:?}"))),
+            _ => None,
+        }
+    }
+
+    async fn wait(&mut self) {
+        std::future::pending::<()>().await
+    }
+
+    async fn on_wake(&mut self, _: &mut ClientCore, (): ()) -> Option<anyhow::Result<ProbeTimes>> {
+        None
+    }
+
+    fn on_lost(&mut self, lost: Lost) -> anyhow::Result<ProbeTimes> {
+        let when = if self.login.is_some() {
+            "after the login"
+        } else {
+            "before the login"
+        };
+        match lost {
+            Lost::Closed => bail!("the gateway closed the link {when}"),
+            other => bail!("{other} ({when})"),
+        }
+    }
 }
 
 /// One technician login and session open, over a fresh link, then logout. `stage` tells how far
@@ -507,54 +632,14 @@ pub async fn probe(
     let mut s = tls_link(addr, source, config).await.context("dial")?;
     stage.set("login");
     let mut core = ClientCore::new(t0, "probe", IDLE_HEARTBEAT);
-    let mut buf = vec![0u8; 64 * 1024];
-    let (mut login, mut asked) = (None, t0);
-    loop {
-        while let Some(ev) = core.poll_event() {
-            match ev {
-                ClientEvent::LoggedIn { .. } => {
-                    login = Some(t0.elapsed());
-                    asked = Instant::now();
-                    stage.set("session open");
-                    core.open_session(1, site, "plc", CLIENT_KEY, asked);
-                }
-                ClientEvent::SessionOpened { .. } => {
-                    let times = ProbeTimes {
-                        login: login.context("opened before login")?,
-                        connect: asked.elapsed(),
-                    };
-                    let now = Instant::now();
-                    stage.set("logout");
-                    core.close_session(1, None, "probe done", now);
-                    core.logout(now);
-                    while let Some(b) = core.poll_transmit() {
-                        s.write_all(&b).await?;
-                    }
-                    let _ = s.shutdown().await;
-                    return Ok(times);
-                }
-                ClientEvent::SessionRefused { reason, .. } => bail!("session refused: {reason}"),
-                ClientEvent::Closed(r) => bail!("link closed: {r:?}"),
-                _ => {}
-            }
-        }
-        while let Some(b) = core.poll_transmit() {
-            s.write_all(&b).await?;
-        }
-        s.flush().await?;
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            bail!(
-                "the gateway closed the link {}",
-                if login.is_some() {
-                    "after the login"
-                } else {
-                    "before the login"
-                }
-            );
-        }
-        core.handle_input(&buf[..n], Instant::now());
-    }
+    let mut link = ProbeLink {
+        site,
+        stage,
+        t0,
+        login: None,
+        asked: t0,
+    };
+    drive(&mut s, &mut core, &mut link).await
 }
 
 /// p-th percentile (nearest rank) of `v`, in ms.

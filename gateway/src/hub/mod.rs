@@ -29,6 +29,7 @@
 //! registry inside the decision, durably, before the command that acknowledges the action is
 //! returned; a record that cannot be written turns the action into a refusal.
 
+mod live;
 mod refusals;
 pub mod relay;
 
@@ -46,6 +47,7 @@ use crate::audit::Actor;
 use crate::registry::{
     Account, AuditRecord, EnrollError, Issued, Registry, RegistryError, SiteReport,
 };
+pub use live::{EndSessionError, LiveSession};
 pub use refusals::Kind as RefusalKind;
 use refusals::Refusals;
 pub use relay::Route;
@@ -72,9 +74,21 @@ pub const MAX_SESSION_REQUESTS: u32 = 30;
 /// reload is a person's doing.
 pub const MAX_AGENT_CHANGES: u32 = 5;
 
+/// Firewall restorations (`firewall_restored`) one site link may report per [`RATE_WINDOW`]:
+/// the site checks its table once a second, so an honest site sends at most 60; more is a
+/// hostile peer filling the audit log, and its link ends.
+pub const MAX_FIREWALL_ALARMS: u32 = 60;
+
 /// Links one account may hold at once: a technician has one daemon; a stolen bundle must not
 /// take the descriptors every other peer needs.
 pub const MAX_LINKS_PER_ACCOUNT: usize = 8;
+
+/// A site answers a session request within milliseconds (a lookup in its agent table and a
+/// WireGuard key). One that has not answered after this long is not there: its link is dead
+/// although neither TCP end has noticed yet (a NAT or firewall on the way forgot it). The
+/// technician is told so, and the site's link is ended so that the site is listed offline
+/// until it reconnects.
+pub const SESSION_ANSWER: Duration = Duration::from_secs(5);
 
 /// The window of the per-link rate limits.
 pub const RATE_WINDOW: Duration = Duration::from_secs(60);
@@ -207,6 +221,11 @@ struct Link<H> {
     last_list: Option<Instant>,
     /// Requests in the current rate window: (window start, count).
     requests: (Instant, u32),
+    /// A site's firewall reports in the current rate window: (window start, count).
+    alarms: (Instant, u32),
+    /// A site link that left a session request unanswered: it is being ended, and takes no
+    /// more requests.
+    suspect: bool,
 }
 
 impl<H> Link<H> {
@@ -217,6 +236,16 @@ impl<H> Link<H> {
         }
         self.requests.1 += 1;
         self.requests.1 <= max
+    }
+
+    /// Counts one firewall report; `false` once more than [`MAX_FIREWALL_ALARMS`] arrived
+    /// within [`RATE_WINDOW`].
+    fn alarm_within_rate(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.alarms.0) >= RATE_WINDOW {
+            self.alarms = (now, 0);
+        }
+        self.alarms.1 += 1;
+        self.alarms.1 <= MAX_FIREWALL_ALARMS
     }
 }
 
@@ -255,6 +284,9 @@ pub struct Hub<H> {
     /// Technician links owed an inventory update, and since when.
     dirty: BTreeSet<LinkId>,
     dirty_since: Option<Instant>,
+    /// Session requests sent to sites and not yet answered: (deadline, session, agent). An
+    /// entry whose agent was answered or closed meanwhile is skipped when it comes due.
+    awaiting: BTreeSet<(Instant, u32, String)>,
     /// Sites heard from since the last flush.
     seen: BTreeSet<String>,
     seen_flushed: Option<Instant>,
@@ -305,6 +337,7 @@ impl<H: Clone> Hub<H> {
             refusals: Refusals::default(),
             dirty: BTreeSet::new(),
             dirty_since: None,
+            awaiting: BTreeSet::new(),
             seen: BTreeSet::new(),
             seen_flushed: None,
             now,
@@ -414,6 +447,8 @@ impl<H: Clone> Hub<H> {
                 domain: None,
                 last_list: None,
                 requests: (now, 0),
+                alarms: (now, 0),
+                suspect: false,
             },
         );
         Some(auth)
@@ -524,6 +559,33 @@ impl<H: Clone> Hub<H> {
                     return out;
                 }
                 self.site_agents(registry, link, &name, &agents, now, &mut out);
+            }
+            (PeerAuth::Site(name), GatewayEvent::FirewallRestored(change)) => {
+                if !self
+                    .links
+                    .get_mut(&link)
+                    .is_some_and(|l| l.alarm_within_rate(now))
+                {
+                    out.push(Command::Close {
+                        link,
+                        code: ErrorCode::Protocol,
+                        text: format!(
+                            "more than {MAX_FIREWALL_ALARMS} firewall reports within {} s",
+                            RATE_WINDOW.as_secs()
+                        ),
+                    });
+                    return out;
+                }
+                warn!(site = %name, change = change.describe(), "site restored its firewall");
+                let rec = AuditRecord::new(
+                    Actor::Site(name.clone()),
+                    site_object(&name),
+                    "site firewall restored",
+                    format!("site {name}: {}", change.describe()),
+                );
+                if let Err(e) = registry.record(&[rec]) {
+                    self.fail_closed(link, &e, &mut out);
+                }
             }
             (
                 PeerAuth::Technician(account),
@@ -897,6 +959,9 @@ impl<H: Clone> Hub<H> {
                 format!("site {site} is offline or switched off"),
             );
         };
+        if site_l.suspect {
+            return refuse(registry, out, no_answer(site));
+        }
         let tunnel_ip = client.account.as_ref().map(|a| a.tunnel_ip);
         let (ch, sh) = (client.handle.clone(), site_l.handle.clone());
         let gsid = match self.relay.request(
@@ -931,6 +996,77 @@ impl<H: Clone> Hub<H> {
                 tunnel_ip,
             }),
         });
+        self.awaiting
+            .insert((now + SESSION_ANSWER, gsid, agent.to_owned()));
+    }
+
+    /// Requests due at `now` that their site left unanswered: each is refused, and the site's
+    /// link is ended as suspect (with every session on it).
+    fn unanswered(&mut self, registry: &mut dyn Registry, now: Instant, out: &mut Vec<Command>) {
+        let mut suspects = BTreeSet::new();
+        while let Some((due, _, _)) = self.awaiting.first()
+            && *due <= now
+        {
+            let Some((_, gsid, agent)) = self.awaiting.pop_first() else {
+                break;
+            };
+            let Some(s) = self
+                .relay
+                .get(gsid)
+                .filter(|s| s.pending.contains(&agent))
+                .cloned()
+            else {
+                continue;
+            };
+            let reason = no_answer(&s.site);
+            warn!(session = gsid, site = %s.site, %agent, account = %s.account, "the site did not answer a session request in time");
+            let rec = AuditRecord::new(
+                Actor::Account(s.account.clone()),
+                site_object(&s.site),
+                "session refused",
+                format!(
+                    "{} asked for {}/{agent}: the site did not answer within {} s",
+                    s.account,
+                    s.site,
+                    SESSION_ANSWER.as_secs()
+                ),
+            );
+            if let Err(e) = registry.record(&[rec]) {
+                warn!(error = %e, "could not record a refusal");
+            }
+            out.push(refused(s.client_link, s.client_sid, &reason));
+            if let Some(AgentClosed::SessionEnded(e)) = self.relay.close_agent(gsid, &agent) {
+                self.record_ended(registry, &e, &reason);
+            }
+            suspects.insert((s.site_link, s.site));
+        }
+        for (link, site) in suspects {
+            let Some(l) = self.links.get_mut(&link).filter(|l| !l.suspect) else {
+                continue;
+            };
+            l.suspect = true;
+            let rec = AuditRecord::new(
+                Actor::Site(site.clone()),
+                site_object(&site),
+                "site link suspect",
+                format!(
+                    "site {site} did not answer a session request within {} s; its link is ended",
+                    SESSION_ANSWER.as_secs()
+                ),
+            );
+            if let Err(e) = registry.record(&[rec]) {
+                warn!(error = %e, "could not record a suspect site link");
+            }
+            self.end_sessions_of(registry, link, &no_answer(&site), Some(link), out);
+            out.push(Command::Close {
+                link,
+                code: ErrorCode::Protocol,
+                text: format!(
+                    "no answer to a session request within {} s",
+                    SESSION_ANSWER.as_secs()
+                ),
+            });
+        }
     }
 
     /// Whether `account` may reach `site/agent` now, per the registry.
@@ -1384,6 +1520,10 @@ impl<H: Clone> Hub<H> {
                         }
                         None
                     }
+                    Ok(Some(a)) if !a.closed => Some((
+                        ErrorCode::AccountClosed,
+                        "your certificate was replaced: import the new bundle",
+                    )),
                     Ok(_) => Some((ErrorCode::AccountClosed, "your account was closed")),
                     Err(e) => {
                         warn!(error = %e, "cannot re-check an account");
@@ -1450,6 +1590,7 @@ impl<H: Clone> Hub<H> {
         let expiry = self.links.values().filter_map(|l| l.expires).min();
         [
             self.refusals.deadline(),
+            self.awaiting.first().map(|(t, _, _)| *t),
             self.dirty_since.map(|t| t + INVENTORY_COALESCE),
             self.seen_flushed.map(|t| t + SEEN_FLUSH),
             expiry,
@@ -1460,10 +1601,12 @@ impl<H: Clone> Hub<H> {
     }
 
     /// Flushes what is due: aggregated refusals, coalesced inventory updates, last-seen
-    /// times; ends links whose certificate expired.
+    /// times; refuses session requests their site left unanswered for [`SESSION_ANSWER`] and
+    /// ends that site's link; ends links whose certificate expired.
     pub fn handle_timeout(&mut self, registry: &mut dyn Registry, now: Instant) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
+        self.unanswered(registry, now, &mut out);
         let records = self.refusals.flush(now);
         if !records.is_empty()
             && let Err(e) = registry.record(&records)
@@ -1537,6 +1680,11 @@ impl<H: Clone> Hub<H> {
             let _ = registry.sites_seen(&seen);
         }
     }
+}
+
+/// What a technician reads when the site did not answer.
+fn no_answer(site: &str) -> String {
+    format!("{site} does not answer; its connection to the gateway may be broken")
 }
 
 fn refused(link: LinkId, session: u32, reason: &str) -> Command {

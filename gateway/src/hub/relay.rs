@@ -265,6 +265,20 @@ impl<H> Relay<H> {
             .collect()
     }
 
+    /// Client → site and site → client counters of a session (zero if unknown).
+    pub fn counters(&self, gsid: u32) -> (Counters, Counters) {
+        let Some(s) = self.sessions.get(&gsid) else {
+            return Default::default();
+        };
+        let of = |key| {
+            self.routes
+                .get(&key)
+                .map(|e| e.counters)
+                .unwrap_or_default()
+        };
+        (of((s.client_link, s.client_sid)), of((s.site_link, gsid)))
+    }
+
     pub fn all(&self) -> impl Iterator<Item = (&u32, &Session)> {
         self.sessions.iter()
     }

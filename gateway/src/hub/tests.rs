@@ -435,6 +435,39 @@ fn withdrawing_a_grant_ends_the_session_and_account_close_the_link() {
     );
 }
 
+/// A re-issued bundle (portal) revokes the old certificate: the old bundle's link ends with
+/// its session, and says why.
+#[test]
+fn a_reissued_certificate_ends_the_old_bundles_link() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    w.store
+        .reissue_account(&Actor::System, "alice", &[0xa2], 30)
+        .expect("reissue");
+    let cmds = w.hub.handle_admin_change(&mut w.store, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 1,
+                code: ErrorCode::AccountClosed,
+                text,
+            } if text.contains("replaced")
+        )),
+        "{cmds:?}"
+    );
+    assert!(cmds.iter().any(|c| matches!(c, Command::Send { link: 2, message } if matches!(&**message, Message::SessionClose { .. }))), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 0);
+}
+
 /// A site whose old link is replaced stays online when the old link finally ends.
 #[test]
 fn a_replaced_site_link_does_not_take_the_site_offline() {
@@ -492,6 +525,70 @@ fn inventory_updates_only_for_concerned_technicians() {
         .map(Command::link)
         .collect();
     assert_eq!(to, [1], "alice sees plant-a, bob has no grant");
+}
+
+#[test]
+fn an_admin_sees_live_sessions_with_their_bytes() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let _ = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    let _ = w.hub.route(1, 5, 100);
+    let _ = w.hub.route(2, gsid, 40);
+    let live = w.hub.live_sessions(w.now + Duration::from_secs(7));
+    assert_eq!(
+        live,
+        vec![LiveSession {
+            id: gsid,
+            account: "alice".into(),
+            site: "plant-a".into(),
+            agents: vec!["plc".into()],
+            age: Duration::from_secs(7),
+            up: 100,
+            down: 40,
+        }]
+    );
+    assert_eq!(w.hub.session_site(gsid), Some("plant-a"));
+}
+
+#[test]
+fn an_admin_ends_a_session_at_both_ends_and_it_is_recorded() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let actor = Actor::Admin("root".into());
+    let cmds = w
+        .hub
+        .handle_end_session(&mut w.store, gsid, &actor, w.now)
+        .expect("ended");
+    let told: Vec<LinkId> = cmds
+        .iter()
+        .filter(|c| matches!(c, Command::Send { message, .. } if matches!(&**message, Message::SessionClose { .. })))
+        .map(Command::link)
+        .collect();
+    assert_eq!(told, vec![1, 2], "client and site are told: {cmds:?}");
+    assert!(w.hub.live_sessions(w.now).is_empty());
+    let ev = w.events();
+    assert!(
+        ev.iter().any(
+            |e| e == "session ended by admin | session of alice to plant-a ended by admin:root"
+        ),
+        "{ev:#?}"
+    );
+    assert!(
+        ev.iter().any(|e| e.starts_with("session closed")),
+        "{ev:#?}"
+    );
+    assert_eq!(
+        w.hub.handle_end_session(&mut w.store, gsid, &actor, w.now),
+        Err(EndSessionError::NotOpen(gsid)),
+        "ending it twice is refused"
+    );
 }
 
 /// A technician asking for its inventory in a loop gets one answer, then one coalesced update.
@@ -600,4 +697,120 @@ fn an_inventory_always_fits_one_message() {
         json.len()
     );
     assert!(sites.len() >= 6 && sites.len() < 12, "{}", sites.len());
+}
+
+/// A site that restored its firewall table leaves an audit record; a flood of such reports
+/// ends its link.
+#[test]
+fn firewall_restorations_are_audited_and_bounded() {
+    let mut w = World::new();
+    w.site_online(2, vec![plc()]);
+    let cmds = w.event(
+        2,
+        GatewayEvent::FirewallRestored(pinhole_proto::FirewallChange::Removed),
+    );
+    assert!(
+        !cmds.iter().any(|c| matches!(c, Command::Close { .. })),
+        "{cmds:?}"
+    );
+    assert!(
+        w.events()
+            .iter()
+            .any(|e| e.contains("site firewall restored")),
+        "{:?}",
+        w.events()
+    );
+    let mut closed = false;
+    for _ in 0..MAX_FIREWALL_ALARMS {
+        let cmds = w.event(
+            2,
+            GatewayEvent::FirewallRestored(pinhole_proto::FirewallChange::Changed),
+        );
+        closed = cmds
+            .iter()
+            .any(|c| matches!(c, Command::Close { link: 2, .. }));
+    }
+    assert!(closed);
+}
+
+#[test]
+fn a_session_request_the_site_leaves_unanswered_is_refused_and_the_site_link_ended() {
+    let mut w = World::new();
+    let gsid = w.open();
+    // The request is due an answer within SESSION_ANSWER: the hub wants to be woken then.
+    let due = w.now + SESSION_ANSWER;
+    assert!(w.hub.poll_timeout().is_some_and(|t| t <= due));
+    let early = w
+        .hub
+        .handle_timeout(&mut w.store, due - Duration::from_millis(1));
+    assert!(early.iter().all(|c| c.link() != 1), "{early:?}");
+    let cmds = w.hub.handle_timeout(&mut w.store, due);
+    let refusal = cmds.iter().find_map(|c| match c {
+        Command::Send { link: 1, message } => match &**message {
+            Message::SessionRefused { session: 5, reason } => Some(reason.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
+    assert_eq!(
+        refusal.as_deref(),
+        Some("plant-a does not answer; its connection to the gateway may be broken"),
+        "{cmds:?}"
+    );
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::Close { link: 2, .. })),
+        "the suspect site link is ended: {cmds:?}"
+    );
+    assert_eq!(w.hub.sessions(), 0, "session {gsid} is gone");
+    // Until its link is gone, the suspect site takes no more requests.
+    let again = w.event(
+        1,
+        GatewayEvent::SessionOpen {
+            session: 6,
+            site: "plant-a".into(),
+            agent: "plc".into(),
+            key: "c1".repeat(32),
+        },
+    );
+    assert!(again.iter().all(|c| c.link() != 2), "{again:?}");
+    assert!(
+        again.iter().any(|c| matches!(c, Command::Send { link: 1, message }
+            if matches!(&**message, Message::SessionRefused { reason, .. } if reason.contains("does not answer")))),
+        "{again:?}"
+    );
+    let events = w.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("site link suspect | site plant-a did not answer")),
+        "{events:?}"
+    );
+    // The I/O layer closes the link: plant-a goes offline.
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 2, &CloseReason::Local, due);
+    assert!(!w.hub.site_online("plant-a"));
+}
+
+#[test]
+fn an_answered_request_sets_off_nothing_when_its_deadline_passes() {
+    let mut w = World::new();
+    let gsid = w.open();
+    let cmds = w.event(
+        2,
+        GatewayEvent::SessionOpened {
+            session: gsid,
+            key: "5e".repeat(32),
+            agent: plc(),
+        },
+    );
+    assert!(!cmds.is_empty());
+    let cmds = w.hub.handle_timeout(&mut w.store, w.now + SESSION_ANSWER);
+    assert!(
+        cmds.iter()
+            .all(|c| !matches!(c, Command::Close { .. }) && c.link() != 1),
+        "{cmds:?}"
+    );
+    assert_eq!(w.hub.sessions(), 1);
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pinhole_site::proxy::{self, Auth, Credentials, Proxy, ProxyError};
+use pinhole_shell::proxy::{self, Auth, Credentials, Proxy, ProxyError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const USER: &str = "alice";

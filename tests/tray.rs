@@ -1,0 +1,665 @@
+//! `pinhole tray` against a real system: gateway, sites and the technician's `pinholed` in
+//! network namespaces (tests/common/netns.rs), and a private D-Bus session bus started here
+//! (`dbus-daemon`) on which the test plays the desktop — a StatusNotifierWatcher, a
+//! notification server and the file chooser portal, each a small zbus service. The test reads
+//! the tray's menu over `com.canonical.dbusmenu` and clicks items as a panel does (`Event`
+//! "clicked"); passwords come from a scripted pinentry speaking Assuan. Root only.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::netns::System;
+use common::{Proc, bin, wait_until};
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+
+const T: Duration = Duration::from_secs(20);
+
+/// What the desktop stand-ins saw.
+#[derive(Debug, Default)]
+struct Desktop {
+    items: Vec<String>,
+    notifications: Vec<(String, String)>,
+    /// What the file chooser hands out.
+    file: Option<PathBuf>,
+    opened: usize,
+}
+
+type Shared = Arc<Mutex<Desktop>>;
+
+fn lock(d: &Shared) -> std::sync::MutexGuard<'_, Desktop> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Watcher(Shared);
+
+#[zbus::interface(name = "org.kde.StatusNotifierWatcher")]
+impl Watcher {
+    fn register_status_notifier_item(
+        &self,
+        service: &str,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+    ) {
+        // ksni passes its well-known name; a bare path would mean "the sender, at this path".
+        let name = if service.starts_with('/') {
+            hdr.sender().map(|s| s.to_string()).unwrap_or_default()
+        } else {
+            service.to_owned()
+        };
+        lock(&self.0).items.push(name);
+    }
+
+    fn register_status_notifier_host(&self, _service: &str) {}
+
+    #[zbus(property)]
+    fn registered_status_notifier_items(&self) -> Vec<String> {
+        lock(&self.0).items.clone()
+    }
+
+    #[zbus(property)]
+    fn is_status_notifier_host_registered(&self) -> bool {
+        true
+    }
+
+    #[zbus(property)]
+    fn protocol_version(&self) -> i32 {
+        0
+    }
+}
+
+struct Notifications(Shared);
+
+#[zbus::interface(name = "org.freedesktop.Notifications")]
+impl Notifications {
+    #[allow(clippy::too_many_arguments)]
+    fn notify(
+        &self,
+        _app_name: &str,
+        _replaces_id: u32,
+        _app_icon: &str,
+        summary: &str,
+        body: &str,
+        _actions: Vec<String>,
+        _hints: HashMap<String, OwnedValue>,
+        _expire_timeout: i32,
+    ) -> u32 {
+        let mut d = lock(&self.0);
+        d.notifications.push((summary.to_owned(), body.to_owned()));
+        d.notifications.len() as u32
+    }
+
+    fn get_capabilities(&self) -> Vec<String> {
+        vec!["body".into()]
+    }
+
+    fn get_server_information(&self) -> (String, String, String, String) {
+        (
+            "stand-in".into(),
+            "pinhole tests".into(),
+            "1".into(),
+            "1.2".into(),
+        )
+    }
+}
+
+struct FileChooser(Shared);
+
+#[zbus::interface(name = "org.freedesktop.portal.FileChooser")]
+impl FileChooser {
+    async fn open_file(
+        &self,
+        _parent_window: &str,
+        _title: &str,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(header)] hdr: zbus::message::Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        let token = options
+            .get("handle_token")
+            .and_then(|v| String::try_from(v.clone()).ok())
+            .unwrap_or_else(|| "t".into());
+        let sender = hdr
+            .sender()
+            .map(|s| s.trim_start_matches(':').replace('.', "_"))
+            .unwrap_or_default();
+        let path = format!("/org/freedesktop/portal/desktop/request/{sender}/{token}");
+        let file = {
+            let mut d = lock(&self.0);
+            d.opened += 1;
+            d.file.clone()
+        };
+        let handle = OwnedObjectPath::try_from(path.clone())
+            .map_err(|e| zbus::fdo::Error::Failed(e.to_string()))?;
+        let conn = conn.clone();
+        // The answer comes as a signal after the method returns, as the real portal's does.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let (code, results) = match file {
+                Some(f) => {
+                    let mut r: HashMap<&str, Value<'_>> = HashMap::new();
+                    r.insert("uris", Value::from(vec![format!("file://{}", f.display())]));
+                    (0u32, r)
+                }
+                None => (1u32, HashMap::new()),
+            };
+            let _ = conn
+                .emit_signal(
+                    None::<&str>,
+                    path.as_str(),
+                    "org.freedesktop.portal.Request",
+                    "Response",
+                    &(code, results),
+                )
+                .await;
+        });
+        Ok(handle)
+    }
+}
+
+/// A private session bus: no service files, so nothing of this machine's desktop is activated.
+struct Bus {
+    proc: std::process::Child,
+    address: String,
+}
+
+impl Bus {
+    fn start(dir: &Path) -> Self {
+        let conf = dir.join("session.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+                dir.join("bus").display()
+            ),
+        )
+        .expect("session.conf");
+        let mut proc = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--nopidfile", "--print-address"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("dbus-daemon (apt-get install dbus-daemon)");
+        let mut address = String::new();
+        BufReader::new(proc.stdout.take().expect("stdout"))
+            .read_line(&mut address)
+            .expect("bus address");
+        assert!(address.starts_with("unix:"), "{address:?}");
+        Self {
+            proc,
+            address: address.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for Bus {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+/// A dbusmenu layout node on the wire: id, properties, children (each a variant of the same).
+type Layout = (i32, HashMap<String, OwnedValue>, Vec<OwnedValue>);
+
+/// One node of a dbusmenu layout.
+#[derive(Debug, Clone)]
+struct Node {
+    id: i32,
+    label: String,
+    enabled: bool,
+    checkmark: bool,
+    checked: bool,
+    children: Vec<Node>,
+}
+
+impl Node {
+    fn parse(v: &Value<'_>) -> Node {
+        let v = match v {
+            Value::Value(inner) => inner,
+            other => other,
+        };
+        let Value::Structure(s) = v else {
+            panic!("a layout node is a structure: {v:?}")
+        };
+        let f = s.fields();
+        let Value::I32(id) = f[0] else {
+            panic!("id {:?}", f[0])
+        };
+        let props: HashMap<String, OwnedValue> =
+            HashMap::try_from(f[1].try_clone().expect("props")).expect("props");
+        let children = match &f[2] {
+            Value::Array(a) => a.iter().map(Node::parse).collect(),
+            other => panic!("children {other:?}"),
+        };
+        let text = |k: &str| {
+            props
+                .get(k)
+                .and_then(|v| String::try_from(v.clone()).ok())
+                .unwrap_or_default()
+        };
+        Node {
+            id,
+            label: text("label").replace("__", "_"),
+            enabled: props
+                .get("enabled")
+                .and_then(|v| bool::try_from(v.clone()).ok())
+                .unwrap_or(true),
+            checkmark: text("toggle-type") == "checkmark",
+            checked: props
+                .get("toggle-state")
+                .and_then(|v| i32::try_from(v.clone()).ok())
+                == Some(1),
+            children,
+        }
+    }
+
+    fn find(&self, f: &dyn Fn(&Node) -> bool) -> Option<&Node> {
+        if f(self) {
+            return Some(self);
+        }
+        self.children.iter().find_map(|c| c.find(f))
+    }
+
+    fn labels(&self) -> Vec<String> {
+        let mut out = vec![self.label.clone()];
+        for c in &self.children {
+            out.extend(c.labels().into_iter().map(|l| format!("  {l}")));
+        }
+        out
+    }
+}
+
+/// The test's side of the bus: the desktop stand-ins and a way to read and click the menu.
+struct Host {
+    rt: tokio::runtime::Runtime,
+    conn: zbus::Connection,
+    desk: Shared,
+}
+
+impl Host {
+    /// The watcher and the notification server, and the file chooser portal if `portal`.
+    fn start(address: &str, portal: bool) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let desk: Shared = Arc::default();
+        let conn = rt.block_on(async {
+            let mut b = zbus::connection::Builder::address(address)
+                .expect("address")
+                .name("org.kde.StatusNotifierWatcher")
+                .expect("name")
+                .name("org.freedesktop.Notifications")
+                .expect("name")
+                .serve_at("/StatusNotifierWatcher", Watcher(desk.clone()))
+                .expect("watcher")
+                .serve_at(
+                    "/org/freedesktop/Notifications",
+                    Notifications(desk.clone()),
+                )
+                .expect("notifications");
+            if portal {
+                b = b
+                    .name("org.freedesktop.portal.Desktop")
+                    .expect("name")
+                    .serve_at("/org/freedesktop/portal/desktop", FileChooser(desk.clone()))
+                    .expect("portal");
+            }
+            b.build().await.expect("connect to the test bus")
+        });
+        Self { rt, conn, desk }
+    }
+
+    fn item(&self) -> Option<String> {
+        lock(&self.desk).items.first().cloned()
+    }
+
+    fn call<B>(&self, iface: &str, path: &str, method: &str, body: &B) -> zbus::Message
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        let dest = self.item().expect("a registered item");
+        self.rt
+            .block_on(
+                self.conn
+                    .call_method(Some(dest.as_str()), path, Some(iface), method, body),
+            )
+            .unwrap_or_else(|e| panic!("{iface}.{method}: {e}"))
+    }
+
+    fn property(&self, name: &str) -> OwnedValue {
+        let m = self.call(
+            "org.freedesktop.DBus.Properties",
+            "/StatusNotifierItem",
+            "Get",
+            &("org.kde.StatusNotifierItem", name),
+        );
+        m.body().deserialize::<OwnedValue>().expect("property")
+    }
+
+    fn text_property(&self, name: &str) -> String {
+        String::try_from(self.property(name)).expect("a string")
+    }
+
+    fn menu_path(&self) -> String {
+        OwnedObjectPath::try_from(self.property("Menu"))
+            .expect("an object path")
+            .to_string()
+    }
+
+    fn layout(&self) -> Node {
+        let path = self.menu_path();
+        let m = self.call(
+            "com.canonical.dbusmenu",
+            &path,
+            "GetLayout",
+            &(0i32, -1i32, Vec::<&str>::new()),
+        );
+        let (_rev, (id, _props, children)): (u32, Layout) = m.body().deserialize().expect("layout");
+        Node {
+            id,
+            label: String::new(),
+            enabled: true,
+            checkmark: false,
+            checked: false,
+            children: children.iter().map(|c| Node::parse(c)).collect(),
+        }
+    }
+
+    /// Waits for an item whose label starts with `label`, and clicks it.
+    fn click(&self, label: &str) {
+        let mut node = None;
+        assert!(
+            wait_until(T, || {
+                node = self
+                    .layout()
+                    .find(&|n| n.label.starts_with(label) && n.enabled)
+                    .cloned();
+                node.is_some()
+            }),
+            "no enabled {label} in the menu:\n{}",
+            self.layout().labels().join("\n")
+        );
+        let id = node.expect("found").id;
+        let path = self.menu_path();
+        self.call(
+            "com.canonical.dbusmenu",
+            &path,
+            "Event",
+            &(id, "clicked", Value::from(0i32), 0u32),
+        );
+    }
+
+    fn wait_menu(&self, what: &str, f: impl Fn(&Node) -> bool) {
+        assert!(
+            wait_until(T, || f(&self.layout())),
+            "{what}; the menu:\n{}",
+            self.layout().labels().join("\n")
+        );
+    }
+}
+
+/// A pinentry that answers every command OK and GETPIN with the first line of `pw`, and logs
+/// the commands it got (without the password) to `log`.
+fn pinentry(dir: &Path, pw: &Path) -> (PathBuf, PathBuf) {
+    let script = dir.join("pinentry");
+    let log = dir.join("pinentry.log");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho 'OK Pleased to meet you'\nwhile IFS= read -r line; do\n  echo \"$line\" >> '{log}'\n  case \"$line\" in\n    GETPIN) printf 'D %s\\nOK\\n' \"$(head -n1 '{pw}')\" ;;\n    BYE) echo 'OK closing connection'; exit 0 ;;\n    *) echo OK ;;\n  esac\ndone\n",
+            log = log.display(),
+            pw = pw.display()
+        ),
+    )
+    .expect("pinentry");
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()
+        .expect("chmod");
+    (script, log)
+}
+
+/// `pinhole tray` on `bus`, for the daemon at `socket`, with its own home under `dir`.
+fn tray(dir: &Path, bus: &Bus, socket: &Path, pinentry: &Path) -> Proc {
+    let home = dir.join("home");
+    Proc::spawn(
+        Command::new(bin("pinhole"))
+            .arg("tray")
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env("PINHOLE_SOCKET", socket)
+            .env("PINHOLE_PINENTRY", pinentry)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_STATE_HOME", home.join("state"))
+            .env("RUST_LOG", "info"),
+        dir.join("tray.log"),
+    )
+}
+
+/// No root: a daemon without a bundle, a desktop without a file chooser portal.
+#[test]
+fn without_a_portal_the_tray_says_how_to_import() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bus = Bus::start(dir.path());
+    let host = Host::start(&bus.address, false);
+    // Before the daemon runs: the tray says so, and offers nothing but the log.
+    let socket = dir.path().join("t.sock");
+    let mut tray = tray(
+        dir.path(),
+        &bus,
+        &socket,
+        Path::new("/nonexistent/pinentry"),
+    );
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "the tray did not register: {}",
+        tray.log_text()
+    );
+    host.wait_menu("the daemon is not running", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Pinhole is not available")
+            && m.children
+                .get(1)
+                .is_some_and(|n| n.label.starts_with("pinholed is not running"))
+    });
+    assert_eq!(host.text_property("IconName"), "pinhole-attention");
+    let client = common::Client::start(dir.path(), "t");
+    assert_eq!(client.socket, socket);
+    host.wait_menu("no certificate yet", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "No certificate imported")
+            && m.find(&|n| n.label == "Log in…")
+                .is_some_and(|n| !n.enabled)
+    });
+    host.click("Import certificate");
+    assert!(
+        wait_until(T, || !lock(&host.desk).notifications.is_empty()),
+        "{}",
+        tray.log_text()
+    );
+    let (summary, body) = lock(&host.desk).notifications[0].clone();
+    assert_eq!(summary, "Pinhole: no file chooser");
+    assert!(body.contains("pinhole import FILE.p12"), "{body}");
+    host.click("Quit");
+    assert!(wait_until(T, || tray.exited().is_some()));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn the_tray_imports_logs_in_connects_and_tells_when_the_gateway_ends_a_session() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = System::start(dir.path());
+    let alice = sys.technician("tech", "alice", "acme");
+    // The tray starts from nothing: logged out, the bundle to be imported through its menu.
+    alice.ok(&["logout"]);
+    let bus = Bus::start(dir.path());
+    let host = Host::start(&bus.address, true);
+    lock(&host.desk).file = Some(dir.path().join("alice.p12"));
+    let (pinentry, pinentry_log) = pinentry(dir.path(), &alice.pw);
+    let home = dir.path().join("home");
+    let mut tray = tray(dir.path(), &bus, &alice.socket, &pinentry);
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "the tray did not register with the watcher: {}",
+        tray.log_text()
+    );
+    assert_eq!(host.text_property("Title"), "Pinhole");
+    assert_eq!(host.text_property("IconName"), "pinhole");
+    host.wait_menu("the status line says logged out", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Logged out (alice)")
+    });
+
+    // Import through the file chooser portal and pinentry.
+    host.click("Import certificate");
+    assert!(
+        wait_until(T, || lock(&host.desk)
+            .notifications
+            .iter()
+            .any(|(s, _)| s == "Pinhole: certificate imported")),
+        "{:?}\n{}",
+        lock(&host.desk).notifications,
+        tray.log_text()
+    );
+    assert_eq!(lock(&host.desk).opened, 1);
+
+    // Log in through pinentry.
+    host.click("Log in");
+    host.wait_menu("logged in", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Logged in as alice at 10.9.2.2:443")
+    });
+    let asked = std::fs::read_to_string(&pinentry_log).unwrap_or_default();
+    assert!(asked.contains("GETPIN"), "{asked}");
+    assert!(
+        asked.contains("SETDESC Log in to your Pinhole gateway as alice."),
+        "{asked}"
+    );
+    assert!(
+        !asked.contains("pw-alice"),
+        "the password is no command: {asked}"
+    );
+
+    // The sites and their devices; click one: the daemon connects it.
+    host.wait_menu("plant-a and its devices", |m| {
+        m.find(&|n| n.label == "plant-a").is_some_and(|s| {
+            s.children
+                .iter()
+                .any(|d| d.label.starts_with("press-4-plc") && d.checkmark && !d.checked)
+        })
+    });
+    assert!(
+        host.layout()
+            .find(&|n| n.label.starts_with("plant-b"))
+            .is_none(),
+        "alice sees only her grants"
+    );
+    host.click("press-4-plc");
+    assert!(
+        wait_until(T, || alice.status()["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|v| v["agent"] == "press-4-plc"))),
+        "not connected: {}\n{}",
+        alice.status(),
+        tray.log_text()
+    );
+    host.wait_menu("the device is checked", |m| {
+        m.find(&|n| n.label.starts_with("press-4-plc"))
+            .is_some_and(|n| n.checked)
+    });
+    assert!(
+        wait_until(T, || host.text_property("IconName") == "pinhole-connected"),
+        "icon {}",
+        host.text_property("IconName")
+    );
+    assert_eq!(sys.lab.tcp_check("tech", "192.168.0.10", 1000, 5.0), "OK");
+
+    // Clicking it again disconnects: no notification, the technician did it.
+    host.click("press-4-plc");
+    assert!(
+        wait_until(T, || alice.status()["sessions"]
+            .as_array()
+            .is_some_and(Vec::is_empty)),
+        "{}",
+        alice.status()
+    );
+    assert!(wait_until(T, || host.text_property("IconName") == "pinhole"));
+
+    // Log out and in again through the menu.
+    host.click("Log out");
+    host.wait_menu("logged out", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Logged out (alice)")
+    });
+    assert_eq!(alice.status()["state"], "logged-out");
+    host.click("Log in");
+    host.click("press-4-plc");
+    assert!(wait_until(T, || alice.status()["sessions"]
+        .as_array()
+        .is_some_and(|s| s.len() == 1)));
+    let before = lock(&host.desk).notifications.len();
+
+    // The administrator closes the account: the session ends, and the tray says why.
+    sys.gateway(&["account", "close", "alice"]);
+    assert!(
+        wait_until(T, || lock(&host.desk).notifications.len() > before),
+        "no notification; tray log:\n{}",
+        tray.log_text()
+    );
+    let notes = lock(&host.desk).notifications.clone();
+    let (summary, body) = &notes[before];
+    assert_eq!(
+        summary, "Pinhole: plant-a/press-4-plc disconnected",
+        "{notes:?}"
+    );
+    assert!(body.contains("account was closed"), "{body}");
+    assert_eq!(
+        notes.len(),
+        before + 1,
+        "one notification for one ended session: {notes:?}"
+    );
+    host.wait_menu("the status line tells the failure", |m| {
+        m.children
+            .first()
+            .is_some_and(|n| n.label == "Logged out (alice): login failed")
+    });
+    assert_eq!(host.text_property("IconName"), "pinhole-attention");
+
+    // The tray kept its log where "Open log" finds it.
+    let log = std::fs::read_to_string(home.join("state/pinhole/tray.log")).unwrap_or_default();
+    assert!(log.contains("account was closed"), "{log}");
+    assert!(!log.contains("pw-alice"), "no password in the log");
+
+    host.click("Quit");
+    assert!(
+        wait_until(T, || tray.exited().is_some()),
+        "the tray did not quit"
+    );
+    drop(bus);
+}
