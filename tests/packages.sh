@@ -260,6 +260,10 @@ wait_for() { # SECONDS DESCRIPTION COMMAND...
     local n=$(($1 * 5)) what=$2
     shift 2
     for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+    for u in pinhole-gateway pinhole-site pinholed; do
+        echo "--- journal of $u (last lines)" >&2
+        ct journalctl --no-pager -u "$u" 2>&1 | tail -n 12 >&2 || true
+    done
     fail "timed out: $what"
 }
 
