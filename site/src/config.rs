@@ -317,7 +317,9 @@ impl Config {
 
         let proxy = raw
             .proxy
-            .map(|p| pinhole_shell::proxy::Proxy::from_setting(&p.url, p.auth, p.credentials.as_deref()))
+            .map(|p| {
+                pinhole_shell::proxy::Proxy::from_setting(&p.url, p.auth, p.credentials.as_deref())
+            })
             .transpose()
             .map_err(|e| bad("proxy".into(), "…", e.to_string()))?;
 
