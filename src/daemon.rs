@@ -79,6 +79,8 @@ fn peer_allowed(uid: u32, gid: u32) -> bool {
 
 struct Daemon {
     adapter: crate::plane::AdapterConfig,
+    /// The HTTP proxy the link goes through, if any.
+    proxy: Option<pinhole_shell::proxy::Proxy>,
     bundle_path: PathBuf,
     status: Arc<Mutex<Status>>,
     inventory: Arc<Mutex<Vec<SiteView>>>,
@@ -264,6 +266,7 @@ impl Daemon {
                 let (first_tx, first_rx) = oneshot::channel();
                 let handle = tokio::spawn(link::run(
                     self.adapter.clone(),
+                    self.proxy.clone(),
                     bundle,
                     last_gateway,
                     self.status.clone(),
@@ -426,6 +429,7 @@ pub async fn run(
     state: &Path,
     socket: &Path,
     adapter: crate::plane::AdapterConfig,
+    proxy: Option<pinhole_shell::proxy::Proxy>,
 ) -> anyhow::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -440,6 +444,7 @@ pub async fn run(
     }
     let daemon = Arc::new(Daemon {
         adapter,
+        proxy,
         bundle_path,
         status: Arc::new(Mutex::new(initial)),
         inventory: Arc::new(Mutex::new(Vec::new())),

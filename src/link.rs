@@ -81,8 +81,19 @@ async fn dial(
         Ok(d) => Ok((d.stream, d.address)),
         Err(DialError::Refused(r)) => Err(refused(&r)),
         Err(e @ DialError::Unreachable(_)) => Err(End::Retry(e.to_string())),
+        Err(e @ DialError::Intercepted { .. }) => Err(End::Fatal(e.to_string())),
+        // The proxy down or confused may pass; credentials or a scheme it wants will not.
+        Err(DialError::Proxy(
+            e @ (ProxyError::Connect { .. }
+            | ProxyError::Timeout { .. }
+            | ProxyError::Io(_)
+            | ProxyError::Malformed(_)),
+        )) => Err(End::Retry(e.to_string())),
+        Err(DialError::Proxy(e)) => Err(End::Fatal(e.to_string())),
     }
 }
+
+use pinhole_shell::proxy::ProxyError;
 
 fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
     f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
@@ -95,6 +106,7 @@ fn update(status: &Mutex<Status>, f: impl FnOnce(&mut Status)) {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     adapter: AdapterConfig,
+    proxy: Option<pinhole_shell::proxy::Proxy>,
     bundle: Bundle,
     last_gateway: Option<GatewayAddress>,
     status: Arc<Mutex<Status>>,
@@ -105,7 +117,7 @@ pub async fn run(
     let mut first = Some(first);
     let mut backoff = Backoff::new();
     let mut plane = Plane::new(&adapter);
-    let mut dialer = Dialer::new(bundle.gateway().addresses().to_vec());
+    let mut dialer = Dialer::new(bundle.gateway().addresses().to_vec()).through(proxy);
     if let Some(last) = last_gateway {
         dialer.prefer(last);
     }

@@ -16,6 +16,7 @@ fn quiet_sites(ports: &[u16]) -> Options {
     Options {
         site_heartbeat: None,
         gateway_ports: ports.to_vec(),
+        site_config: String::new(),
     }
 }
 

@@ -7,6 +7,11 @@
 //! each address gets [`CONNECT_TIMEOUT`] before the next is tried, and once one worked the next
 //! dial starts there instead of waiting on the blocked one again.
 //!
+//! Through a corporate proxy ([`Dialer::through`]) each address is reached by an HTTP CONNECT
+//! tunnel ([`crate::proxy`]) and the TLS runs inside it, pinned as on a direct connection. A
+//! proxy that answers the handshake with a certificate of its own (TLS inspection) is named as
+//! such ([`DialError::Intercepted`]) and never trusted.
+//!
 //! A handshake the gateway refused (a revoked or expired certificate, a key that does not match
 //! the pin) is not an unreachable gateway: the dial stops and says why in a [`Refused`], which
 //! the program turns into words for its user. Trying the other addresses would only repeat the
@@ -18,6 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::proxy::{self, Proxy, ProxyError};
 use pinhole_certs::tls::key_refused;
 use pinhole_certs::{GatewayAddress, KeyRefused};
 use rustls::AlertDescription;
@@ -35,6 +41,10 @@ pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
 /// after 1 s and 3 s, so 4 s gives three SYNs on a lossy uplink without a long wait before
 /// the next port.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Through a proxy, the CONNECT exchange (TCP to the proxy, the proxy's own connect to the
+/// gateway, an NTLM round trip) must finish this soon, or the next address is tried.
+pub const PROXY_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// The TLS handshake after the connect must finish this soon (one round trip and the
 /// certificate checks; the gateway itself gives a peer 5 s).
@@ -91,6 +101,8 @@ pub enum AttemptError {
     Handshake(io::Error),
     #[error("not a valid TLS server name")]
     Name,
+    #[error("{0}")]
+    Proxy(ProxyError),
 }
 
 /// One address tried, and why it failed.
@@ -115,6 +127,18 @@ pub enum DialError {
     /// Every address failed (timed out, refused the connection, broke the handshake).
     #[error("gateway unreachable (tried {})", list(.0))]
     Unreachable(Vec<Attempt>),
+    /// The proxy refused us whatever the address (unreachable, credentials, a scheme we do
+    /// not speak, not HTTP): the other addresses were not tried.
+    #[error("{0}")]
+    Proxy(ProxyError),
+    /// Through a proxy, the certificate that answered is not the gateway's: the proxy
+    /// inspects TLS with a certificate of its own. Nothing was sent.
+    #[error(
+        "the proxy {proxy} intercepts TLS: it answered with a certificate of its own instead of \
+         the gateway's ({key}); refused, nothing was sent. Ask the network's administrators to \
+         exempt the gateway from TLS inspection"
+    )]
+    Intercepted { proxy: String, key: KeyRefused },
 }
 
 fn list(attempts: &[Attempt]) -> String {
@@ -144,6 +168,13 @@ pub struct Dialer {
     addresses: Vec<GatewayAddress>,
     source: Option<IpAddr>,
     preferred: Option<GatewayAddress>,
+    proxy: Option<Proxy>,
+}
+
+/// Whether a proxy's refusal concerns this address only (it may allow the next port, or the
+/// next address may answer it in time), rather than us.
+fn per_address(e: &ProxyError) -> bool {
+    matches!(e, ProxyError::Refused { .. } | ProxyError::Timeout { .. })
 }
 
 fn server_name(addr: &GatewayAddress) -> Option<ServerName<'static>> {
@@ -160,7 +191,14 @@ impl Dialer {
             addresses,
             source: None,
             preferred: None,
+            proxy: None,
         }
+    }
+
+    /// Reaches the gateway through this HTTP proxy (CONNECT), or directly with `None`.
+    pub fn through(mut self, proxy: Option<Proxy>) -> Self {
+        self.proxy = proxy;
+        self
     }
 
     /// Connects from this local address (the bench tools stand for many peers on loopback).
@@ -211,6 +249,12 @@ impl Dialer {
                 }
                 Err(AttemptError::Handshake(e)) => {
                     if let Some(refused) = refusal(&e) {
+                        if let (Some(p), Refused::Key(key)) = (&self.proxy, &refused) {
+                            return Err(DialError::Intercepted {
+                                proxy: format!("{}:{}", p.host, p.port),
+                                key: key.clone(),
+                            });
+                        }
                         return Err(DialError::Refused(refused));
                     }
                     debug!(gateway = %address, error = %e, "TLS handshake failed");
@@ -218,6 +262,9 @@ impl Dialer {
                         address,
                         error: AttemptError::Handshake(e),
                     });
+                }
+                Err(AttemptError::Proxy(e)) if !per_address(&e) => {
+                    return Err(DialError::Proxy(e));
                 }
                 Err(error) => {
                     debug!(gateway = %address, %error, "gateway address failed");
@@ -234,10 +281,19 @@ impl Dialer {
         address: &GatewayAddress,
     ) -> Result<Stream, AttemptError> {
         let name = server_name(address).ok_or(AttemptError::Name)?;
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(address))
+        let tcp = match &self.proxy {
+            Some(p) => proxy::connect(
+                p,
+                &format!("{}:{}", address.host(), address.port()),
+                PROXY_TIMEOUT,
+            )
             .await
-            .map_err(|_| AttemptError::ConnectTimeout)?
-            .map_err(AttemptError::Connect)?;
+            .map_err(AttemptError::Proxy)?,
+            None => tokio::time::timeout(CONNECT_TIMEOUT, self.connect(address))
+                .await
+                .map_err(|_| AttemptError::ConnectTimeout)?
+                .map_err(AttemptError::Connect)?,
+        };
         crate::socket::tune(&tcp).map_err(AttemptError::Connect)?;
         tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
             .await

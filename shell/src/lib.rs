@@ -19,6 +19,7 @@
 
 pub mod dial;
 pub mod driver;
+pub mod proxy;
 pub mod socket;
 pub mod telemetry;
 

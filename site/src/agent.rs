@@ -335,7 +335,7 @@ impl SiteAgent {
         }
         Ok(Self {
             config_path: config_path.to_owned(),
-            dialer: Dialer::new(config.gateways.clone()),
+            dialer: Dialer::new(config.gateways.clone()).through(config.proxy.clone()),
             config,
             state: SiteState::new(state),
             plane: Plane::default(),
@@ -352,8 +352,8 @@ impl SiteAgent {
         match Config::load(&self.config_path) {
             Ok(c) => {
                 let changed = c != self.config;
-                if c.gateways != self.config.gateways {
-                    self.dialer = Dialer::new(c.gateways.clone());
+                if (&c.gateways, &c.proxy) != (&self.config.gateways, &self.config.proxy) {
+                    self.dialer = Dialer::new(c.gateways.clone()).through(c.proxy.clone());
                 }
                 self.config = c;
                 info!(changed, "configuration reloaded");
@@ -465,6 +465,11 @@ impl SiteAgent {
                 Err(e) => {
                     if let Some(DialError::Refused(r)) = e.downcast_ref::<DialError>() {
                         error!(reason = %refusal_words(r, &self.state.root), "not connected");
+                    } else if let Some(d @ (DialError::Intercepted { .. } | DialError::Proxy(_))) =
+                        e.downcast_ref::<DialError>()
+                    {
+                        // The operator must act ([proxy] in site.toml, then SIGHUP).
+                        error!(reason = %d, "not connected");
                     } else if e.downcast_ref::<Fatal>().is_some() {
                         return Err(e);
                     } else {
@@ -730,10 +735,18 @@ impl<'a> SiteLink<'a> {
             return None;
         }
         let after = &self.agent.config;
-        if (&before.name, &before.gateways, &before.device_interface)
-            != (&after.name, &after.gateways, &after.device_interface)
-        {
-            info!("name, gateway or device interface changed: reconnecting");
+        if (
+            &before.name,
+            &before.gateways,
+            &before.device_interface,
+            &before.proxy,
+        ) != (
+            &after.name,
+            &after.gateways,
+            &after.device_interface,
+            &after.proxy,
+        ) {
+            info!("name, gateway, device interface or proxy changed: reconnecting");
             return Some(Outcome::Lost { worked: true });
         }
         // Agents removed or changed end their sessions.

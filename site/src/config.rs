@@ -15,6 +15,11 @@
 //! path = "/sys/class/gpio/gpio18/value"   # gets 1 / 0
 //! command = "/usr/local/bin/beacon"       # run with `on` / `off`
 //!
+//! [proxy]                       # optional corporate HTTP proxy (CONNECT)
+//! url = "http://proxy.corp:3128"
+//! auth = "ntlm"                  # "none" (default), "basic" or "ntlm"
+//! credentials = "/etc/pinhole/proxy-credentials"   # user (or DOMAIN\user), then password; mode 600
+//!
 //! [[agent]]
 //! name = "press-4-plc"
 //! type = "siemens-s7"            # a preset, or "custom"
@@ -106,8 +111,18 @@ struct RawConfig {
     heartbeat: Option<String>,
     switch: Option<RawSwitch>,
     light: Option<RawLight>,
+    proxy: Option<RawProxy>,
     #[serde(default)]
     agent: Vec<RawAgent>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    url: String,
+    #[serde(default)]
+    auth: pinhole_shell::proxy::Auth,
+    credentials: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -189,6 +204,8 @@ pub struct Config {
     pub heartbeat: Duration,
     pub switch: Option<Switch>,
     pub light: Option<Light>,
+    /// The corporate proxy the link goes through, if any.
+    pub proxy: Option<pinhole_shell::proxy::Proxy>,
     pub agents: Vec<Agent>,
 }
 
@@ -298,6 +315,14 @@ impl Config {
             ));
         }
 
+        let proxy = raw
+            .proxy
+            .map(|p| {
+                pinhole_shell::proxy::Proxy::from_setting(&p.url, p.auth, p.credentials.as_deref())
+            })
+            .transpose()
+            .map_err(|e| bad("proxy".into(), "…", e.to_string()))?;
+
         let mut names = BTreeSet::new();
         let mut agents = Vec::new();
         for (i, a) in raw.agent.iter().enumerate() {
@@ -356,6 +381,7 @@ impl Config {
             heartbeat,
             switch,
             light,
+            proxy,
             agents,
         })
     }
@@ -451,6 +477,47 @@ ports = ["tcp/8080", "udp/161"]
         assert!(e.contains("another agent"), "{e}");
         let e = err(&GOOD.replace("192.168.0.10", "127.0.0.1"));
         assert!(e.contains("unicast"), "{e}");
+    }
+
+    #[test]
+    fn proxy_settings() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("dir");
+        let cred = dir.path().join("cred");
+        std::fs::write(&cred, "CORP\\alice\nsecret\n").expect("write");
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let with = |proxy: &str| format!("{GOOD}\n[proxy]\n{proxy}\n");
+        let c = parse(&with(&format!(
+            "url = \"http://proxy.corp:8080\"\nauth = \"ntlm\"\ncredentials = \"{}\"",
+            cred.display()
+        )))
+        .expect("ntlm proxy");
+        let p = c.proxy.expect("proxy");
+        assert_eq!((p.host.as_str(), p.port), ("proxy.corp", 8080));
+        assert_eq!(p.credentials.expect("credentials").user, "CORP\\alice");
+        let c = parse(&with("url = \"http://10.1.1.1\"")).expect("no auth");
+        assert_eq!(c.proxy.expect("proxy").port, 3128);
+
+        for (bad, want) in [
+            ("url = \"http://u:secret@proxy\"", "credentials file"),
+            ("url = \"https://proxy\"", "http://"),
+            (
+                "url = \"http://proxy\"\nauth = \"basic\"",
+                "needs a credentials file",
+            ),
+            ("url = \"http://proxy\"\nauth = \"kerberos\"", "kerberos"),
+            ("url = \"http://proxy\"\npassword = \"x\"", "password"),
+        ] {
+            let e = err(&with(bad));
+            assert!(e.contains(want), "{bad}: {e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = err(&with(&format!(
+            "url = \"http://proxy\"\nauth = \"basic\"\ncredentials = \"{}\"",
+            cred.display()
+        )));
+        assert!(e.contains("chmod 600"), "{e}");
     }
 
     #[test]

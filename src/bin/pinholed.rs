@@ -25,12 +25,64 @@ struct Cli {
     /// programs reach the devices.
     #[arg(long, env = "PINHOLE_ALLOW_OTHER_SOURCES")]
     allow_other_sources: bool,
+    /// Reach the gateway through this HTTP proxy (CONNECT; the TLS to the gateway and its pin
+    /// are inside): `http://HOST[:PORT]`. HTTPS_PROXY (or https_proxy) is used when this is
+    /// not given. Credentials never go in the URL: see --proxy-credentials.
+    #[arg(long, value_name = "URL")]
+    proxy: Option<String>,
+    /// How to authenticate to the proxy.
+    #[arg(long, value_enum, default_value = "none")]
+    proxy_auth: ProxyAuth,
+    /// File with the proxy user (or DOMAIN\\user for NTLM) on the first line and the password
+    /// on the second; mode 600.
+    #[arg(long, value_name = "FILE")]
+    proxy_credentials: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProxyAuth {
+    None,
+    Basic,
+    Ntlm,
+}
+
+impl Cli {
+    /// The proxy from the options or the environment.
+    fn proxy(&self) -> anyhow::Result<Option<pinhole_shell::proxy::Proxy>> {
+        use pinhole_shell::proxy::{Auth, Proxy};
+        let url = self.proxy.clone().or_else(|| {
+            ["HTTPS_PROXY", "https_proxy"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        });
+        let Some(url) = url else {
+            if self.proxy_credentials.is_some() || !matches!(self.proxy_auth, ProxyAuth::None) {
+                anyhow::bail!("--proxy-auth and --proxy-credentials need --proxy (or HTTPS_PROXY)");
+            }
+            return Ok(None);
+        };
+        let auth = match self.proxy_auth {
+            ProxyAuth::None => Auth::None,
+            ProxyAuth::Basic => Auth::Basic,
+            ProxyAuth::Ntlm => Auth::Ntlm,
+        };
+        Proxy::from_setting(&url, auth, self.proxy_credentials.as_deref())
+            .map(Some)
+            .context("the proxy setting")
+    }
 }
 
 fn main() -> std::process::ExitCode {
     pinhole_clidoc::hook::<Cli>("pinholed"); // `__generate-docs DIR`, for packaging/build
     let cli = Cli::parse();
     pinhole_shell::telemetry::init();
+    let proxy = match cli.proxy() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("pinholed: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,7 +93,12 @@ fn main() -> std::process::ExitCode {
                 tun_name: cli.tun,
                 other_sources: cli.allow_other_sources,
             };
-            rt.block_on(pinhole::daemon::run(&cli.state, &cli.socket, adapter))
+            rt.block_on(pinhole::daemon::run(
+                &cli.state,
+                &cli.socket,
+                adapter,
+                proxy,
+            ))
         });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

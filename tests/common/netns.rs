@@ -460,6 +460,8 @@ pub struct Options {
     pub site_heartbeat: Option<&'static str>,
     /// The gateway's ports, as its public addresses (in order) and where it listens.
     pub gateway_ports: Vec<u16>,
+    /// More of both sites' `site.toml` (a `[proxy]` table, say).
+    pub site_config: String,
 }
 
 impl Default for Options {
@@ -468,6 +470,7 @@ impl Default for Options {
         Self {
             site_heartbeat: Some("2s"),
             gateway_ports: vec![443],
+            site_config: String::new(),
         }
     }
 }
@@ -572,7 +575,7 @@ impl System {
             let config = dir.join(format!("{name}.toml"));
             std::fs::write(
                 &config,
-                format!("name = \"{name}\"\ngateway = [{gateways}]\ntoken = \"{token}\"\ndevice_interface = \"{dev}\"\n{heartbeat}{agents}"),
+                format!("name = \"{name}\"\ngateway = [{gateways}]\ntoken = \"{token}\"\ndevice_interface = \"{dev}\"\n{heartbeat}{}\n{agents}", options.site_config),
             )
             .expect("site.toml");
             super::private(&config);
@@ -615,6 +618,14 @@ impl System {
 
     /// Starts a client daemon in `ns` for a new account granted `domain`; logs it in.
     pub fn technician(&mut self, ns: &str, account: &str, domain: &str) -> Technician {
+        let t = self.enlist(ns, account, domain, &[]);
+        t.ok(&["login", "--password-file", t.pw.to_str().expect("utf8")]);
+        t
+    }
+
+    /// Starts a client daemon in `ns`, with `args`, for a new account granted `domain`, and
+    /// imports its bundle; does not log in.
+    pub fn enlist(&mut self, ns: &str, account: &str, domain: &str, args: &[&str]) -> Technician {
         let pw = self.lab.dir.join(format!("{account}.pw"));
         std::fs::write(&pw, format!("pw-{account}\n")).expect("pw");
         let p12 = self.lab.dir.join(format!("{account}.p12"));
@@ -630,10 +641,12 @@ impl System {
         self.gateway(&["grant", account, domain]);
         let socket = self.lab.dir.join(format!("{account}.sock"));
         let state = self.lab.dir.join(format!("{account}-client"));
+        let mut daemon_args = vec!["--state", state.to_str().expect("utf8")];
+        daemon_args.extend_from_slice(args);
         let idx = self.lab.spawn(
             ns,
             &bin("pinholed"),
-            &["--state", state.to_str().expect("utf8")],
+            &daemon_args,
             &[("PINHOLE_SOCKET", socket.to_str().expect("utf8"))],
             &format!("pinholed-{account}.log"),
         );
@@ -652,7 +665,6 @@ impl System {
             "--password-file",
             t.pw.to_str().expect("utf8"),
         ]);
-        t.ok(&["login", "--password-file", t.pw.to_str().expect("utf8")]);
         t
     }
 
