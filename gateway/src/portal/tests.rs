@@ -1203,3 +1203,50 @@ async fn the_sites_page_shows_the_remote_access_light_of_each_site() {
     let html = body(w.get("/sites", Some(&root)).await).await;
     assert!(html.contains("class=\"light\">off</td>"), "{html}");
 }
+
+/// A request body that never arrives: a peer that sent its headers and then trickles (or
+/// withholds) the rest.
+struct Endless;
+
+impl hyper::body::Body for Endless {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// The deadline covers the whole request, its body included, before anything else is done
+/// with it (the CSRF check reads the form first). Paused time: the test takes no 30 s.
+/// (`start_paused` needs a current-thread runtime, on which the portal's database calls
+/// cannot block in place, so the request carries no session: it never gets that far.)
+#[tokio::test(start_paused = true)]
+async fn a_request_that_takes_longer_than_30_s_ends_with_408() {
+    let w = World::new();
+    let rows = || {
+        audit::list(open_store(w.dir.path()).conn(), None)
+            .expect("audit")
+            .len()
+    };
+    let audit = rows();
+    let start = tokio::time::Instant::now();
+    let req = Request::post("/domains/create")
+        .header(header::HOST, HOST)
+        .header(header::ORIGIN, ORIGIN)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, "100")
+        .body(Body::new(Endless))
+        .expect("req");
+    let r = w.send(req).await;
+    let took = start.elapsed();
+    assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+        "{took:?}"
+    );
+    assert_eq!(rows(), audit, "nothing happened");
+}
