@@ -895,6 +895,11 @@ async fn a_grant_says_what_it_opens_before_it_is_saved() {
         html.contains("This gives alice 2 devices at 1 site"),
         "{html}"
     );
+    // Exactly which: the site and its agents.
+    assert!(
+        html.contains("(in acme and below: acme-site (plc, hmi))"),
+        "{html}"
+    );
     assert!(
         w.portal
             .db(|s| s.account("alice"))
@@ -916,6 +921,35 @@ async fn a_grant_says_what_it_opens_before_it_is_saved() {
         html.contains("inherited from acme"),
         "the subdomain is marked inherited"
     );
+    // The site matrix: a column per site with its agents; alice reaches acme-site through
+    // the grant of acme, gus reaches globex-site through globex.
+    let matrix = &html[html.find("id=\"site-matrix\"").expect("site matrix")..];
+    assert!(
+        matrix.contains("data-site-column=\"acme-site\""),
+        "{matrix}"
+    );
+    assert!(matrix.contains("<li>hmi</li>"), "{matrix}");
+    let row = |who: &str| {
+        let at = matrix
+            .find(&format!("<th scope=\"row\">{who}</th>"))
+            .expect("row");
+        matrix[at..at + matrix[at..].find("</tr>").expect("end")].to_owned()
+    };
+    assert!(
+        row("alice").contains("<td class=\"inherited\">inherited from acme</td>"),
+        "{}",
+        row("alice")
+    );
+    assert!(
+        row("gus").contains("inherited from globex"),
+        "{}",
+        row("gus")
+    );
+    // A domain administrator of acme sees acme's sites only.
+    let acme = w.login_as("acme-admin");
+    let html = body(w.get("/access", Some(&acme)).await).await;
+    assert!(html.contains("data-site-column=\"acme-site\""), "{html}");
+    assert!(!html.contains("globex-site"), "{html}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
