@@ -571,6 +571,22 @@ fn switch_off_keeps_the_site_away() {
         "{}",
         site.log()
     );
+    // The site said why before it closed: the gateway knows it is switched off, not lost.
+    let switched_off = |gw: &Gateway| {
+        gw.sites_json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|s| s["name"] == "plant-a" && s["switched_off"] == true)
+    };
+    assert!(switched_off(&gw), "{}", gw.sites_json());
+    assert!(
+        gw.audit_events()
+            .iter()
+            .any(|e| e.starts_with("site switched off | site:plant-a")),
+        "{:#?}",
+        gw.audit_events()
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(!gw.site_online("plant-a"), "stays away while switched off");
     run(Command::new(bin("pinhole-site"))
@@ -581,6 +597,15 @@ fn switch_off_keeps_the_site_away() {
         "{}",
         site.log()
     );
+    assert!(!switched_off(&gw), "{}", gw.sites_json());
+    // A site that is merely lost is not shown as switched off.
+    drop(site.proc.take());
+    assert!(
+        wait_until(T, || !gw.site_online("plant-a")),
+        "{}",
+        site.log()
+    );
+    assert!(!switched_off(&gw), "{}", gw.sites_json());
 }
 
 #[test]

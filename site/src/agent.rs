@@ -775,6 +775,18 @@ impl SiteAgent {
                 }
                 _ = switch_tick.tick() => if !self.switched_on() {
                     info!("remote access switched off: closing the gateway connection");
+                    // Said first, so that the gateway shows the site as switched off rather
+                    // than lost. The link closes whether or not this arrives.
+                    if worked {
+                        core.switched_off(Instant::now());
+                        let wire: Vec<u8> = std::iter::from_fn(|| core.poll_transmit()).flatten().collect();
+                        let _ = tokio::time::timeout(SWITCH_POLL, async {
+                            if wr.write_all(&wire).await.is_ok() {
+                                let _ = wr.flush().await;
+                            }
+                        })
+                        .await;
+                    }
                     return Ok(Outcome::SwitchedOff);
                 },
                 sig = signals.next() => match sig {

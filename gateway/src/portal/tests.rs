@@ -1238,6 +1238,54 @@ async fn the_sites_page_shows_the_remote_access_light_of_each_site() {
     assert!(html.contains("class=\"light\">off</td>"), "{html}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sites_page_shows_the_switch_of_each_site() {
+    let w = World::new();
+    let root = w.login_as("root");
+    let switch = |html: &str, site: &str| {
+        let at = html.find(&format!("<td>{site}</td>")).expect("row");
+        let rest = &html[at..];
+        let l = rest.find("class=\"switch\">").expect("switch") + 15;
+        rest[l..l + rest[l..].find("</td>").expect("end")].to_owned()
+    };
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "unknown (offline)");
+    w.portal
+        .db(|s| {
+            s.site_connected("acme-site", "0.1.0", "boot", &[], "192.0.2.1:1")?;
+            s.site_connected("globex-site", "0.1.0", "boot", &[], "192.0.2.2:1")
+        })
+        .expect("connected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "on");
+    // acme-site said its switch reads off before it closed; globex-site was lost.
+    w.portal
+        .db(|s| {
+            s.site_disconnected("acme-site", true, "site switched off", "off")?;
+            s.site_disconnected("globex-site", false, "site disconnected", "lost")
+        })
+        .expect("disconnected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "off");
+    assert_eq!(switch(&html, "globex-site"), "unknown (offline)");
+    assert!(html.contains("offline (switched off)"), "{html}");
+    let html = body(w.get("/", Some(&root)).await).await;
+    assert!(
+        html.contains("acme-site <small>(acme.plant-a)</small> switched off"),
+        "{html}"
+    );
+    assert!(
+        html.contains("globex-site <small>(globex)</small> offline"),
+        "{html}"
+    );
+    // Connected again: on, and the mark is gone.
+    w.portal
+        .db(|s| s.site_connected("acme-site", "0.1.0", "boot", &[], "192.0.2.1:1"))
+        .expect("connected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "on");
+}
+
 /// A request body that never arrives: a peer that sent its headers and then trickles (or
 /// withholds) the rest.
 struct Endless;
