@@ -552,6 +552,18 @@ impl System {
             pw.to_str().expect("utf8"),
         ]);
         self.gateway(&["grant", account, domain]);
+        self.start_technician(ns, account, &p12, &pw)
+    }
+
+    /// Starts a client daemon in `ns`, imports the bundle `p12` (its password in the file
+    /// `pw`, which also protects the daemon's key store) and logs in.
+    pub fn start_technician(
+        &mut self,
+        ns: &str,
+        account: &str,
+        p12: &Path,
+        pw: &Path,
+    ) -> Technician {
         let socket = self.lab.dir.join(format!("{account}.sock"));
         let state = self.lab.dir.join(format!("{account}-client"));
         let idx = self.lab.spawn(
@@ -566,7 +578,7 @@ impl System {
         let t = Technician {
             socket,
             state,
-            pw,
+            pw: pw.to_owned(),
             proc: idx,
             ns: ns.to_owned(),
         };
