@@ -263,6 +263,12 @@ fn the_whole_story_in_a_real_browser_against_a_real_system() {
         .to_owned();
     let downloads = dir.path().join("downloads");
     std::fs::create_dir(&downloads).expect("downloads");
+    // README's screenshots of the access matrix with sites, the sites page and a live session:
+    // `PINHOLE_PORTAL_SCREENSHOTS=docs/portal` refreshes them.
+    let shots = std::env::var_os("PINHOLE_PORTAL_SCREENSHOTS")
+        .map(|d| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(d))
+        .unwrap_or_else(|| dir.path().join("screenshots"));
+    std::fs::create_dir_all(&shots).expect("screenshots");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/portal_story.py");
     let mut browser = Command::new("ip")
         .args(["netns", "exec", &sys.lab.ns("gw"), "/usr/bin/python3"])
@@ -271,6 +277,7 @@ fn the_whole_story_in_a_real_browser_against_a_real_system() {
         .env("ADMIN_PASSWORD", &password)
         .env("DOWNLOADS", &downloads)
         .env("PROFILE", dir.path().join("chromium-profile"))
+        .env("SCREENSHOTS", &shots)
         .env("ACCOUNT", "alice")
         .env("DOMAIN", "acme.plant-c")
         .env("GRANT", "acme")

@@ -5,7 +5,7 @@ Run by tests/portal.rs inside the gateway's network namespace (headless Chromium
 chromedriver, Selenium), against a real `pinhole-gateway serve` with two sites online and
 a real `pinholed` in a technician's namespace, which the test drives. Environment:
 PORTAL_URL, ADMIN_PASSWORD (a one-time password from `admin reset`), DOWNLOADS (directory),
-PROFILE (a fresh Chromium user-data-dir), ACCOUNT (the technician account to create),
+PROFILE (a fresh Chromium user-data-dir), SCREENSHOTS (directory, optional), ACCOUNT (the technician account to create),
 DOMAIN (a new domain to create), GRANT (the domain to grant by drag and drop),
 HOME_DOMAIN (the account's home domain).
 
@@ -31,6 +31,7 @@ ACCOUNT = os.environ["ACCOUNT"]
 DOMAIN = os.environ["DOMAIN"]
 GRANT = os.environ["GRANT"]
 HOME = os.environ["HOME_DOMAIN"]
+SHOTS = os.environ.get("SCREENSHOTS")
 NEW_PASSWORD = "a long new portal passphrase"
 
 
@@ -89,6 +90,11 @@ opts.add_experimental_option("prefs", {
 driver = webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=opts)
 driver.set_page_load_timeout(30)
 wait = WebDriverWait(driver, 15)
+
+
+def shot(name):
+    if SHOTS:
+        driver.save_screenshot(os.path.join(SHOTS, name + ".png"))
 
 
 def field(id_, value):
@@ -165,6 +171,10 @@ try:
     cell = row.find_element(By.CSS_SELECTOR, "td[data-domain='%s']" % GRANT)
     assert "granted" in cell.text and "granted" in cell.get_attribute("class"), cell.text
     assert "inherited from %s" % GRANT in row.text, row.text
+    site_row = driver.find_element(
+        By.XPATH, "//table[@id='site-matrix']//tr[th[text()='%s']]" % ACCOUNT)
+    assert "inherited from %s" % GRANT in site_row.text, site_row.text
+    shot("access-matrix")
     say("granted")
     expect("connected")
 
@@ -174,6 +184,14 @@ try:
         assert time.time() < deadline, "no session of %s on the dashboard" % ACCOUNT
         time.sleep(0.3)
         driver.get(URL + "/")
+    # The sites page meanwhile: the switch on, the light lit by the session.
+    driver.get(URL + "/sites")
+    light = driver.find_element(By.XPATH, "//table[@id='sites']//tr[td[1]='plant-a']")
+    assert "on (1 session)" in light.text, light.text
+    shot("sites")
+    driver.get(URL + "/")
+    wait.until(lambda d: session_rows())
+    shot("dashboard-session")
     say("ready")
     expect("go")
 
