@@ -98,17 +98,22 @@ fn login_lists_exactly_the_granted_sites() {
     assert!(wait_until(T, || site_names(&client.ls()).is_empty()));
     client.ok(&["logout"]);
     assert_eq!(client.status()["state"], "logged-out");
+    // The gateway records the logout when it sees the link end, which may be just after the
+    // client has answered.
+    assert!(
+        wait_until(T, || w
+            .gw
+            .audit_events()
+            .iter()
+            .any(|e| e.starts_with("logout | account:alice"))),
+        "{:#?}",
+        w.gw.audit_events()
+    );
     let events = w.gw.audit_events();
     assert!(
         events
             .iter()
             .any(|e| e.starts_with("login ok | account:alice")),
-        "{events:#?}"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.starts_with("logout | account:alice")),
         "{events:#?}"
     );
     drop(w.site_z);
@@ -571,6 +576,22 @@ fn switch_off_keeps_the_site_away() {
         "{}",
         site.log()
     );
+    // The site said why before it closed: the gateway knows it is switched off, not lost.
+    let switched_off = |gw: &Gateway| {
+        gw.sites_json()
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|s| s["name"] == "plant-a" && s["switched_off"] == true)
+    };
+    assert!(switched_off(&gw), "{}", gw.sites_json());
+    assert!(
+        gw.audit_events()
+            .iter()
+            .any(|e| e.starts_with("site switched off | site:plant-a")),
+        "{:#?}",
+        gw.audit_events()
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(!gw.site_online("plant-a"), "stays away while switched off");
     run(Command::new(bin("pinhole-site"))
@@ -581,6 +602,15 @@ fn switch_off_keeps_the_site_away() {
         "{}",
         site.log()
     );
+    assert!(!switched_off(&gw), "{}", gw.sites_json());
+    // A site that is merely lost is not shown as switched off.
+    drop(site.proc.take());
+    assert!(
+        wait_until(T, || !gw.site_online("plant-a")),
+        "{}",
+        site.log()
+    );
+    assert!(!switched_off(&gw), "{}", gw.sites_json());
 }
 
 #[test]

@@ -535,7 +535,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                         } else {
                             "enrolled"
                         },
-                        if s.online { "yes" } else { "no" },
+                        match (s.online, s.switched_off) {
+                            (true, _) => "yes",
+                            (false, true) => "off",
+                            (false, false) => "no",
+                        },
                         escape(s.last_seen.as_deref().unwrap_or("-")),
                         if agents.is_empty() {
                             "-".into()

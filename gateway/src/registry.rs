@@ -133,8 +133,14 @@ pub trait Registry {
     /// A site's agents changed (configuration reload); audited if they differ.
     fn site_agents(&mut self, site: &str, agents: &[Agent]) -> Result<(), RegistryError>;
 
-    /// A site's link ended: offline, with `record`.
-    fn site_disconnected(&mut self, site: &str, record: &AuditRecord) -> Result<(), RegistryError>;
+    /// A site's link ended: offline (switched off if `switched_off`: the site said its switch
+    /// reads off before it closed), with `record`.
+    fn site_disconnected(
+        &mut self,
+        site: &str,
+        switched_off: bool,
+        record: &AuditRecord,
+    ) -> Result<(), RegistryError>;
 
     /// Sites heard from since the last call (last-seen times, not audited; one transaction).
     fn sites_seen(&mut self, sites: &[String]) -> Result<(), RegistryError>;

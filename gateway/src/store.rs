@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS sites (
     software TEXT,
     boot_id TEXT,
     revoked TEXT,
-    agents TEXT NOT NULL DEFAULT '[]'
+    agents TEXT NOT NULL DEFAULT '[]',
+    switched_off INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS accounts (
     id INTEGER PRIMARY KEY,
@@ -183,6 +184,9 @@ pub struct SiteRow {
     /// enrolled again.
     pub revoked: Option<String>,
     pub agents: Vec<Agent>,
+    /// Offline because its remote access switch was turned off (it said so before it
+    /// closed its link); cleared when it connects again.
+    pub switched_off: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -337,6 +341,16 @@ impl Store {
         )?;
         if !has_token_site {
             conn.execute_batch("ALTER TABLE tokens ADD COLUMN site TEXT")?;
+        }
+        let has_switch: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('sites') WHERE name = 'switched_off'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_switch {
+            conn.execute_batch(
+                "ALTER TABLE sites ADD COLUMN switched_off INTEGER NOT NULL DEFAULT 0",
+            )?;
         }
         crate::portal::admins::upgrade(conn)?;
         Ok(())
@@ -743,7 +757,7 @@ impl Store {
 
     pub fn sites(&self) -> Result<Vec<SiteRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents, revoked FROM sites ORDER BY name",
+            "SELECT name, domain, enrolled, online, last_seen, software, boot_id, agents, revoked, switched_off FROM sites ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             let agents: String = r.get(7)?;
@@ -756,6 +770,7 @@ impl Store {
                 software: r.get(5)?,
                 boot_id: r.get(6)?,
                 revoked: r.get(8)?,
+                switched_off: r.get(9)?,
                 agents: serde_json::from_str(&agents).unwrap_or_default(),
             })
         })?;
@@ -902,7 +917,7 @@ impl Store {
         let object = format!("site:{site}");
         let new_agents = serde_json::to_string(agents).unwrap_or_else(|_| "[]".into());
         tx.execute(
-            "UPDATE sites SET online = 1, last_seen = ?1, software = ?2, boot_id = ?3, agents = ?4 WHERE name = ?5",
+            "UPDATE sites SET online = 1, switched_off = 0, last_seen = ?1, software = ?2, boot_id = ?3, agents = ?4 WHERE name = ?5",
             params![now_rfc3339(), software, boot_id, new_agents, site],
         )?;
         audit::append(
@@ -975,9 +990,18 @@ impl Store {
         Ok(())
     }
 
-    pub fn site_disconnected(&mut self, site: &str, event: &str, description: &str) -> Result<()> {
+    pub fn site_disconnected(
+        &mut self,
+        site: &str,
+        switched_off: bool,
+        event: &str,
+        description: &str,
+    ) -> Result<()> {
         let tx = self.tx()?;
-        tx.execute("UPDATE sites SET online = 0 WHERE name = ?1", [site])?;
+        tx.execute(
+            "UPDATE sites SET online = 0, switched_off = ?1 WHERE name = ?2",
+            params![switched_off, site],
+        )?;
         audit::append(
             &tx,
             &Actor::Site(site.into()),

@@ -89,10 +89,16 @@ impl Registry for Store {
         Ok(Store::site_agents(self, site, agents)?)
     }
 
-    fn site_disconnected(&mut self, site: &str, record: &AuditRecord) -> Result<(), RegistryError> {
+    fn site_disconnected(
+        &mut self,
+        site: &str,
+        switched_off: bool,
+        record: &AuditRecord,
+    ) -> Result<(), RegistryError> {
         Ok(Store::site_disconnected(
             self,
             site,
+            switched_off,
             record.event,
             &record.description,
         )?)

@@ -91,6 +91,8 @@ pub enum GatewayEvent {
         agent: Option<String>,
     },
     Logout,
+    /// A site's switch says off: the site closes the link next.
+    SwitchedOff,
     Closed(CloseReason),
 }
 
@@ -153,6 +155,7 @@ fn check_fields(m: &Message) -> Result<(), Invalid> {
         | Message::FirewallRestored { .. }
         | Message::Heartbeat
         | Message::Logout
+        | Message::SwitchedOff
         | Message::Error { .. } => Ok(()),
     }
 }
@@ -339,6 +342,9 @@ impl GatewayCore {
             }
             (Phase::Running, PeerAuth::Site(_), Message::Agents { agents }) => {
                 self.events.push_back(GatewayEvent::Agents(agents))
+            }
+            (Phase::Running, PeerAuth::Site(_), Message::SwitchedOff) => {
+                self.events.push_back(GatewayEvent::SwitchedOff)
             }
             (Phase::Running, PeerAuth::Site(_), Message::FirewallRestored { change }) => self
                 .events
@@ -992,5 +998,42 @@ mod tests {
             gw.handle_input(&wire, now, &mut no_data);
             assert_protocol_refusal(&mut gw, "data before login");
         }
+    }
+
+    #[test]
+    fn a_site_says_its_switch_is_off_and_no_one_else_may() {
+        let now = Instant::now();
+        let mut gw = running(PeerAuth::Site("plant-a".into()), now);
+        // What the site's core sends is what the gateway's core reads.
+        let mut site = crate::site::SiteCore::new(
+            now,
+            crate::site::SiteHello {
+                software: "0.1.0".into(),
+                boot_id: "b".into(),
+                heartbeat: Duration::from_secs(600),
+                agents: Vec::new(),
+            },
+        );
+        let _hello = site.poll_transmit();
+        site.switched_off(now);
+        let wire: Vec<u8> = std::iter::from_fn(|| site.poll_transmit())
+            .flatten()
+            .collect();
+        gw.handle_input(&wire, now, &mut no_data);
+        assert_eq!(events(&mut gw), [GatewayEvent::SwitchedOff]);
+        assert!(!gw.is_closed(), "the site closes the link itself");
+
+        refused(
+            PeerAuth::Technician("alice".into()),
+            true,
+            &Message::SwitchedOff,
+            "switched_off",
+        );
+        refused(
+            PeerAuth::Site("plant-a".into()),
+            false,
+            &Message::SwitchedOff,
+            "switched_off",
+        );
     }
 }

@@ -17,6 +17,7 @@
 //! | `session_refused` | gateway/site → client  | with a reason a technician can read |
 //! | `session_close`   | any                    | the session ends, with a reason |
 //! | `logout`          | client → gateway       | the technician logs out; the gateway closes the link |
+//! | `switched_off`    | site → gateway         | the site's remote access switch reads off: the site closes the link after it, and the gateway shows the site as switched off (not merely offline) until it connects again |
 //! | `error`           | gateway → peer         | a code and a text; the connection closes after it |
 //!
 //! The gateway checks every field a peer controls against [`crate::validate`] before the
@@ -164,6 +165,8 @@ pub enum Message {
         agent: Option<String>,
     },
     Logout,
+    /// The site's switch says off; the site closes its link right after this message.
+    SwitchedOff,
     Error {
         code: ErrorCode,
         text: String,
@@ -200,6 +203,7 @@ impl Message {
             Message::SessionRefused { .. } => "session_refused",
             Message::SessionClose { .. } => "session_close",
             Message::Logout => "logout",
+            Message::SwitchedOff => "switched_off",
             Message::Error { .. } => "error",
         }
     }
@@ -234,6 +238,10 @@ mod tests {
         assert!(json.contains(r#"{"transport":"tcp","port":102}"#), "{json}");
         assert_eq!(Message::from_json(json.as_bytes()).expect("parse"), m);
         assert_eq!(Message::Heartbeat.to_json(), br#"{"type":"heartbeat"}"#);
+        assert_eq!(
+            Message::SwitchedOff.to_json(),
+            br#"{"type":"switched_off"}"#
+        );
     }
 
     #[test]

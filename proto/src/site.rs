@@ -177,6 +177,12 @@ impl SiteCore {
         self.link.send(&Message::Agents { agents }, now);
     }
 
+    /// Says that the site's switch reads off: the caller closes the link once this is sent
+    /// (the gateway then shows the site as switched off rather than lost).
+    pub fn switched_off(&mut self, now: Instant) {
+        self.link.send(&Message::SwitchedOff, now);
+    }
+
     /// Reports that the site restored its firewall table (audited at the gateway).
     pub fn firewall_restored(&mut self, change: FirewallChange, now: Instant) {
         self.link.send(&Message::FirewallRestored { change }, now);

@@ -865,6 +865,11 @@ impl Handler for SiteLink<'_> {
             Wake::SwitchTick => {
                 if !self.agent.switched_on() {
                     info!("remote access switched off: closing the gateway connection");
+                    // Said first, so that the gateway shows the site as switched off rather
+                    // than lost; the driver sends what is queued before it closes the link.
+                    if self.worked {
+                        core.switched_off(Instant::now());
+                    }
                     return Some(Outcome::SwitchedOff);
                 }
             }

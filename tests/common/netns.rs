@@ -639,6 +639,19 @@ impl System {
             pw.to_str().expect("utf8"),
         ]);
         self.gateway(&["grant", account, domain]);
+        self.start_technician(ns, account, &p12, &pw, args)
+    }
+
+    /// Starts a client daemon in `ns`, with `args`, and imports the bundle `p12` (its password
+    /// in the file `pw`, which also protects the daemon's key store); does not log in.
+    pub fn start_technician(
+        &mut self,
+        ns: &str,
+        account: &str,
+        p12: &Path,
+        pw: &Path,
+        args: &[&str],
+    ) -> Technician {
         let socket = self.lab.dir.join(format!("{account}.sock"));
         let state = self.lab.dir.join(format!("{account}-client"));
         let mut daemon_args = vec!["--state", state.to_str().expect("utf8")];
@@ -655,7 +668,7 @@ impl System {
         let t = Technician {
             socket,
             state,
-            pw,
+            pw: pw.to_owned(),
             proc: idx,
             ns: ns.to_owned(),
         };

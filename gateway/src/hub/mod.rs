@@ -213,6 +213,8 @@ struct Link<H> {
     expires: Option<Instant>,
     welcomed: bool,
     logged_out: bool,
+    /// The site said its remote access switch reads off (`switched_off`) before closing.
+    switched_off: bool,
     /// A technician's account as of login or the last administrative change.
     account: Option<Account>,
     /// A site's domain.
@@ -443,6 +445,7 @@ impl<H: Clone> Hub<H> {
                 expires,
                 welcomed: false,
                 logged_out: false,
+                switched_off: false,
                 account: None,
                 domain: None,
                 last_list: None,
@@ -655,6 +658,12 @@ impl<H: Clone> Hub<H> {
                         false,
                         &mut out,
                     );
+                }
+            }
+            (PeerAuth::Site(name), GatewayEvent::SwitchedOff) => {
+                info!(site = %name, "site switched off remote access");
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.switched_off = true;
                 }
             }
             (PeerAuth::Technician(_), GatewayEvent::Logout) => {
@@ -1451,6 +1460,12 @@ impl<H: Clone> Hub<H> {
         let result = match &l.auth {
             PeerAuth::Site(name) => {
                 let (event, text) = match reason {
+                    _ if l.switched_off => (
+                        "site switched off",
+                        format!(
+                            "site {name} disconnected: its remote access switch was turned off"
+                        ),
+                    ),
                     CloseReason::Timeout => (
                         "site heartbeat missed",
                         format!("no heartbeat from site {name} for 3 intervals; disconnected"),
@@ -1467,7 +1482,7 @@ impl<H: Clone> Hub<H> {
                     if let Some(d) = &l.domain {
                         self.mark_concerned(d, now);
                     }
-                    registry.site_disconnected(name, &rec)
+                    registry.site_disconnected(name, l.switched_off, &rec)
                 } else {
                     // Replaced by a newer link: the site stays online.
                     registry.record(&[rec])

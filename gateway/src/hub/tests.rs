@@ -814,3 +814,36 @@ fn an_answered_request_sets_off_nothing_when_its_deadline_passes() {
     );
     assert_eq!(w.hub.sessions(), 1);
 }
+
+/// A site that says its switch reads off before it closes is offline *switched off* in the
+/// registry, audited as such; a site that is merely lost is not; connecting again clears it.
+#[test]
+fn a_site_switched_off_is_recorded_as_such() {
+    let mut w = World::new();
+    w.site_online(2, vec![plc()]);
+    let _ = w.event(2, GatewayEvent::SwitchedOff);
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 2, &CloseReason::Local, w.now);
+    let site = &w.store.sites().expect("sites")[0];
+    assert!(!site.online && site.switched_off, "{site:?}");
+    assert!(
+        w.events().iter().any(|e| e.starts_with(
+            "site switched off | site plant-a disconnected: its remote access switch was turned off"
+        )),
+        "{:?}",
+        w.events()
+    );
+
+    w.site_online(3, vec![plc()]);
+    let site = &w.store.sites().expect("sites")[0];
+    assert!(site.online && !site.switched_off, "{site:?}");
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 3, &CloseReason::Local, w.now);
+    let site = &w.store.sites().expect("sites")[0];
+    assert!(
+        !site.online && !site.switched_off,
+        "lost, not switched off: {site:?}"
+    );
+}

@@ -895,6 +895,11 @@ async fn a_grant_says_what_it_opens_before_it_is_saved() {
         html.contains("This gives alice 2 devices at 1 site"),
         "{html}"
     );
+    // Exactly which: the site and its agents.
+    assert!(
+        html.contains("(in acme and below: acme-site (plc, hmi))"),
+        "{html}"
+    );
     assert!(
         w.portal
             .db(|s| s.account("alice"))
@@ -916,6 +921,35 @@ async fn a_grant_says_what_it_opens_before_it_is_saved() {
         html.contains("inherited from acme"),
         "the subdomain is marked inherited"
     );
+    // The site matrix: a column per site with its agents; alice reaches acme-site through
+    // the grant of acme, gus reaches globex-site through globex.
+    let matrix = &html[html.find("id=\"site-matrix\"").expect("site matrix")..];
+    assert!(
+        matrix.contains("data-site-column=\"acme-site\""),
+        "{matrix}"
+    );
+    assert!(matrix.contains("<li>hmi</li>"), "{matrix}");
+    let row = |who: &str| {
+        let at = matrix
+            .find(&format!("<th scope=\"row\">{who}</th>"))
+            .expect("row");
+        matrix[at..at + matrix[at..].find("</tr>").expect("end")].to_owned()
+    };
+    assert!(
+        row("alice").contains("<td class=\"inherited\">inherited from acme</td>"),
+        "{}",
+        row("alice")
+    );
+    assert!(
+        row("gus").contains("inherited from globex"),
+        "{}",
+        row("gus")
+    );
+    // A domain administrator of acme sees acme's sites only.
+    let acme = w.login_as("acme-admin");
+    let html = body(w.get("/access", Some(&acme)).await).await;
+    assert!(html.contains("data-site-column=\"acme-site\""), "{html}");
+    assert!(!html.contains("globex-site"), "{html}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1202,4 +1236,99 @@ async fn the_sites_page_shows_the_remote_access_light_of_each_site() {
     w.live.sessions.lock().expect("lock").clear();
     let html = body(w.get("/sites", Some(&root)).await).await;
     assert!(html.contains("class=\"light\">off</td>"), "{html}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sites_page_shows_the_switch_of_each_site() {
+    let w = World::new();
+    let root = w.login_as("root");
+    let switch = |html: &str, site: &str| {
+        let at = html.find(&format!("<td>{site}</td>")).expect("row");
+        let rest = &html[at..];
+        let l = rest.find("class=\"switch\">").expect("switch") + 15;
+        rest[l..l + rest[l..].find("</td>").expect("end")].to_owned()
+    };
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "unknown (offline)");
+    w.portal
+        .db(|s| {
+            s.site_connected("acme-site", "0.1.0", "boot", &[], "192.0.2.1:1")?;
+            s.site_connected("globex-site", "0.1.0", "boot", &[], "192.0.2.2:1")
+        })
+        .expect("connected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "on");
+    // acme-site said its switch reads off before it closed; globex-site was lost.
+    w.portal
+        .db(|s| {
+            s.site_disconnected("acme-site", true, "site switched off", "off")?;
+            s.site_disconnected("globex-site", false, "site disconnected", "lost")
+        })
+        .expect("disconnected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "off");
+    assert_eq!(switch(&html, "globex-site"), "unknown (offline)");
+    assert!(html.contains("offline (switched off)"), "{html}");
+    let html = body(w.get("/", Some(&root)).await).await;
+    assert!(
+        html.contains("acme-site <small>(acme.plant-a)</small> switched off"),
+        "{html}"
+    );
+    assert!(
+        html.contains("globex-site <small>(globex)</small> offline"),
+        "{html}"
+    );
+    // Connected again: on, and the mark is gone.
+    w.portal
+        .db(|s| s.site_connected("acme-site", "0.1.0", "boot", &[], "192.0.2.1:1"))
+        .expect("connected");
+    let html = body(w.get("/sites", Some(&root)).await).await;
+    assert_eq!(switch(&html, "acme-site"), "on");
+}
+
+/// A request body that never arrives: a peer that sent its headers and then trickles (or
+/// withholds) the rest.
+struct Endless;
+
+impl hyper::body::Body for Endless {
+    type Data = axum::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Pending
+    }
+}
+
+/// The deadline covers the whole request, its body included, before anything else is done
+/// with it (the CSRF check reads the form first). Paused time: the test takes no 30 s.
+/// (`start_paused` needs a current-thread runtime, on which the portal's database calls
+/// cannot block in place, so the request carries no session: it never gets that far.)
+#[tokio::test(start_paused = true)]
+async fn a_request_that_takes_longer_than_30_s_ends_with_408() {
+    let w = World::new();
+    let rows = || {
+        audit::list(open_store(w.dir.path()).conn(), None)
+            .expect("audit")
+            .len()
+    };
+    let audit = rows();
+    let start = tokio::time::Instant::now();
+    let req = Request::post("/domains/create")
+        .header(header::HOST, HOST)
+        .header(header::ORIGIN, ORIGIN)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_LENGTH, "100")
+        .body(Body::new(Endless))
+        .expect("req");
+    let r = w.send(req).await;
+    let took = start.elapsed();
+    assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(
+        took >= Duration::from_secs(30) && took < Duration::from_secs(31),
+        "{took:?}"
+    );
+    assert_eq!(rows(), audit, "nothing happened");
 }

@@ -688,8 +688,18 @@ struct Cell {
 struct AccessRow {
     account: String,
     cells: Vec<Cell>,
+    /// One per column of the site matrix: through which grant the account reaches the site
+    /// (always inherited from a domain: sites are granted through their domains), or "".
+    site_cells: Vec<String>,
     reach: String,
     may_write: bool,
+}
+
+/// A column of the site matrix: a site the administrator may see, and its agents.
+struct SiteColumn {
+    name: String,
+    domain: String,
+    agents: Vec<String>,
 }
 
 #[derive(Template)]
@@ -697,6 +707,7 @@ struct AccessRow {
 struct AccessPage {
     nav: Nav,
     domains: Vec<String>,
+    site_columns: Vec<SiteColumn>,
     rows: Vec<AccessRow>,
     grantable_accounts: Vec<String>,
     grantable_domains: Vec<String>,
@@ -711,6 +722,24 @@ fn reach(grants: &[String], sites: &[SiteRow]) -> (usize, usize) {
     (open.iter().map(|s| s.agents.len()).sum(), open.len())
 }
 
+/// Exactly what a grant of `grant` opens: "plant-a (plc, hmi); plant-b (drive)", in site
+/// order, revoked sites left out.
+fn opened(grant: &str, sites: &[SiteRow]) -> String {
+    let parts: Vec<String> = sites
+        .iter()
+        .filter(|s| s.revoked.is_none() && within(&s.domain, grant))
+        .map(|s| {
+            let agents: Vec<&str> = s.agents.iter().map(|a| a.name.as_str()).collect();
+            if agents.is_empty() {
+                format!("{} (no devices yet)", s.name)
+            } else {
+                format!("{} ({})", s.name, agents.join(", "))
+            }
+        })
+        .collect();
+    parts.join("; ")
+}
+
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
@@ -721,6 +750,10 @@ pub async fn access(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Respon
         .db(|s| s.domains())?
         .into_iter()
         .filter(|d| admin.role().may_read(Some(d)))
+        .collect();
+    let visible: Vec<&SiteRow> = sites
+        .iter()
+        .filter(|s| s.revoked.is_none() && admin.role().may_read(Some(&s.domain)))
         .collect();
     let mut rows = Vec::new();
     for a in p.db(|s| s.accounts())? {
@@ -744,8 +777,19 @@ pub async fn access(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Respon
                 }
             })
             .collect();
+        let site_cells = visible
+            .iter()
+            .map(|s| {
+                a.grants
+                    .iter()
+                    .find(|g| within(&s.domain, g))
+                    .map(|g| format!("inherited from {g}"))
+                    .unwrap_or_default()
+            })
+            .collect();
         let (devices, n) = reach(&a.grants, &sites);
         rows.push(AccessRow {
+            site_cells,
             may_write: admin.role().may_write(home.as_deref()),
             reach: format!(
                 "{} at {}",
@@ -769,6 +813,14 @@ pub async fn access(State(p): State<Arc<Portal>>, admin: Admin) -> Result<Respon
             .cloned()
             .collect(),
         domains,
+        site_columns: visible
+            .iter()
+            .map(|s| SiteColumn {
+                name: s.name.clone(),
+                domain: s.domain.clone(),
+                agents: s.agents.iter().map(|a| a.name.clone()).collect(),
+            })
+            .collect(),
         rows,
     }))
 }
@@ -807,14 +859,20 @@ pub async fn grant(
         after.push(d.to_string());
         let (dev, n) = reach(&after, &sites);
         let (only_dev, only_sites) = reach(&[d.to_string()], &sites);
+        let list = opened(d.as_str(), &sites);
         return Ok(render(&ConfirmPage {
             nav: Nav::new(&admin, "access"),
             question: format!(
-                "Grant {d} to {}? This gives {} {} at {} (in {d} and below); {} can then reach {} at {} in all (now {} at {}).",
+                "Grant {d} to {}? This gives {} {} at {} (in {d} and below{}); {} can then reach {} at {} in all (now {} at {}).",
                 f.account,
                 f.account,
                 plural(only_dev, "device", "devices"),
                 plural(only_sites, "site", "sites"),
+                if list.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {list}")
+                },
                 f.account,
                 plural(dev, "device", "devices"),
                 plural(n, "site", "sites"),
