@@ -265,6 +265,18 @@ impl TofuStore {
         &self.path
     }
 
+    /// A verifier's verdict on the key `seen`: accepted before the first pin (first use) or
+    /// when it is the pinned one; refused when another key is pinned, and — failing closed —
+    /// when the pin file cannot be read (an unreadable pin must not turn into "first use").
+    fn accepts(&self, seen: Pin) -> Result<ServerCertVerified, rustls::Error> {
+        match self.pinned() {
+            Ok(None) => Ok(ServerCertVerified::assertion()),
+            Ok(Some(expected)) if expected == seen => Ok(ServerCertVerified::assertion()),
+            Ok(Some(expected)) => Err(refuse(KeyRefused::PinMismatch { expected, seen })),
+            Err(_) => Err(refuse(KeyRefused::PinFileDamaged(self.path.clone()))),
+        }
+    }
+
     /// The pinned key, or `None` before the first successful connection.
     pub fn pinned(&self) -> Result<Option<Pin>, TofuError> {
         match std::fs::read_to_string(&self.path) {
@@ -344,13 +356,7 @@ impl ServerCertVerifier for TofuServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = current_key_pin(end_entity, now)?;
-        match self.store.pinned() {
-            Ok(None) => Ok(ServerCertVerified::assertion()),
-            Ok(Some(expected)) if expected == seen => Ok(ServerCertVerified::assertion()),
-            Ok(Some(expected)) => Err(refuse(KeyRefused::PinMismatch { expected, seen })),
-            // Fail closed: an unreadable pin must not turn into "first use".
-            Err(_) => Err(refuse(KeyRefused::PinFileDamaged(self.store.path.clone()))),
-        }
+        self.store.accepts(seen)
     }
 
     fn verify_tls12_signature(
@@ -449,12 +455,7 @@ impl ServerCertVerifier for CaPinnedServerVerifier {
             &self.signatures,
         )
         .map_err(refuse)?;
-        match self.store.pinned() {
-            Ok(None) => Ok(ServerCertVerified::assertion()),
-            Ok(Some(expected)) if expected == seen => Ok(ServerCertVerified::assertion()),
-            Ok(Some(expected)) => Err(refuse(KeyRefused::PinMismatch { expected, seen })),
-            Err(_) => Err(refuse(KeyRefused::PinFileDamaged(self.store.path.clone()))),
-        }
+        self.store.accepts(seen)
     }
 
     fn verify_tls12_signature(
