@@ -26,6 +26,14 @@
 //! A packet the client refuses toward a connected device (a port no agent allows, a protocol)
 //! is answered on the TUN at once, rate-limited: a TCP RST, or ICMP administratively
 //! prohibited; the device's counters keep what it refused. Every drop is counted by reason.
+//!
+//! With TUN offload ([`crate::gso`]), a super-packet read from the TUN
+//! ([`Engine::handle_tun_offload`]) is judged by its one IP + L4 header (its segments share
+//! it, so checking it is checking each segment's) and sent as one WireGuard message with its
+//! metadata in an encrypted trailer. One that arrives is checked against its metadata before
+//! the filter ([`crate::gso::Offload::validate`], else `bad-offload`) and given to the TUN
+//! whole, with its metadata in [`Transmit::offload`]; a TUN without offload
+//! ([`Engine::set_tun_offload`]) gets its segments, cut here, with their checksums complete.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -35,6 +43,7 @@ use pinhole_proto::Port;
 
 use crate::defrag::{Added, Defrag};
 use crate::filter::{Device, DropReason, FlowKey, Flows};
+use crate::gso::{self, Offload, TunOffload};
 use crate::packet::{self, L4, Parsed, Summary};
 use crate::wg::{self, Decapsulated, Peer};
 
@@ -85,6 +94,20 @@ pub enum Dest {
 pub struct Transmit {
     pub dest: Dest,
     pub bytes: Vec<u8>,
+    /// For the TUN: the packet's offload metadata, to write as its `virtio_net_hdr`
+    /// ([`Offload::NONE`] for a whole packet; never anything else unless the TUN has offload).
+    /// For a tunnel: always [`Offload::NONE`].
+    pub offload: Offload,
+}
+
+impl Transmit {
+    fn new(dest: Dest, bytes: Vec<u8>) -> Self {
+        Self {
+            dest,
+            bytes,
+            offload: Offload::NONE,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,6 +171,7 @@ pub struct Engine {
     out: VecDeque<Transmit>,
     pool: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    tun_offload: TunOffload,
     drops: BTreeMap<DropReason, u64>,
     passed: u64,
     answered: u64,
@@ -185,6 +209,7 @@ impl Engine {
             out: VecDeque::new(),
             pool: Vec::new(),
             scratch: vec![0; wg::BUFFER],
+            tun_offload: TunOffload::default(),
             drops: BTreeMap::new(),
             passed: 0,
             answered: 0,
@@ -193,6 +218,12 @@ impl Engine {
 
     pub fn side(&self) -> Side {
         self.side
+    }
+
+    /// What the TUN this engine writes to takes: with offload, super-packets and partial
+    /// checksums go to it whole; without (the default), they are cut and completed here.
+    pub fn set_tun_offload(&mut self, offload: TunOffload) {
+        self.tun_offload = offload;
     }
 
     /// Adds a tunnel. At the site, `remote` is the technician's tunnel address (one tunnel per
@@ -326,10 +357,7 @@ impl Engine {
             let n = d.len();
             buf.truncate(n);
             t.bytes_out += n as u64;
-            self.out.push_back(Transmit {
-                dest: Dest::Tunnel(id),
-                bytes: buf,
-            });
+            self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
         }
     }
 
@@ -352,10 +380,45 @@ impl Engine {
 
     /// A packet read from the TUN.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        self.from_tun(packet, packet, Offload::NONE, now);
+    }
+
+    /// A packet read from a TUN with offload: `buf[..len]` is the packet (maybe a
+    /// super-packet), `offload` the `virtio_net_hdr` it came with; `buf` has
+    /// [`gso::TRAILER`] bytes of room after the packet, where the metadata is put to travel
+    /// inside the WireGuard message.
+    pub fn handle_tun_offload(
+        &mut self,
+        buf: &mut [u8],
+        len: usize,
+        offload: Offload,
+        now: Instant,
+    ) {
+        let packet = &buf[..len];
+        let offload = offload.normalize(packet);
+        if offload.is_none() {
+            return self.from_tun(packet, packet, offload, now);
+        }
+        if buf.len() < len + gso::TRAILER
+            || offload.validate(packet, usize::from(crate::tun::MTU)).is_err()
+        {
+            return self.drop_packet(DropReason::BadOffload, 1);
+        }
+        buf[len..len + gso::TRAILER].copy_from_slice(&offload.to_trailer());
+        let (packet, wire) = (&buf[..len], &buf[..len + gso::TRAILER]);
+        self.from_tun(packet, wire, offload, now);
+    }
+
+    /// A packet from the TUN, and what to encrypt if it passes (the packet, and its offload
+    /// trailer if it has metadata).
+    fn from_tun(&mut self, packet: &[u8], wire: &[u8], offload: Offload, now: Instant) {
         let parsed = match packet::parse(packet) {
             Ok(p) => p,
             Err(r) => return self.drop_packet(r, 1),
         };
+        if !offload.is_none() && !matches!(parsed, Parsed::Whole(_)) {
+            return self.drop_packet(DropReason::BadOffload, 1);
+        }
         if let Side::Client {
             address,
             any_source: false,
@@ -371,7 +434,7 @@ impl Engine {
             };
             return self.drop_packet(reason, 1);
         };
-        self.handle_parsed(id, packet, parsed, true, now);
+        self.handle_parsed(id, packet, wire, offload, parsed, true, now);
     }
 
     /// A datagram from tunnel `id`'s peer.
@@ -385,26 +448,34 @@ impl Engine {
             scratch.resize(wg::BUFFER, 0);
         }
         match t.peer.decapsulate(datagram, &mut scratch) {
-            Decapsulated::Packet(p) => match packet::parse(p) {
-                Ok(parsed) => self.handle_parsed(id, p, parsed, false, now),
-                Err(r) => self.drop_packet(r, 1),
-            },
+            Decapsulated::Packet { packet: p, rest } => {
+                let checked = Offload::from_trailer(rest).and_then(|offload| {
+                    let parsed = packet::parse(p)?;
+                    if !offload.is_none() {
+                        if !matches!(parsed, Parsed::Whole(_)) {
+                            return Err(DropReason::BadOffload);
+                        }
+                        offload.validate(p, usize::from(crate::tun::MTU))?;
+                    }
+                    Ok((offload, parsed))
+                });
+                match checked {
+                    Ok((offload, parsed)) => {
+                        self.handle_parsed(id, p, p, offload, parsed, false, now)
+                    }
+                    Err(r) => self.drop_packet(r, 1),
+                }
+            }
             Decapsulated::Send(d) => {
                 let mut buf = take(&mut self.pool, d.len());
                 buf.extend_from_slice(d);
                 t.bytes_out += buf.len() as u64;
-                self.out.push_back(Transmit {
-                    dest: Dest::Tunnel(id),
-                    bytes: buf,
-                });
+                self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
                 while let Some(d) = t.peer.flush(&mut scratch) {
                     let mut buf = take(&mut self.pool, d.len());
                     buf.extend_from_slice(d);
                     t.bytes_out += buf.len() as u64;
-                    self.out.push_back(Transmit {
-                        dest: Dest::Tunnel(id),
-                        bytes: buf,
-                    });
+                    self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
                 }
             }
             Decapsulated::Nothing => {}
@@ -422,10 +493,7 @@ impl Engine {
                 let n = d.len();
                 buf.truncate(n);
                 t.bytes_out += n as u64;
-                self.out.push_back(Transmit {
-                    dest: Dest::Tunnel(*id),
-                    bytes: buf,
-                });
+                self.out.push_back(Transmit::new(Dest::Tunnel(*id), buf));
             }
             t.flows.expire(now);
             timed_out += t.defrag_in.expire(now) + t.defrag_out.expire(now);
@@ -435,16 +503,19 @@ impl Engine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_parsed(
         &mut self,
         id: TunnelId,
         packet: &[u8],
+        wire: &[u8],
+        offload: Offload,
         parsed: Parsed,
         from_tun: bool,
         now: Instant,
     ) {
         match parsed {
-            Parsed::Whole(s) => self.judge(id, packet, &s, from_tun, now),
+            Parsed::Whole(s) => self.judge(id, packet, wire, offload, &s, from_tun, now),
             Parsed::Fragment(f) => {
                 let Some(t) = self.tunnels.get_mut(&id) else {
                     return self.drop_packet(DropReason::NoTunnel, 1);
@@ -459,7 +530,9 @@ impl Engine {
                     Added::Refused(n) => self.drop_packet(DropReason::FragmentRefused, n as u64),
                     Added::Complete(whole) => {
                         match packet::parse(&whole) {
-                            Ok(Parsed::Whole(s)) => self.judge(id, &whole, &s, from_tun, now),
+                            Ok(Parsed::Whole(s)) => {
+                                self.judge(id, &whole, &whole, Offload::NONE, &s, from_tun, now)
+                            }
                             Ok(Parsed::Fragment(_)) => {
                                 self.drop_packet(DropReason::FragmentRefused, 1)
                             }
@@ -472,7 +545,19 @@ impl Engine {
         }
     }
 
-    fn judge(&mut self, id: TunnelId, packet: &[u8], s: &Summary, from_tun: bool, now: Instant) {
+    /// The filter's verdict on a whole packet; what passes is encrypted (`wire`: the packet and
+    /// its offload trailer) or written to the TUN (the packet with `offload`).
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &mut self,
+        id: TunnelId,
+        packet: &[u8],
+        wire: &[u8],
+        offload: Offload,
+        s: &Summary,
+        from_tun: bool,
+        now: Instant,
+    ) {
         let dir = match (self.side, from_tun) {
             (Side::Client { .. }, true) | (Side::Site, false) => Dir::ToDevice,
             _ => Dir::ToTechnician,
@@ -489,9 +574,9 @@ impl Engine {
             Ok(()) => {
                 self.passed += 1;
                 if from_tun {
-                    self.encapsulate(id, packet);
+                    self.encapsulate(id, wire);
                 } else {
-                    self.write_tun(packet);
+                    self.write_tun(packet, offload);
                 }
             }
             Err(reason) => {
@@ -531,10 +616,7 @@ impl Engine {
             _ => packet::admin_prohibited(packet, s, &mut buf),
         }
         self.answered += 1;
-        self.out.push_back(Transmit {
-            dest: Dest::Tun,
-            bytes: buf,
-        });
+        self.out.push_back(Transmit::new(Dest::Tun, buf));
     }
 
     fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
@@ -557,34 +639,93 @@ impl Engine {
         }
         buf.truncate(n);
         t.bytes_out += n as u64;
-        self.out.push_back(Transmit {
-            dest: Dest::Tunnel(id),
-            bytes: buf,
-        });
+        self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
     }
 
     /// Writes a packet to the TUN; an IPv4 datagram larger than the TUN's MTU that may be
-    /// fragmented is fragmented to it.
-    fn write_tun(&mut self, packet: &[u8]) {
+    /// fragmented is fragmented to it. A packet with offload metadata goes whole to a TUN that
+    /// takes it, and is cut into its segments (checksums completed) for one that does not.
+    fn write_tun(&mut self, packet: &[u8], offload: Offload) {
+        if !offload.is_none() {
+            return self.write_tun_offload(packet, offload);
+        }
         let mtu = usize::from(crate::tun::MTU);
         if packet.len() > mtu && packet[0] >> 4 == 4 && !packet::dont_fragment(packet) {
             let (out, pool) = (&mut self.out, &mut self.pool);
             packet::fragment(packet, mtu, &mut |f| {
                 let mut buf = take(pool, f.len());
                 buf.extend_from_slice(f);
-                out.push_back(Transmit {
-                    dest: Dest::Tun,
-                    bytes: buf,
-                });
+                out.push_back(Transmit::new(Dest::Tun, buf));
             });
             return;
         }
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
-        self.out.push_back(Transmit {
-            dest: Dest::Tun,
-            bytes: buf,
-        });
+        self.out.push_back(Transmit::new(Dest::Tun, buf));
+    }
+}
+
+impl Engine {
+    /// [`Engine::write_tun`] for a (validated) packet with metadata.
+    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
+        let takes = if offload.is_gso() && offload.gso_type & !gso::GSO_ECN == gso::GSO_UDP_L4 {
+            self.tun_offload.udp
+        } else {
+            self.tun_offload.tcp
+        };
+        let mut buf = take(&mut self.pool, packet.len());
+        buf.extend_from_slice(packet);
+        if takes {
+            self.out.push_back(Transmit {
+                dest: Dest::Tun,
+                bytes: buf,
+                offload,
+            });
+            return;
+        }
+        if !offload.is_gso() {
+            packet::complete_checksum(
+                &mut buf,
+                usize::from(offload.csum_start),
+                usize::from(offload.csum_offset),
+            );
+            self.out.push_back(Transmit::new(Dest::Tun, buf));
+            return;
+        }
+        // The segments, as the kernel would cut them (validate bounded their number and size).
+        let payload = packet.len() - usize::from(offload.hdr_len);
+        let n = payload.div_ceil(usize::from(offload.gso_size));
+        let seg = usize::from(offload.hdr_len) + usize::from(offload.gso_size);
+        let mut segs: Vec<Vec<u8>> = (0..n)
+            .map(|_| {
+                let mut b = take(&mut self.pool, seg);
+                b.resize(seg, 0);
+                b
+            })
+            .collect();
+        let mut sizes = vec![0usize; n];
+        let hdr = tun_rs::VirtioNetHdr {
+            flags: offload.flags,
+            gso_type: offload.gso_type,
+            hdr_len: offload.hdr_len,
+            gso_size: offload.gso_size,
+            csum_start: offload.csum_start,
+            csum_offset: offload.csum_offset,
+        };
+        let v6 = packet[0] >> 4 == 6;
+        match tun_rs::gso_split(&mut buf, hdr, &mut segs, &mut sizes, 0, v6) {
+            Ok(k) => {
+                for (mut b, size) in segs.drain(..k).zip(sizes) {
+                    b.truncate(size);
+                    self.out.push_back(Transmit::new(Dest::Tun, b));
+                }
+            }
+            Err(_) => self.drop_packet(DropReason::BadOffload, 1),
+        }
+        for b in segs {
+            self.recycle(b);
+        }
+        self.recycle(buf);
     }
 }
 

@@ -61,10 +61,13 @@ pub enum DropReason {
     FlowTableFull,
     /// No tunnel for this session (closed, or never opened).
     NoTunnel,
+    /// Offload metadata (GSO, partial checksum) that does not match its packet, or a broken
+    /// metadata trailer (see [`crate::gso`]).
+    BadOffload,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::FragmentRefused,
         DropReason::FragmentTimeout,
@@ -79,6 +82,7 @@ impl DropReason {
         DropReason::NoFlow,
         DropReason::FlowTableFull,
         DropReason::NoTunnel,
+        DropReason::BadOffload,
     ];
 
     pub fn name(self) -> &'static str {
@@ -97,6 +101,7 @@ impl DropReason {
             DropReason::NoFlow => "no-flow",
             DropReason::FlowTableFull => "flow-table-full",
             DropReason::NoTunnel => "no-tunnel",
+            DropReason::BadOffload => "bad-offload",
         }
     }
 }

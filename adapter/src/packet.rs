@@ -323,6 +323,18 @@ fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
+/// Completes a partial L4 checksum (`NEEDS_CSUM`, see [`crate::gso`]): the field at
+/// `start + offset` holds the pseudo-header sum; the one's complement sum of everything from
+/// `start` on (RFC 1071) replaces it. The caller has checked that the field lies in `packet`.
+pub(crate) fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) {
+    let at = start + offset;
+    let initial = u32::from(u16::from_be_bytes([packet[at], packet[at + 1]]));
+    packet[at] = 0;
+    packet[at + 1] = 0;
+    let c = fold(sum16(initial, &packet[start..]));
+    packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
 /// Writes the IPv4 header checksum of `header` (20 bytes).
 fn ipv4_checksum(header: &mut [u8]) {
     header[10] = 0;

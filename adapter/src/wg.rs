@@ -10,8 +10,9 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 /// WireGuard's overhead on a data message: 16-byte header and 16-byte authentication tag.
 pub const OVERHEAD: usize = 32;
 
-/// Output buffers hold the largest IP packet plus overhead (handshake messages are smaller).
-pub const BUFFER: usize = 65_535 + OVERHEAD;
+/// Output buffers hold the largest IP packet, its offload trailer ([`crate::gso::TRAILER`])
+/// and the overhead (handshake messages are smaller).
+pub const BUFFER: usize = 65_535 + crate::gso::TRAILER + OVERHEAD;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WgError {
@@ -54,8 +55,9 @@ pub fn parse_public(hex_key: &str) -> Result<PublicKey, WgError> {
 /// What feeding a datagram produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decapsulated<'a> {
-    /// An inner IP packet (for the filter).
-    Packet(&'a [u8]),
+    /// An inner IP packet (for the filter), and the rest of the decrypted plaintext after it
+    /// (its IP total length): empty, or the offload trailer of [`crate::gso`].
+    Packet { packet: &'a [u8], rest: &'a [u8] },
     /// A datagram to send back to the peer (a handshake response); call [`Peer::flush`] until
     /// it returns `None`, for the packets queued behind the handshake.
     Send(&'a [u8]),
@@ -104,13 +106,35 @@ impl Peer {
     }
 
     /// Decrypts a datagram into `out` (at least as long as the datagram).
+    ///
+    /// boringtun decrypts a data message's whole plaintext to the start of `out` and returns it
+    /// cut to the inner packet's IP total length; the plaintext is the datagram less
+    /// WireGuard's 16-byte header and 16-byte tag (boringtun does not pad), so what follows the
+    /// packet is `out[packet..datagram − OVERHEAD]`.
     pub fn decapsulate<'a>(&mut self, datagram: &[u8], out: &'a mut [u8]) -> Decapsulated<'a> {
-        match self.tunn.decapsulate(None, datagram, out) {
-            TunnResult::WriteToNetwork(d) => Decapsulated::Send(d),
-            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _) => {
-                Decapsulated::Packet(p)
+        enum Got {
+            Packet(usize),
+            Send(usize, usize),
+            Nothing,
+        }
+        let base = out.as_ptr() as usize;
+        let got = match self.tunn.decapsulate(None, datagram, out) {
+            TunnResult::WriteToNetwork(d) => Got::Send(d.as_ptr() as usize - base, d.len()),
+            TunnResult::WriteToTunnelV4(p, _) | TunnResult::WriteToTunnelV6(p, _)
+                if p.as_ptr() as usize == base =>
+            {
+                Got::Packet(p.len())
             }
-            TunnResult::Done | TunnResult::Err(_) => Decapsulated::Nothing,
+            _ => Got::Nothing,
+        };
+        match got {
+            Got::Packet(n) => {
+                let plain = datagram.len().saturating_sub(OVERHEAD).max(n);
+                let (packet, rest) = out[..plain].split_at(n);
+                Decapsulated::Packet { packet, rest }
+            }
+            Got::Send(at, n) => Decapsulated::Send(&out[at..at + n]),
+            Got::Nothing => Decapsulated::Nothing,
         }
     }
 
@@ -154,7 +178,10 @@ mod tests {
         let mut buf = vec![0u8; BUFFER];
         let (mut packets, mut back) = (Vec::new(), Vec::new());
         match to.decapsulate(d, &mut buf) {
-            Decapsulated::Packet(p) => packets.push(p.to_vec()),
+            Decapsulated::Packet { packet, rest } => {
+                assert!(rest.is_empty());
+                packets.push(packet.to_vec())
+            }
             Decapsulated::Send(r) => {
                 back.push(r.to_vec());
                 while let Some(r) = to.flush(&mut buf) {
@@ -202,7 +229,29 @@ mod tests {
             b"hi",
         );
         let d = b.encapsulate(&reply, &mut out).expect("data").to_vec();
-        assert_eq!(feed(&mut a, &d).0, vec![reply]);
+        assert_eq!(feed(&mut a, &d).0, vec![reply.clone()]);
+        // What follows the IP packet in the plaintext comes out as the rest, and a 64 KiB
+        // packet fits one message.
+        let mut with = reply.clone();
+        with.extend_from_slice(b"trailer");
+        let d = b.encapsulate(&with, &mut out).expect("data").to_vec();
+        let mut buf = vec![0u8; BUFFER];
+        match a.decapsulate(&d, &mut buf) {
+            Decapsulated::Packet { packet, rest } => {
+                assert_eq!((packet, rest), (&reply[..], &b"trailer"[..]))
+            }
+            other => panic!("{other:?}"),
+        }
+        let (big, _) = crate::gso::build::tcp_v4(
+            "192.168.0.10".parse().expect("ip"),
+            161,
+            "100.64.0.2".parse().expect("ip"),
+            5000,
+            65_535 - 40,
+            1380,
+        );
+        let d = b.encapsulate(&big, &mut out).expect("data").to_vec();
+        assert_eq!(feed(&mut a, &d).0, vec![big]);
     }
 
     #[test]

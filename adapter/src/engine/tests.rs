@@ -9,6 +9,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::packet::build::*;
 use crate::packet::{PROTO_TCP, PROTO_UDP};
+use crate::gso;
 use crate::wg::Keypair;
 
 const TECH: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
@@ -23,6 +24,10 @@ struct Rig {
     engine: Engine,
     far: BTreeMap<TunnelId, Peer>,
     now: Instant,
+    /// The offload metadata of every packet written to the TUN, and the plaintext after the IP
+    /// packet of every datagram the far ends decrypted.
+    offloads: Vec<Offload>,
+    rests: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -67,6 +72,8 @@ impl Rig {
             engine,
             far,
             now: Instant::now(),
+            offloads: Vec::new(),
+            rests: Vec::new(),
         };
         for id in [A, B] {
             rig.engine.initiate(id);
@@ -82,12 +89,18 @@ impl Rig {
         let mut buf = vec![0u8; wg::BUFFER];
         while let Some(t) = self.engine.poll_transmit() {
             match t.dest {
-                Dest::Tun => out.tun.push(t.bytes.clone()),
+                Dest::Tun => {
+                    out.tun.push(t.bytes.clone());
+                    self.offloads.push(t.offload);
+                }
                 Dest::Tunnel(id) => {
                     let far = self.far.get_mut(&id).expect("far end");
                     let mut back = Vec::new();
                     match far.decapsulate(&t.bytes, &mut buf) {
-                        Decapsulated::Packet(p) => out.far.push((id, p.to_vec())),
+                        Decapsulated::Packet { packet, rest } => {
+                            out.far.push((id, packet.to_vec()));
+                            self.rests.push(rest.to_vec());
+                        }
                         Decapsulated::Send(d) => {
                             back.push(d.to_vec());
                             while let Some(d) = far.flush(&mut buf) {
@@ -300,6 +313,8 @@ fn the_site_accepts_only_its_technician_and_its_devices() {
         engine,
         far,
         now: Instant::now(),
+        offloads: Vec::new(),
+        rests: Vec::new(),
     };
     // The technician side initiates.
     let mut buf = vec![0u8; wg::BUFFER];
@@ -321,6 +336,101 @@ fn the_site_accepts_only_its_technician_and_its_devices() {
     assert_eq!(rig.tun_in(&reply).far, vec![(TunnelId(5), reply)]);
     let other = tcp_ack(Ipv4Addr::new(192, 168, 0, 11), 102, TECH, 40000);
     assert!(rig.tun_in(&other).far.is_empty());
+}
+
+impl Rig {
+    /// A super-packet read from the TUN with its metadata.
+    fn tun_in_offload(&mut self, p: &[u8], o: Offload) -> Out {
+        let mut buf = p.to_vec();
+        buf.resize(p.len() + gso::TRAILER, 0);
+        self.engine.handle_tun_offload(&mut buf, p.len(), o, self.now);
+        self.pump()
+    }
+
+    /// The far end of `id` sends `p` followed by `rest` in one WireGuard message.
+    fn site_in_raw(&mut self, id: TunnelId, p: &[u8], rest: &[u8]) -> Out {
+        let mut plain = p.to_vec();
+        plain.extend_from_slice(rest);
+        self.site_in(id, &plain)
+    }
+}
+
+fn payload_of(p: &[u8]) -> &[u8] {
+    let ip = usize::from(p[0] & 0x0f) * 4;
+    &p[ip + usize::from(p[ip + 12] >> 4) * 4..]
+}
+
+#[test]
+fn super_packets_travel_whole_with_their_metadata() {
+    let mut rig = Rig::client();
+    let syn = tcp(TECH, 40000, PLC, 101);
+    assert_eq!(rig.tun_in(&syn).far.len(), 1);
+    // Technician → site: one WireGuard message, the metadata in its trailer.
+    let (sp, o) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 64_000, 1380);
+    let out = rig.tun_in_offload(&sp, o);
+    assert_eq!(out.far, vec![(A, sp.clone())]);
+    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+    // The kernel's header-length hint is replaced by the real one.
+    let hinted = Offload { hdr_len: 1420, flags: o.flags | 2, ..o };
+    rig.tun_in_offload(&sp, hinted);
+    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+    // Site → technician, to a TUN with offload: whole, with the metadata.
+    rig.engine.set_tun_offload(TunOffload { tcp: true, udp: false });
+    let (reply, ro) = gso::build::tcp_v4(PLC, 101, TECH, 40000, 30_000, 1380);
+    let out = rig.site_in_raw(A, &reply, &ro.to_trailer());
+    assert_eq!(out.tun, vec![reply.clone()]);
+    assert_eq!(rig.offloads.last(), Some(&ro));
+    // To a TUN without offload: the segments, each within the MTU, the payload in order.
+    rig.engine.set_tun_offload(TunOffload::default());
+    let out = rig.site_in_raw(A, &reply, &ro.to_trailer());
+    assert_eq!(out.tun.len(), 30_000usize.div_ceil(1380));
+    assert!(out.tun.iter().all(|s| s.len() <= 1420));
+    let joined: Vec<u8> = out.tun.iter().flat_map(|s| payload_of(s).to_vec()).collect();
+    assert_eq!(joined, payload_of(&reply));
+    assert!(rig.offloads.iter().rev().take(out.tun.len()).all(Offload::is_none));
+    // The filter sees the super-packet's headers: a port no agent allows is refused.
+    let (bad, bo) = gso::build::tcp_v4(TECH, 40001, PLC, 999, 10_000, 1380);
+    assert!(rig.tun_in_offload(&bad, bo).far.is_empty());
+    assert_eq!(rig.drops(DropReason::PortNotAllowed), 1);
+    // And from the site, a super-packet of no flow is dropped.
+    let (stray, so) = gso::build::tcp_v4(PLC, 101, TECH, 40009, 10_000, 1380);
+    assert!(rig.site_in_raw(A, &stray, &so.to_trailer()).tun.is_empty());
+    assert_eq!(rig.drops(DropReason::NoFlow), 1);
+    assert_eq!(rig.drops(DropReason::BadOffload), 0);
+}
+
+#[test]
+fn malformed_metadata_from_the_tunnel_is_dropped_and_counted() {
+    let mut rig = Rig::client();
+    rig.engine.set_tun_offload(TunOffload { tcp: true, udp: true });
+    assert_eq!(rig.tun_in(&tcp(TECH, 40000, PLC, 101)).far.len(), 1);
+    let (reply, o) = gso::build::tcp_v4(PLC, 101, TECH, 40000, 30_000, 1380);
+    let mut syn = reply.clone();
+    syn[33] |= 0x02;
+    let trailer = |o: Offload| o.to_trailer().to_vec();
+    let mut magic = trailer(o);
+    magic[0] ^= 1;
+    let cases: Vec<(&str, &[u8], Vec<u8>)> = vec![
+        ("gso_size 0", &reply, trailer(Offload { gso_size: 0, ..o })),
+        ("segments over the MTU", &reply, trailer(Offload { gso_size: 1400, ..o })),
+        ("TCPv6 on IPv4", &reply, trailer(Offload { gso_type: gso::GSO_TCPV6, ..o })),
+        ("UDP on TCP", &reply, trailer(Offload { gso_type: gso::GSO_UDP_L4, ..o })),
+        ("hdr_len", &reply, trailer(Offload { hdr_len: 60, ..o })),
+        ("csum_start", &reply, trailer(Offload { csum_start: 0, ..o })),
+        ("csum_offset", &reply, trailer(Offload { csum_offset: 6, ..o })),
+        ("flags", &reply, trailer(Offload { flags: 0x81, ..o })),
+        ("a SYN", &syn, trailer(o)),
+        ("magic", &reply, magic),
+        ("short trailer", &reply, trailer(o)[..7].to_vec()),
+        ("long trailer", &reply, [trailer(o), vec![0]].concat()),
+    ];
+    for (i, (what, p, rest)) in cases.iter().enumerate() {
+        let out = rig.site_in_raw(A, p, rest);
+        assert!(out.tun.is_empty(), "{what}");
+        assert_eq!(rig.drops(DropReason::BadOffload), i as u64 + 1, "{what}");
+    }
+    // The tunnel still works.
+    assert_eq!(rig.site_in_raw(A, &reply, &trailer(o)).tun, vec![reply]);
 }
 
 /// The reference model: which (device, protocol, port) each agent allows, and the flows opened.
@@ -434,6 +544,34 @@ proptest! {
                     allowed.retain(|a| *a != (PLC, 6, 103));
                     opened.retain(|k| !(k.0 == 6 && k.2 == PLC && k.3 == 103));
                 }
+            }
+        }
+    }
+
+    /// Whatever metadata a peer sends with a super-packet, the engine never panics, and what
+    /// reaches the TUN with metadata passed the validator.
+    #[test]
+    fn any_metadata_from_the_tunnel_is_validated(
+        len in 0usize..5000,
+        mss in 0u16..1500,
+        trailer in proptest::collection::vec(any::<u8>(), 12),
+        flip in proptest::option::of((0usize..60, any::<u8>())),
+        offload in any::<bool>(),
+    ) {
+        let mut rig = Rig::client();
+        rig.engine.set_tun_offload(TunOffload { tcp: offload, udp: offload });
+        prop_assert_eq!(rig.tun_in(&tcp(TECH, 40000, PLC, 101)).far.len(), 1);
+        let (mut p, o) = gso::build::tcp_v4(PLC, 101, TECH, 40000, len, mss);
+        if let Some((at, b)) = flip && at < p.len() {
+            p[at] = b;
+        }
+        for rest in [o.to_trailer().to_vec(), trailer.clone()] {
+            let n = rig.offloads.len();
+            let out = rig.site_in_raw(A, &p, &rest);
+            for (pkt, meta) in out.tun.iter().zip(&rig.offloads[n..]) {
+                prop_assert!(meta.validate(pkt, 1420).is_ok());
+                prop_assert!(offload || meta.is_none());
+                prop_assert!(meta.is_gso() || pkt.len() <= 1420 || !packet::dont_fragment(pkt) || p.len() == pkt.len());
             }
         }
     }
