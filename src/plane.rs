@@ -162,14 +162,17 @@ impl Plane {
         })?;
         let index = tun.index().map_err(|e| format!("{name}: {e}"))?;
         let routes = Routes::new(index).map_err(|e| format!("netlink: {e}"))?;
-        info!(tun = tun.name(), "virtual adapter up");
+        let offload = tun.offload();
+        info!(tun = tun.name(), tso = offload.tcp, uso = offload.udp, "virtual adapter up");
         debug!(%addr, "tunnel address");
-        self.tun = Some(tun);
-        self.routes = Some(routes);
-        self.engine = Some(Engine::new(Side::Client {
+        let mut engine = Engine::new(Side::Client {
             address: addr.into(),
             any_source: self.other_sources,
-        }));
+        });
+        engine.set_tun_offload(offload);
+        self.tun = Some(tun);
+        self.routes = Some(routes);
+        self.engine = Some(engine);
         Ok(())
     }
 
@@ -393,10 +396,10 @@ impl Plane {
         let (Some(engine), Some(tun)) = (self.engine.as_mut(), self.tun.as_ref()) else {
             return;
         };
-        engine.handle_tun_packet(&buf[..first], now);
+        tun.feed(engine, buf, first, now);
         for _ in 1..pinhole_adapter::tun::BATCH {
             match tun.try_recv(buf) {
-                Ok(n) => engine.handle_tun_packet(&buf[..n], now),
+                Ok(n) => tun.feed(engine, buf, n, now),
                 Err(_) => break,
             }
         }
@@ -430,7 +433,7 @@ impl Plane {
             match t.dest {
                 Dest::Tun => {
                     if let Some(tun) = self.tun.as_ref() {
-                        let _ = tun.send(&t.bytes).await;
+                        let _ = tun.send_packet(&t.bytes, t.offload).await;
                     }
                 }
                 Dest::Tunnel(id) => core.send_data(id.0, &t.bytes, now),

@@ -11,6 +11,13 @@
 //! ```
 //!
 //! A data payload is `session id (u32, big-endian) ‖ opaque datagram` (a WireGuard message).
+//! With TUN offload, the message's plaintext may be a GSO super-packet of up to 64 KiB (many
+//! MTU-size segments under one IP + L4 header: the TLS links have no path MTU, so it is never
+//! cut on the way) followed by a 12-byte trailer with its offload metadata (`virtio_net_hdr`:
+//! GSO type and segment size, header length, checksum state). The trailer is inside the
+//! encryption, so the gateway relays the frame as it relays any other: it neither sees nor
+//! can alter the metadata; the receiving end checks it against the packet before its TUN
+//! takes it. Layout and checks: `pinhole_adapter::gso`.
 //! A control payload is one UTF-8 JSON object, a [`crate::Message`].
 //!
 //! The decoder never allocates more than one payload's worth, and refuses a header that
@@ -24,8 +31,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 6;
 
 /// The largest data payload: a session id and one WireGuard message, whose inner packet is at
-/// most 64 KiB (a GSO super-packet) plus WireGuard's 32 bytes.
-pub const MAX_DATA: usize = 4 + 65_535 + 32;
+/// most 64 KiB (a GSO super-packet) with its 12-byte offload trailer, plus WireGuard's 32
+/// bytes.
+pub const MAX_DATA: usize = 4 + 65_535 + 12 + 32;
 
 /// The largest control payload. The biggest control message is a technician's inventory:
 /// about 150 bytes of JSON per site with one agent, so 4 MiB holds some 25 000 sites. It also

@@ -140,7 +140,7 @@ impl Plane {
             match t.dest {
                 Dest::Tun => {
                     if let Some(tun) = &self.tun {
-                        let _ = tun.send(&t.bytes).await;
+                        let _ = tun.send_packet(&t.bytes, t.offload).await;
                     }
                 }
                 Dest::Tunnel(id) => core.send_data(id.0, &t.bytes, now),
@@ -386,6 +386,7 @@ impl SiteAgent {
             self.reports = Some(rx);
             watcher = Some(tokio::spawn(watch_firewall(guard.clone(), tx)));
             self.plane.guard = Some(guard);
+            self.plane.fwd.set_tun_offload(tun.offload());
             self.plane.tun = Some(tun);
         }
         self.sync_plane().await;
@@ -433,7 +434,7 @@ impl SiteAgent {
             domain.release();
             return Err(anyhow::Error::new(e).context("switching forwarding on"));
         }
-        info!(tun = tun.name(), device = %dev, "forwarding ready; uplink and device network isolated");
+        info!(tun = tun.name(), tso = tun.offload().tcp, uso = tun.offload().udp, device = %dev, "forwarding ready; uplink and device network isolated");
         Ok((Guard { domain, firewall }, tun))
     }
 
@@ -721,7 +722,7 @@ impl<'a> SiteLink<'a> {
         Self {
             agent,
             signals,
-            tun_buf: vec![0u8; pinhole_adapter::wg::BUFFER],
+            tun_buf: vec![0u8; pinhole_adapter::tun::RECV_BUFFER],
             switch_tick: tokio::time::interval(SWITCH_POLL),
             engine_tick: tokio::time::interval(WG_TICK),
             worked: false,
@@ -843,14 +844,14 @@ impl Handler for SiteLink<'_> {
         match wake {
             Wake::Tun(Ok(n)) => {
                 let now = Instant::now();
-                plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
                 // Take the rest of a burst too: one write to the gateway for all of it.
                 if let Some(tun) = &plane.tun {
+                    plane.fwd.handle_tun_read(tun, &mut self.tun_buf, n, now);
                     for _ in 1..pinhole_adapter::tun::BATCH {
                         let Ok(n) = tun.try_recv(&mut self.tun_buf) else {
                             break;
                         };
-                        plane.fwd.handle_tun_packet(&self.tun_buf[..n], now);
+                        plane.fwd.handle_tun_read(tun, &mut self.tun_buf, n, now);
                     }
                 }
                 plane.flush(core, now).await;

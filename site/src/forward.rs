@@ -8,7 +8,8 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use pinhole_adapter::wg::{Keypair, Peer};
-use pinhole_adapter::{Engine, Side, Transmit, TunnelId};
+use pinhole_adapter::tun::Tun;
+use pinhole_adapter::{Engine, Side, Transmit, TunOffload, TunnelId};
 use pinhole_proto::Agent;
 
 use crate::firewall::Policy;
@@ -158,6 +159,16 @@ impl Forwarder {
     /// A packet from the device network (read from the TUN).
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
         self.engine.handle_tun_packet(packet, now);
+    }
+
+    /// What one read of `tun` returned (`buf[..n]`; with offload, a `virtio_net_hdr` first).
+    pub fn handle_tun_read(&mut self, tun: &Tun, buf: &mut [u8], n: usize, now: Instant) {
+        tun.feed(&mut self.engine, buf, n, now);
+    }
+
+    /// What the TUN takes: super-packets and partial checksums whole, or not.
+    pub fn set_tun_offload(&mut self, offload: TunOffload) {
+        self.engine.set_tun_offload(offload);
     }
 
     /// WireGuard timers, flow and fragment expiry.
