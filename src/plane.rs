@@ -163,7 +163,12 @@ impl Plane {
         let index = tun.index().map_err(|e| format!("{name}: {e}"))?;
         let routes = Routes::new(index).map_err(|e| format!("netlink: {e}"))?;
         let offload = tun.offload();
-        info!(tun = tun.name(), tso = offload.tcp, uso = offload.udp, "virtual adapter up");
+        info!(
+            tun = tun.name(),
+            tso = offload.tcp,
+            uso = offload.udp,
+            "virtual adapter up"
+        );
         debug!(%addr, "tunnel address");
         let mut engine = Engine::new(Side::Client {
             address: addr.into(),

@@ -218,7 +218,11 @@ fn bulk_tcp_arrives_intact_both_ways_with_offload() {
         "{}",
         sys.log("pinholed-alice.log")
     );
-    assert!(sys.log("plant-a.log").contains("tso=true"), "{}", sys.log("plant-a.log"));
+    assert!(
+        sys.log("plant-a.log").contains("tso=true"),
+        "{}",
+        sys.log("plant-a.log")
+    );
     // Technician → device: 200 MB, its digest checked by the device.
     assert_eq!(sys.lab.tcp_check("tech", PLC, 200_000_000, 30.0), "OK");
     // Device → technician (and back again): 200 MB echoed, digests compared.
@@ -233,7 +237,12 @@ fn bulk_tcp_arrives_intact_both_ways_with_offload() {
             "200000000",
         ],
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK", "{}", common::text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK",
+        "{}",
+        common::text(&out)
+    );
     // Nothing the kernels gave was refused as bad offload metadata.
     let dropped = &alice.status()["filter"]["dropped"];
     assert!(dropped.get("bad-offload").is_none(), "{dropped}");

@@ -400,7 +400,9 @@ impl Engine {
             return self.from_tun(packet, packet, offload, now);
         }
         if buf.len() < len + gso::TRAILER
-            || offload.validate(packet, usize::from(crate::tun::MTU)).is_err()
+            || offload
+                .validate(packet, usize::from(crate::tun::MTU))
+                .is_err()
         {
             return self.drop_packet(DropReason::BadOffload, 1);
         }

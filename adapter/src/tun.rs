@@ -114,7 +114,13 @@ impl Tun {
 
     /// Gives `engine` what one read returned (`buf[..n]`, `buf` of [`RECV_BUFFER`] bytes):
     /// with offload, the packet after its `virtio_net_hdr`, with the metadata.
-    pub fn feed(&self, engine: &mut crate::Engine, buf: &mut [u8], n: usize, now: std::time::Instant) {
+    pub fn feed(
+        &self,
+        engine: &mut crate::Engine,
+        buf: &mut [u8],
+        n: usize,
+        now: std::time::Instant,
+    ) {
         if self.header_len() == 0 {
             return engine.handle_tun_packet(&buf[..n], now);
         }
@@ -128,7 +134,6 @@ impl Tun {
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         self.dev.recv(buf).await
     }
-
 
     /// A packet if one is waiting, without blocking (`WouldBlock` otherwise): lets a reader
     /// drain a burst and hand it on in one batch.

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use pinhole_adapter::wg::{Keypair, Peer};
 use pinhole_adapter::tun::Tun;
+use pinhole_adapter::wg::{Keypair, Peer};
 use pinhole_adapter::{Engine, Side, Transmit, TunOffload, TunnelId};
 use pinhole_proto::Agent;
 

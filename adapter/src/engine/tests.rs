@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use proptest::prelude::*;
 
 use super::*;
+use crate::gso;
 use crate::packet::build::*;
 use crate::packet::{PROTO_TCP, PROTO_UDP};
-use crate::gso;
 use crate::wg::Keypair;
 
 const TECH: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
@@ -343,7 +343,8 @@ impl Rig {
     fn tun_in_offload(&mut self, p: &[u8], o: Offload) -> Out {
         let mut buf = p.to_vec();
         buf.resize(p.len() + gso::TRAILER, 0);
-        self.engine.handle_tun_offload(&mut buf, p.len(), o, self.now);
+        self.engine
+            .handle_tun_offload(&mut buf, p.len(), o, self.now);
         self.pump()
     }
 
@@ -369,13 +370,26 @@ fn super_packets_travel_whole_with_their_metadata() {
     let (sp, o) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 64_000, 1380);
     let out = rig.tun_in_offload(&sp, o);
     assert_eq!(out.far, vec![(A, sp.clone())]);
-    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+    assert_eq!(
+        rig.rests.last().map(Vec::as_slice),
+        Some(&o.to_trailer()[..])
+    );
     // The kernel's header-length hint is replaced by the real one.
-    let hinted = Offload { hdr_len: 1420, flags: o.flags | 2, ..o };
+    let hinted = Offload {
+        hdr_len: 1420,
+        flags: o.flags | 2,
+        ..o
+    };
     rig.tun_in_offload(&sp, hinted);
-    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+    assert_eq!(
+        rig.rests.last().map(Vec::as_slice),
+        Some(&o.to_trailer()[..])
+    );
     // Site → technician, to a TUN with offload: whole, with the metadata.
-    rig.engine.set_tun_offload(TunOffload { tcp: true, udp: false });
+    rig.engine.set_tun_offload(TunOffload {
+        tcp: true,
+        udp: false,
+    });
     let (reply, ro) = gso::build::tcp_v4(PLC, 101, TECH, 40000, 30_000, 1380);
     let out = rig.site_in_raw(A, &reply, &ro.to_trailer());
     assert_eq!(out.tun, vec![reply.clone()]);
@@ -385,9 +399,19 @@ fn super_packets_travel_whole_with_their_metadata() {
     let out = rig.site_in_raw(A, &reply, &ro.to_trailer());
     assert_eq!(out.tun.len(), 30_000usize.div_ceil(1380));
     assert!(out.tun.iter().all(|s| s.len() <= 1420));
-    let joined: Vec<u8> = out.tun.iter().flat_map(|s| payload_of(s).to_vec()).collect();
+    let joined: Vec<u8> = out
+        .tun
+        .iter()
+        .flat_map(|s| payload_of(s).to_vec())
+        .collect();
     assert_eq!(joined, payload_of(&reply));
-    assert!(rig.offloads.iter().rev().take(out.tun.len()).all(Offload::is_none));
+    assert!(
+        rig.offloads
+            .iter()
+            .rev()
+            .take(out.tun.len())
+            .all(Offload::is_none)
+    );
     // The filter sees the super-packet's headers: a port no agent allows is refused.
     let (bad, bo) = gso::build::tcp_v4(TECH, 40001, PLC, 999, 10_000, 1380);
     assert!(rig.tun_in_offload(&bad, bo).far.is_empty());
@@ -402,7 +426,10 @@ fn super_packets_travel_whole_with_their_metadata() {
 #[test]
 fn malformed_metadata_from_the_tunnel_is_dropped_and_counted() {
     let mut rig = Rig::client();
-    rig.engine.set_tun_offload(TunOffload { tcp: true, udp: true });
+    rig.engine.set_tun_offload(TunOffload {
+        tcp: true,
+        udp: true,
+    });
     assert_eq!(rig.tun_in(&tcp(TECH, 40000, PLC, 101)).far.len(), 1);
     let (reply, o) = gso::build::tcp_v4(PLC, 101, TECH, 40000, 30_000, 1380);
     let mut syn = reply.clone();
@@ -412,12 +439,44 @@ fn malformed_metadata_from_the_tunnel_is_dropped_and_counted() {
     magic[0] ^= 1;
     let cases: Vec<(&str, &[u8], Vec<u8>)> = vec![
         ("gso_size 0", &reply, trailer(Offload { gso_size: 0, ..o })),
-        ("segments over the MTU", &reply, trailer(Offload { gso_size: 1400, ..o })),
-        ("TCPv6 on IPv4", &reply, trailer(Offload { gso_type: gso::GSO_TCPV6, ..o })),
-        ("UDP on TCP", &reply, trailer(Offload { gso_type: gso::GSO_UDP_L4, ..o })),
+        (
+            "segments over the MTU",
+            &reply,
+            trailer(Offload {
+                gso_size: 1400,
+                ..o
+            }),
+        ),
+        (
+            "TCPv6 on IPv4",
+            &reply,
+            trailer(Offload {
+                gso_type: gso::GSO_TCPV6,
+                ..o
+            }),
+        ),
+        (
+            "UDP on TCP",
+            &reply,
+            trailer(Offload {
+                gso_type: gso::GSO_UDP_L4,
+                ..o
+            }),
+        ),
         ("hdr_len", &reply, trailer(Offload { hdr_len: 60, ..o })),
-        ("csum_start", &reply, trailer(Offload { csum_start: 0, ..o })),
-        ("csum_offset", &reply, trailer(Offload { csum_offset: 6, ..o })),
+        (
+            "csum_start",
+            &reply,
+            trailer(Offload { csum_start: 0, ..o }),
+        ),
+        (
+            "csum_offset",
+            &reply,
+            trailer(Offload {
+                csum_offset: 6,
+                ..o
+            }),
+        ),
         ("flags", &reply, trailer(Offload { flags: 0x81, ..o })),
         ("a SYN", &syn, trailer(o)),
         ("magic", &reply, magic),

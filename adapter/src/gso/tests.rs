@@ -11,7 +11,10 @@ const A: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const B: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
 
 fn v6() -> (Ipv6Addr, Ipv6Addr) {
-    ("fd00::2".parse().expect("ip"), "fd00::10".parse().expect("ip"))
+    (
+        "fd00::2".parse().expect("ip"),
+        "fd00::10".parse().expect("ip"),
+    )
 }
 
 #[test]
@@ -66,45 +69,225 @@ fn every_malformed_field_is_refused() {
     let udp = pb::udp(A, 5000, B, 161, &[7; 4000]);
     let cases: Vec<(&str, &[u8], Offload)> = vec![
         ("unknown flag", &p, Offload { flags: 3, ..good }),
-        ("data-valid flag", &p, Offload { flags: 2 | 1, ..good }),
+        (
+            "data-valid flag",
+            &p,
+            Offload {
+                flags: 2 | 1,
+                ..good
+            },
+        ),
         ("no partial checksum", &p, Offload { flags: 0, ..good }),
-        ("TCPv6 type on IPv4", &p, Offload { gso_type: GSO_TCPV6, ..good }),
-        ("TCPv4 type on IPv6", &p6, Offload { gso_type: GSO_TCPV4, ..good6 }),
-        ("UDP (UFO) type", &p, Offload { gso_type: 3, ..good }),
-        ("unknown type", &p, Offload { gso_type: 9, ..good }),
-        ("ECN alone", &p, Offload { gso_type: GSO_ECN, ..good }),
-        ("UDP L4 type on TCP", &p, Offload { gso_type: GSO_UDP_L4, ..good }),
-        ("TCP type on UDP", &udp, Offload { hdr_len: 28, csum_offset: 6, ..good }),
-        ("zero gso_size", &p, Offload { gso_size: 0, ..good }),
-        ("segments over the MTU", &p, Offload { gso_size: 1381, ..good }),
-        ("too many segments", &p, Offload { gso_size: 8, ..good }),
-        ("hdr_len short", &p, Offload { hdr_len: 39, ..good }),
-        ("hdr_len long", &p, Offload { hdr_len: 41, ..good }),
-        ("hdr_len of the v4 header on v6", &p6, Offload { hdr_len: 40, ..good6 }),
-        ("csum_start", &p, Offload { csum_start: 21, ..good }),
-        ("csum_start of v4 on v6", &p6, Offload { csum_start: 20, ..good6 }),
-        ("csum_offset UDP on TCP", &p, Offload { csum_offset: 6, ..good }),
-        ("csum_offset", &p, Offload { csum_offset: 17, ..good }),
-        ("gso_size without GSO", &udp, Offload { flags: 1, gso_type: 0, hdr_len: 0, gso_size: 1000, csum_start: 20, csum_offset: 6 }),
-        ("hdr_len without GSO", &udp, Offload { flags: 1, gso_type: 0, hdr_len: 28, gso_size: 0, csum_start: 20, csum_offset: 6 }),
-        ("checksum place without the flag", &udp, Offload { flags: 0, gso_type: 0, hdr_len: 0, gso_size: 0, csum_start: 20, csum_offset: 6 }),
+        (
+            "TCPv6 type on IPv4",
+            &p,
+            Offload {
+                gso_type: GSO_TCPV6,
+                ..good
+            },
+        ),
+        (
+            "TCPv4 type on IPv6",
+            &p6,
+            Offload {
+                gso_type: GSO_TCPV4,
+                ..good6
+            },
+        ),
+        (
+            "UDP (UFO) type",
+            &p,
+            Offload {
+                gso_type: 3,
+                ..good
+            },
+        ),
+        (
+            "unknown type",
+            &p,
+            Offload {
+                gso_type: 9,
+                ..good
+            },
+        ),
+        (
+            "ECN alone",
+            &p,
+            Offload {
+                gso_type: GSO_ECN,
+                ..good
+            },
+        ),
+        (
+            "UDP L4 type on TCP",
+            &p,
+            Offload {
+                gso_type: GSO_UDP_L4,
+                ..good
+            },
+        ),
+        (
+            "TCP type on UDP",
+            &udp,
+            Offload {
+                hdr_len: 28,
+                csum_offset: 6,
+                ..good
+            },
+        ),
+        (
+            "zero gso_size",
+            &p,
+            Offload {
+                gso_size: 0,
+                ..good
+            },
+        ),
+        (
+            "segments over the MTU",
+            &p,
+            Offload {
+                gso_size: 1381,
+                ..good
+            },
+        ),
+        (
+            "too many segments",
+            &p,
+            Offload {
+                gso_size: 8,
+                ..good
+            },
+        ),
+        (
+            "hdr_len short",
+            &p,
+            Offload {
+                hdr_len: 39,
+                ..good
+            },
+        ),
+        (
+            "hdr_len long",
+            &p,
+            Offload {
+                hdr_len: 41,
+                ..good
+            },
+        ),
+        (
+            "hdr_len of the v4 header on v6",
+            &p6,
+            Offload {
+                hdr_len: 40,
+                ..good6
+            },
+        ),
+        (
+            "csum_start",
+            &p,
+            Offload {
+                csum_start: 21,
+                ..good
+            },
+        ),
+        (
+            "csum_start of v4 on v6",
+            &p6,
+            Offload {
+                csum_start: 20,
+                ..good6
+            },
+        ),
+        (
+            "csum_offset UDP on TCP",
+            &p,
+            Offload {
+                csum_offset: 6,
+                ..good
+            },
+        ),
+        (
+            "csum_offset",
+            &p,
+            Offload {
+                csum_offset: 17,
+                ..good
+            },
+        ),
+        (
+            "gso_size without GSO",
+            &udp,
+            Offload {
+                flags: 1,
+                gso_type: 0,
+                hdr_len: 0,
+                gso_size: 1000,
+                csum_start: 20,
+                csum_offset: 6,
+            },
+        ),
+        (
+            "hdr_len without GSO",
+            &udp,
+            Offload {
+                flags: 1,
+                gso_type: 0,
+                hdr_len: 28,
+                gso_size: 0,
+                csum_start: 20,
+                csum_offset: 6,
+            },
+        ),
+        (
+            "checksum place without the flag",
+            &udp,
+            Offload {
+                flags: 0,
+                gso_type: 0,
+                hdr_len: 0,
+                gso_size: 0,
+                csum_start: 20,
+                csum_offset: 6,
+            },
+        ),
     ];
     for (what, packet, o) in cases {
-        assert_eq!(o.validate(packet, MTU), Err(DropReason::BadOffload), "{what}");
+        assert_eq!(
+            o.validate(packet, MTU),
+            Err(DropReason::BadOffload),
+            "{what}"
+        );
     }
     // The packet disagrees with its IP total length, or has no payload, or is SYN/RST.
     let mut long = p.clone();
     long.push(0);
-    assert_eq!(good.validate(&long, MTU), Err(DropReason::BadOffload), "trailing byte");
+    assert_eq!(
+        good.validate(&long, MTU),
+        Err(DropReason::BadOffload),
+        "trailing byte"
+    );
     let mut short = p.clone();
     short.pop();
-    assert_eq!(good.validate(&short, MTU), Err(DropReason::BadOffload), "short");
+    assert_eq!(
+        good.validate(&short, MTU),
+        Err(DropReason::BadOffload),
+        "short"
+    );
     let (empty, o) = tcp_v4(A, 40000, B, 102, 0, 1380);
-    assert_eq!(o.validate(&empty, MTU), Err(DropReason::BadOffload), "no payload");
+    assert_eq!(
+        o.validate(&empty, MTU),
+        Err(DropReason::BadOffload),
+        "no payload"
+    );
     for flag in [0x02, 0x04] {
         let mut syn = p.clone();
         syn[33] |= flag;
-        assert_eq!(good.validate(&syn, MTU), Err(DropReason::BadOffload), "flag {flag}");
+        assert_eq!(
+            good.validate(&syn, MTU),
+            Err(DropReason::BadOffload),
+            "flag {flag}"
+        );
     }
     // A smaller TUN MTU at the receiver than the sender's segments.
     assert_eq!(good.validate(&p, 1400), Err(DropReason::BadOffload), "mtu");
