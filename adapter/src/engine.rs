@@ -380,7 +380,7 @@ impl Engine {
 
     /// A packet read from the TUN.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
-        self.from_tun(packet, packet, Offload::NONE, now);
+        self.tun_packet(packet, packet, Offload::NONE, now);
     }
 
     /// A packet read from a TUN with offload: `buf[..len]` is the packet (maybe a
@@ -397,7 +397,7 @@ impl Engine {
         let packet = &buf[..len];
         let offload = offload.normalize(packet);
         if offload.is_none() {
-            return self.from_tun(packet, packet, offload, now);
+            return self.tun_packet(packet, packet, offload, now);
         }
         if buf.len() < len + gso::TRAILER
             || offload
@@ -408,12 +408,12 @@ impl Engine {
         }
         buf[len..len + gso::TRAILER].copy_from_slice(&offload.to_trailer());
         let (packet, wire) = (&buf[..len], &buf[..len + gso::TRAILER]);
-        self.from_tun(packet, wire, offload, now);
+        self.tun_packet(packet, wire, offload, now);
     }
 
     /// A packet from the TUN, and what to encrypt if it passes (the packet, and its offload
     /// trailer if it has metadata).
-    fn from_tun(&mut self, packet: &[u8], wire: &[u8], offload: Offload, now: Instant) {
+    fn tun_packet(&mut self, packet: &[u8], wire: &[u8], offload: Offload, now: Instant) {
         let parsed = match packet::parse(packet) {
             Ok(p) => p,
             Err(r) => return self.drop_packet(r, 1),
