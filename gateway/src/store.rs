@@ -1512,12 +1512,18 @@ mod tests {
             // A database from before the column: the account is there, the column is not.
             let c = Connection::open(&path).expect("open");
             c.execute_batch(SCHEMA).expect("schema");
-            c.execute_batch("INSERT INTO accounts (name, created, serial) VALUES ('old', 't', x'05');")
-                .expect("old account");
+            c.execute_batch(
+                "INSERT INTO accounts (name, created, serial) VALUES ('old', 't', x'05');",
+            )
+            .expect("old account");
         }
         let mut s = Store::open(&path).expect("upgrade");
-        let forbidden =
-            |s: &Store, n: &str| s.account(n).expect("a").expect("exists").forbid_remembered_password;
+        let forbidden = |s: &Store, n: &str| {
+            s.account(n)
+                .expect("a")
+                .expect("exists")
+                .forbid_remembered_password
+        };
         assert!(!forbidden(&s, "old"));
         s.create_account(&ADMIN, "alice", &[7], 365).expect("alice");
         assert!(!forbidden(&s, "alice"), "allowed by default");

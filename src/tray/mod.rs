@@ -114,7 +114,8 @@ pub async fn run() -> anyhow::Result<()> {
                 forgotten.clone_from(&key);
                 let c = ctx.clone();
                 tokio::spawn(async move {
-                    c.forget(key, "the gateway forbids it for this account").await
+                    c.forget(key, "the gateway forbids it for this account")
+                        .await
                 });
             }
         } else if snap.allows_remembering() {
@@ -474,8 +475,11 @@ impl Ctx {
                 ));
             }
             Err(e) => {
-                self.fail("Pinhole: cannot remember the password".into(), e.to_string())
-                    .await
+                self.fail(
+                    "Pinhole: cannot remember the password".into(),
+                    e.to_string(),
+                )
+                .await
             }
         }
     }

@@ -611,7 +611,11 @@ mod tests {
         s.remember_password = true;
         assert!(matches!(
             toggle(&menu(&s)),
-            Some(Entry::Toggle { checked: true, action: Action::RememberPassword(false), .. })
+            Some(Entry::Toggle {
+                checked: true,
+                action: Action::RememberPassword(false),
+                ..
+            })
         ));
         // Still offered after logging out: the last welcome said so.
         allowed.state = LinkState::LoggedOut;

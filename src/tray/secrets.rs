@@ -87,9 +87,7 @@ fn map(e: secret_service::Error) -> SecretsError {
     }
 }
 
-async fn bounded<T>(
-    f: impl Future<Output = Result<T, SecretsError>>,
-) -> Result<T, SecretsError> {
+async fn bounded<T>(f: impl Future<Output = Result<T, SecretsError>>) -> Result<T, SecretsError> {
     tokio::time::timeout(TIMEOUT, f)
         .await
         .unwrap_or(Err(SecretsError::Timeout(TIMEOUT)))

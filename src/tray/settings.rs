@@ -155,8 +155,11 @@ mod tests {
         let path = dir.path().join("pinhole/tray.toml");
         Settings::save_remember_password(&path, true).expect("a new file");
         assert!(Settings::load(Some(&path)).expect("load").remember_password);
-        std::fs::write(&path, "notifications = false\npinentry = \"/usr/bin/pinentry-qt\"\n")
-            .expect("write");
+        std::fs::write(
+            &path,
+            "notifications = false\npinentry = \"/usr/bin/pinentry-qt\"\n",
+        )
+        .expect("write");
         Settings::save_remember_password(&path, true).expect("save");
         let back = Settings::parse(&std::fs::read_to_string(&path).expect("read")).expect("parse");
         assert!(back.remember_password);
@@ -167,7 +170,10 @@ mod tests {
         // A broken file is not overwritten.
         std::fs::write(&path, "remember = yes\n").expect("write");
         assert!(Settings::save_remember_password(&path, true).is_err());
-        assert_eq!(std::fs::read_to_string(&path).expect("read"), "remember = yes\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "remember = yes\n"
+        );
     }
 
     #[test]

@@ -171,13 +171,7 @@ impl Command {
                 inventory,
                 forbid_remembered_password,
                 ..
-            } => core.welcome(
-                &name,
-                tunnel_ip,
-                inventory,
-                forbid_remembered_password,
-                now,
-            ),
+            } => core.welcome(&name, tunnel_ip, inventory, forbid_remembered_password, now),
             Command::Inventory { sites, update, .. } => {
                 if core.is_running() {
                     core.inventory(sites, update, now);
