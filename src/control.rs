@@ -141,6 +141,11 @@ pub struct Status {
     /// across logins so that their numbers only grow.
     #[serde(default)]
     pub ended: Vec<EndedView>,
+    /// Whether the account lets the technician's tray remember the bundle password (in the
+    /// desktop's Secret Service), as the gateway said in this login's welcome; `None` before
+    /// a welcome. Kept after a logout, until the next login.
+    #[serde(default)]
+    pub remember_password: Option<bool>,
 }
 
 impl Status {
@@ -241,6 +246,7 @@ mod tests {
             filter: FilterCounters::default(),
             refused: Vec::new(),
             ended: Vec::new(),
+            remember_password: None,
         }
     }
 

@@ -359,6 +359,7 @@ fn empty_status() -> Status {
         filter: Default::default(),
         refused: Vec::new(),
         ended: Vec::new(),
+        remember_password: None,
     }
 }
 

@@ -330,6 +330,7 @@ impl ClientLink<'_> {
         account: String,
         tunnel_ip: Option<std::net::Ipv4Addr>,
         sites: Vec<SiteView>,
+        forbid_remembered_password: bool,
     ) -> Option<End> {
         self.backoff.reset();
         if let Some(ip) = tunnel_ip
@@ -345,6 +346,7 @@ impl ClientLink<'_> {
             s.tunnel_ip = tunnel_ip;
             s.sites = sites.len();
             s.last_error = None;
+            s.remember_password = Some(!forbid_remembered_password);
             if s.since.is_none() {
                 s.since = Some(crate::now_rfc3339());
             }
@@ -471,7 +473,8 @@ impl Handler for ClientLink<'_> {
                 account,
                 tunnel_ip,
                 sites,
-            } => return self.logged_in(account, tunnel_ip, sites),
+                forbid_remembered_password,
+            } => return self.logged_in(account, tunnel_ip, sites, forbid_remembered_password),
             ClientEvent::Inventory(sites) => {
                 update(self.status, |s| s.sites = sites.len());
                 *self.inventory.lock().unwrap_or_else(|p| p.into_inner()) = sites.clone();

@@ -663,3 +663,489 @@ fn the_tray_imports_logs_in_connects_and_tells_when_the_gateway_ends_a_session()
     );
     drop(bus);
 }
+
+/// A real Secret Service on the test bus: `gnome-keyring-daemon --unlock`, its login keyring
+/// created (and unlocked) with a password from stdin, in a home of its own under `dir`.
+struct Keyring {
+    proc: std::process::Child,
+}
+
+impl Keyring {
+    fn start(dir: &Path, bus: &Bus, host: &Host) -> Self {
+        let home = dir.join("keyring-home");
+        let run = home.join("run");
+        std::fs::create_dir_all(&run).expect("keyring home");
+        common::private(&run);
+        let mut proc = Command::new("gnome-keyring-daemon")
+            .args(["--unlock", "--foreground", "--components=secrets"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", &home)
+            .env("XDG_RUNTIME_DIR", &run)
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("gnome-keyring-daemon (apt-get install gnome-keyring)");
+        {
+            use std::io::Write;
+            let mut stdin = proc.stdin.take().expect("stdin");
+            stdin
+                .write_all(b"keyring-pw")
+                .expect("the keyring's password");
+        }
+        let k = Self { proc };
+        assert!(
+            wait_until(T, || host.secret_service_default().is_some()),
+            "gnome-keyring-daemon did not come up with a default collection"
+        );
+        k
+    }
+}
+
+impl Drop for Keyring {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+const SECRETS: &str = "org.freedesktop.secrets";
+const SECRETS_PATH: &str = "/org/freedesktop/secrets";
+const SECRET_SERVICE: &str = "org.freedesktop.Secret.Service";
+
+impl Host {
+    /// The Secret Service's default collection, if one answers.
+    fn secret_service_default(&self) -> Option<OwnedObjectPath> {
+        let m = self
+            .rt
+            .block_on(self.conn.call_method(
+                Some(SECRETS),
+                SECRETS_PATH,
+                Some(SECRET_SERVICE),
+                "ReadAlias",
+                &("default",),
+            ))
+            .ok()?;
+        let path: OwnedObjectPath = m.body().deserialize().ok()?;
+        (path.as_str() != "/").then_some(path)
+    }
+
+    /// The items stored for alice at the test's gateway, and their secrets (read through a
+    /// "plain" session, as any client of the Secret Service may).
+    fn remembered(&self, gateway: &str, account: &str) -> Vec<String> {
+        let attrs: HashMap<&str, &str> = HashMap::from([
+            ("xdg:schema", "org.pinhole.Password"),
+            ("gateway", gateway),
+            ("account", account),
+        ]);
+        let m = self
+            .rt
+            .block_on(self.conn.call_method(
+                Some(SECRETS),
+                SECRETS_PATH,
+                Some(SECRET_SERVICE),
+                "SearchItems",
+                &(attrs,),
+            ))
+            .expect("SearchItems");
+        let (unlocked, locked): (Vec<OwnedObjectPath>, Vec<OwnedObjectPath>) =
+            m.body().deserialize().expect("items");
+        assert!(
+            locked.is_empty(),
+            "the login keyring is unlocked: {locked:?}"
+        );
+        if unlocked.is_empty() {
+            return Vec::new();
+        }
+        let m = self
+            .rt
+            .block_on(self.conn.call_method(
+                Some(SECRETS),
+                SECRETS_PATH,
+                Some(SECRET_SERVICE),
+                "OpenSession",
+                &("plain", Value::from("")),
+            ))
+            .expect("OpenSession");
+        let (_, session): (OwnedValue, OwnedObjectPath) = m.body().deserialize().expect("session");
+        unlocked
+            .iter()
+            .map(|item| {
+                let m = self
+                    .rt
+                    .block_on(self.conn.call_method(
+                        Some(SECRETS),
+                        item.as_str(),
+                        Some("org.freedesktop.Secret.Item"),
+                        "GetSecret",
+                        &(&session,),
+                    ))
+                    .expect("GetSecret");
+                let (_, _, value, _): (OwnedObjectPath, Vec<u8>, Vec<u8>, String) =
+                    m.body().deserialize().expect("secret");
+                String::from_utf8(value).expect("text")
+            })
+            .collect()
+    }
+}
+
+fn getpins(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == "GETPIN")
+        .count()
+}
+
+fn first_line_is(label: &'static str) -> impl Fn(&Node) -> bool {
+    move |m: &Node| m.children.first().is_some_and(|n| n.label == label)
+}
+
+fn remember_item(m: &Node) -> Option<&Node> {
+    m.find(&|n| n.label == "Remember password")
+}
+
+const GATEWAY: &str = "10.9.2.2:443";
+const LOGGED_IN: &str = "Logged in as alice at 10.9.2.2:443";
+const LOGGED_OUT: &str = "Logged out (alice)";
+
+#[test]
+#[ignore = "needs root"]
+fn a_remembered_password_logs_in_without_asking_until_the_account_forbids_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = System::start(dir.path());
+    // Logged in once (by the CLI): the daemon knows the account, the gateway, and that the
+    // gateway allows remembering.
+    let alice = sys.technician("tech", "alice", "acme");
+    alice.ok(&["logout"]);
+    let bus = Bus::start(dir.path());
+    let host = Host::start(&bus.address, false);
+    let _keyring = Keyring::start(dir.path(), &bus, &host);
+    let (pinentry, asked) = pinentry(dir.path(), &alice.pw);
+    let mut tray1 = tray(dir.path(), &bus, &alice.socket, &pinentry);
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "{}",
+        tray1.log_text()
+    );
+    host.wait_menu("logged out", first_line_is(LOGGED_OUT));
+
+    // Off by default; turned on in the menu, and saved.
+    host.wait_menu("an unchecked Remember password", |m| {
+        remember_item(m).is_some_and(|n| n.checkmark && !n.checked)
+    });
+    host.click("Remember password");
+    host.wait_menu("Remember password checked", |m| {
+        remember_item(m).is_some_and(|n| n.checked)
+    });
+    let settings = dir.path().join("home/config/pinhole/tray.toml");
+    let text = std::fs::read_to_string(&settings).unwrap_or_default();
+    assert!(text.contains("remember_password = true"), "{text}");
+
+    // The first login asks, and the password is stored under the gateway and account.
+    host.click("Log in");
+    host.wait_menu("logged in", first_line_is(LOGGED_IN));
+    assert_eq!(getpins(&asked), 1);
+    assert!(
+        wait_until(T, || !host.remembered(GATEWAY, "alice").is_empty()),
+        "nothing stored: {}",
+        tray1.log_text()
+    );
+    assert_eq!(host.remembered(GATEWAY, "alice"), ["pw-alice"]);
+    assert!(
+        host.remembered(GATEWAY, "bob").is_empty(),
+        "keyed by account"
+    );
+    host.click("Log out");
+    host.wait_menu("logged out", first_line_is(LOGGED_OUT));
+
+    // A new tray (a new desktop session): it logs in without asking.
+    host.click("Quit");
+    assert!(
+        wait_until(T, || tray1.exited().is_some()),
+        "the tray did not quit"
+    );
+    lock(&host.desk).items.clear();
+    let mut tray2 = tray(dir.path(), &bus, &alice.socket, &pinentry);
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "{}",
+        tray2.log_text()
+    );
+    host.click("Log in");
+    host.wait_menu(
+        "logged in with the remembered password",
+        first_line_is(LOGGED_IN),
+    );
+    assert_eq!(getpins(&asked), 1, "pinentry was not asked again");
+    assert_eq!(alice.status()["state"], "logged-in");
+
+    // The administrator forbids it: the next login still uses it (the client learns the
+    // policy from the login's welcome), and then the tray deletes it and hides the item.
+    sys.gateway(&["account", "set", "alice", "--remembered-password", "forbid"]);
+    let accounts = sys.gateway(&["accounts"]);
+    assert!(
+        accounts
+            .lines()
+            .any(|l| l.starts_with("alice") && l.contains("forbidden")),
+        "{accounts}"
+    );
+    host.click("Log out");
+    host.wait_menu("logged out", first_line_is(LOGGED_OUT));
+    host.click("Log in");
+    host.wait_menu("logged in", first_line_is(LOGGED_IN));
+    assert!(
+        wait_until(T, || host.remembered(GATEWAY, "alice").is_empty()),
+        "the remembered password was not deleted: {}",
+        tray2.log_text()
+    );
+    host.wait_menu("no Remember password where the account forbids it", |m| {
+        remember_item(m).is_none()
+    });
+    // And from now on the password is asked, and not stored again.
+    host.click("Log out");
+    host.wait_menu("logged out", first_line_is(LOGGED_OUT));
+    host.click("Log in");
+    host.wait_menu("logged in", first_line_is(LOGGED_IN));
+    assert_eq!(getpins(&asked), 2, "pinentry was asked");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(host.remembered(GATEWAY, "alice").is_empty());
+
+    // The password is in no log.
+    let log =
+        std::fs::read_to_string(dir.path().join("home/state/pinhole/tray.log")).unwrap_or_default();
+    assert!(log.contains("is remembered in the Secret Service"), "{log}");
+    assert!(log.contains("is deleted: the gateway forbids it"), "{log}");
+    for text in [log, tray1.log_text(), tray2.log_text()] {
+        assert!(!text.contains("pw-alice"), "a password in a log: {text}");
+    }
+    host.click("Quit");
+    assert!(wait_until(T, || tray2.exited().is_some()));
+}
+
+#[test]
+#[ignore = "needs root"]
+fn without_a_secret_service_the_tray_asks_each_time() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = System::start(dir.path());
+    let alice = sys.technician("tech", "alice", "acme");
+    alice.ok(&["logout"]);
+    let bus = Bus::start(dir.path());
+    let host = Host::start(&bus.address, false);
+    let settings = dir.path().join("home/config/pinhole/tray.toml");
+    std::fs::create_dir_all(settings.parent().expect("dir")).expect("config dir");
+    std::fs::write(&settings, "remember_password = true\n").expect("settings");
+    let (pinentry, asked) = pinentry(dir.path(), &alice.pw);
+    let mut tray = tray(dir.path(), &bus, &alice.socket, &pinentry);
+    assert!(
+        wait_until(T, || host.item().is_some()),
+        "{}",
+        tray.log_text()
+    );
+    for n in 1..=2 {
+        host.click("Log in");
+        host.wait_menu("logged in", first_line_is(LOGGED_IN));
+        assert_eq!(getpins(&asked), n, "asked each time");
+        host.wait_menu("the setting is shown as it is", |m| {
+            remember_item(m).is_some_and(|n| n.checked)
+        });
+        host.click("Log out");
+        host.wait_menu("logged out", first_line_is(LOGGED_OUT));
+    }
+    assert!(
+        tray.exited().is_none(),
+        "the tray runs on: {}",
+        tray.log_text()
+    );
+    let log =
+        std::fs::read_to_string(dir.path().join("home/state/pinhole/tray.log")).unwrap_or_default();
+    assert!(log.contains("it will be asked each time"), "{log}");
+    host.click("Quit");
+    assert!(wait_until(T, || tray.exited().is_some()));
+}
+
+/// The xfce4-panel of the screenshot: one panel at the bottom, a spacer and the status tray
+/// (xfce4-panel 4.18's systray plugin hosts StatusNotifierItems and is the watcher).
+const PANEL_XML: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<channel name="xfce4-panel" version="1.0">
+  <property name="configver" type="int" value="2"/>
+  <property name="panels" type="array">
+    <value type="int" value="1"/>
+    <property name="panel-1" type="empty">
+      <property name="position" type="string" value="p=8;x=0;y=0"/>
+      <property name="length" type="uint" value="100"/>
+      <property name="position-locked" type="bool" value="true"/>
+      <property name="size" type="uint" value="32"/>
+      <property name="plugin-ids" type="array">
+        <value type="int" value="1"/>
+        <value type="int" value="2"/>
+      </property>
+    </property>
+  </property>
+  <property name="plugins" type="empty">
+    <property name="plugin-1" type="string" value="separator">
+      <property name="expand" type="bool" value="true"/>
+      <property name="style" type="uint" value="0"/>
+    </property>
+    <property name="plugin-2" type="string" value="systray">
+      <property name="square-icons" type="bool" value="true"/>
+    </property>
+  </property>
+</channel>
+"#;
+
+fn x(display: &str, program: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .env("DISPLAY", display)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        common::text(&out)
+    );
+    out
+}
+
+/// Makes the README's screenshot (docs/screenshot-tray runs it): the tray on a real
+/// StatusNotifier host (xfce4-panel under Xvfb), its menu opened with xdotool on the sites →
+/// devices submenu, captured with ImageMagick's `import` into `$PINHOLE_TRAY_SCREENSHOT`.
+/// Without that variable it does nothing. Root only (the system behind the menu is real).
+#[test]
+#[ignore = "needs root; makes docs/tray.png when PINHOLE_TRAY_SCREENSHOT is set"]
+fn screenshot_of_the_tray_menu() {
+    let Some(out) = std::env::var_os("PINHOLE_TRAY_SCREENSHOT") else {
+        eprintln!("PINHOLE_TRAY_SCREENSHOT is not set: no screenshot");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = System::start(dir.path());
+    let alice = sys.technician("tech", "alice", "acme");
+    alice.ok(&["connect", "plant-a/press-4-plc"]);
+
+    let n = (90..200)
+        .find(|n| !Path::new(&format!("/tmp/.X{n}-lock")).exists())
+        .expect("a free display");
+    let display = format!(":{n}");
+    let _xvfb = Proc::spawn(
+        Command::new("Xvfb").args([
+            &display,
+            "-screen",
+            "0",
+            "760x400x24",
+            "-nolisten",
+            "tcp",
+            "-noreset",
+        ]),
+        dir.path().join("xvfb.log"),
+    );
+    assert!(wait_until(T, || Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()));
+    // A desktop's colour behind the menu (ImageMagick's `display` sets it, then exits 1).
+    let _ = Command::new("display")
+        .args(["-window", "root", "-size", "760x400", "xc:#4a6785"])
+        .env("DISPLAY", &display)
+        .status()
+        .expect("display (apt-get install imagemagick)");
+
+    let bus = Bus::start(dir.path());
+    let home = dir.path().join("home");
+    let xml = home.join("config/xfce4/xfconf/xfce-perchannel-xml");
+    std::fs::create_dir_all(&xml).expect("xfconf dir");
+    std::fs::write(xml.join("xfce4-panel.xml"), PANEL_XML).expect("panel config");
+    // The tray's icons, where a package installs them (hicolor), for the panel to find.
+    let icons = home.join("data/icons/hicolor/scalable/apps");
+    std::fs::create_dir_all(&icons).expect("icons dir");
+    for name in ["pinhole", "pinhole-connected", "pinhole-attention"] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("packaging/desktop/{name}.svg")),
+            icons.join(format!("{name}.svg")),
+        )
+        .expect("icon");
+    }
+    let desktop = |cmd: &mut Command| {
+        cmd.env("DISPLAY", &display)
+            .env("DBUS_SESSION_BUS_ADDRESS", &bus.address)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("NO_AT_BRIDGE", "1");
+    };
+    let mut cmd = Command::new("/usr/lib/x86_64-linux-gnu/xfce4/xfconf/xfconfd");
+    desktop(&mut cmd);
+    let _xfconfd = Proc::spawn(&mut cmd, dir.path().join("xfconfd.log"));
+    let mut cmd = Command::new("xfce4-panel");
+    cmd.arg("--disable-wm-check");
+    desktop(&mut cmd);
+    let panel = Proc::spawn(&mut cmd, dir.path().join("panel.log"));
+    let (pinentry, _) = pinentry(dir.path(), &alice.pw);
+    let tray = tray(dir.path(), &bus, &alice.socket, &pinentry);
+
+    // The panel window: its right end holds the tray's icon.
+    let mut geometry = None;
+    assert!(
+        wait_until(T, || {
+            let o = Command::new("xdotool")
+                .args([
+                    "search",
+                    "--onlyvisible",
+                    "--class",
+                    "xfce4-panel",
+                    "getwindowgeometry",
+                    "%@",
+                ])
+                .env("DISPLAY", &display)
+                .output()
+                .expect("xdotool");
+            let t = String::from_utf8_lossy(&o.stdout).into_owned();
+            geometry = t
+                .split("Window ")
+                .filter_map(|w| {
+                    let pos = w.split("Position: ").nth(1)?.split(' ').next()?;
+                    let size = w.split("Geometry: ").nth(1)?.split_whitespace().next()?;
+                    let (x, y) = pos.split_once(',')?;
+                    let (wd, ht) = size.split_once('x')?;
+                    Some((
+                        x.parse::<i32>().ok()?,
+                        y.parse::<i32>().ok()?,
+                        wd.parse::<i32>().ok()?,
+                        ht.parse::<i32>().ok()?,
+                    ))
+                })
+                .find(|g| g.2 > 100);
+            geometry.is_some()
+        }),
+        "no panel: {}",
+        panel.log_text()
+    );
+    let (px, py, pw, ph) = geometry.expect("geometry");
+    // The icon shows a connected device once the tray has registered and read the daemon.
+    std::thread::sleep(Duration::from_secs(6));
+    let (ix, iy) = (px + pw - ph / 2, py + ph / 2);
+    x(
+        &display,
+        "xdotool",
+        &["mousemove", &ix.to_string(), &iy.to_string(), "click", "3"],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // The first item one can select is the first site; Right opens its devices.
+    x(&display, "xdotool", &["key", "Down"]);
+    std::thread::sleep(Duration::from_millis(500));
+    x(&display, "xdotool", &["key", "Right"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let shot = dir.path().join("tray.png");
+    x(
+        &display,
+        "import",
+        &["-window", "root", shot.to_str().expect("utf-8")],
+    );
+    std::fs::copy(&shot, &out).expect("the screenshot");
+    eprintln!(
+        "wrote {}; tray log:\n{}",
+        Path::new(&out).display(),
+        tray.log_text()
+    );
+}

@@ -219,6 +219,10 @@ enum AccountCmd {
         /// portal. Default: none (gateway administrators only).
         #[arg(long)]
         domain: Option<DomainPath>,
+        /// The technician's tray must not remember the bundle password in the desktop's
+        /// Secret Service (default: it may, if the technician turns it on). See `account set`.
+        #[arg(long)]
+        forbid_remembered_password: bool,
     },
     /// Give an open account a new bundle and revoke its current certificate (a running
     /// gateway ends the old bundle's connections).
@@ -240,6 +244,22 @@ enum AccountCmd {
     },
     /// Close an account: revoke its certificate and end its live connections.
     Close { name: String },
+    /// Change an account's settings.
+    Set {
+        name: String,
+        /// Whether the technician's tray may remember the bundle password in the desktop's
+        /// Secret Service. Takes effect at the account's next login; on `forbid`, a tray that
+        /// remembered it deletes it then.
+        #[arg(long, value_enum)]
+        remembered_password: RememberedPassword,
+    },
+}
+
+/// `account set --remembered-password`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RememberedPassword {
+    Allow,
+    Forbid,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -475,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             legacy,
             days,
             domain,
+            forbid_remembered_password,
         }) => {
             create_account(
                 &state,
@@ -485,6 +506,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 days,
                 domain.as_ref(),
             )?;
+            if forbid_remembered_password {
+                state
+                    .store()?
+                    .set_remembered_password(&operator(), &name, true)
+                    .with_context(|| {
+                        format!(
+                            "account {name} was created, but a remembered password is still                              allowed: run `account set {name} --remembered-password forbid`"
+                        )
+                    })?;
+                println!("account {name}: a remembered password is forbidden");
+            }
         }
         Command::Account(AccountCmd::Reissue {
             name,
@@ -498,6 +530,19 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Account(AccountCmd::Close { name }) => {
             state.store()?.close_account(&operator(), &name)?;
             println!("closed account {name}: certificate revoked, live connections ended");
+        }
+        Command::Account(AccountCmd::Set {
+            name,
+            remembered_password,
+        }) => {
+            let forbid = remembered_password == RememberedPassword::Forbid;
+            state
+                .store()?
+                .set_remembered_password(&operator(), &name, forbid)?;
+            println!(
+                "account {name}: a remembered password is {} from its next login",
+                if forbid { "forbidden" } else { "allowed" }
+            );
         }
         Command::Grant { account, domain } => {
             state
@@ -555,13 +600,21 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&accounts)?);
             } else {
-                println!("{:<20} {:<8} {:<16} GRANTS", "ACCOUNT", "STATE", "TUNNEL");
+                println!(
+                    "{:<20} {:<8} {:<16} {:<9} GRANTS",
+                    "ACCOUNT", "STATE", "TUNNEL", "REMEMBER"
+                );
                 for a in accounts {
                     println!(
-                        "{:<20} {:<8} {:<16} {}",
+                        "{:<20} {:<8} {:<16} {:<9} {}",
                         escape(&a.name),
                         if a.closed.is_some() { "closed" } else { "open" },
                         a.tunnel_ip,
+                        if a.forbid_remembered_password {
+                            "forbidden"
+                        } else {
+                            "allowed"
+                        },
                         if a.grants.is_empty() {
                             "-".into()
                         } else {

@@ -44,6 +44,8 @@ pub struct Account {
     pub serial: Vec<u8>,
     /// Granted domain paths; a grant covers the domain and everything below it.
     pub grants: Vec<String>,
+    /// Its client must not remember the bundle password (told in the welcome).
+    pub forbid_remembered_password: bool,
 }
 
 impl Account {

@@ -199,6 +199,9 @@ pub struct AccountRow {
     pub expires: Option<String>,
     pub tunnel_ip: Ipv4Addr,
     pub grants: Vec<String>,
+    /// Its technicians' clients must not remember the bundle password (in the desktop's Secret
+    /// Service); told to the client in the login's welcome.
+    pub forbid_remembered_password: bool,
     #[serde(skip)]
     pub serial: Vec<u8>,
 }
@@ -350,6 +353,18 @@ impl Store {
         if !has_switch {
             conn.execute_batch(
                 "ALTER TABLE sites ADD COLUMN switched_off INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        let has_forbid: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('accounts') WHERE name = 'forbid_remembered_password'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_forbid {
+            // Accounts stored before the column existed allow a remembered password, as the
+            // default does.
+            conn.execute_batch(
+                "ALTER TABLE accounts ADD COLUMN forbid_remembered_password INTEGER NOT NULL DEFAULT 0",
             )?;
         }
         crate::portal::admins::upgrade(conn)?;
@@ -661,6 +676,45 @@ impl Store {
         Ok(())
     }
 
+    /// Forbids (or allows again) `name`'s clients to remember the bundle password. Takes
+    /// effect at the account's next login: the welcome carries it. Setting what is already set
+    /// is refused and changes nothing.
+    pub fn set_remembered_password(
+        &mut self,
+        actor: &Actor,
+        name: &str,
+        forbid: bool,
+    ) -> Result<()> {
+        let tx = self.tx()?;
+        let now: Option<bool> = tx
+            .query_row(
+                "SELECT forbid_remembered_password FROM accounts WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let now = now.ok_or_else(|| StoreError::NotFound(format!("account {name}")))?;
+        let word = if forbid { "forbidden" } else { "allowed" };
+        if now == forbid {
+            return Err(StoreError::Invalid(format!(
+                "account {name}: a remembered password is already {word}"
+            )));
+        }
+        tx.execute(
+            "UPDATE accounts SET forbid_remembered_password = ?1 WHERE name = ?2",
+            params![forbid, name],
+        )?;
+        audit::append(
+            &tx,
+            actor,
+            &format!("account:{name}"),
+            "remembered password policy changed",
+            &format!("account {name}: a remembered password is {word}"),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn set_grant(
         &mut self,
         actor: &Actor,
@@ -720,7 +774,8 @@ impl Store {
 
     pub fn accounts(&self) -> Result<Vec<AccountRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ','), a.expires
+            "SELECT a.id, a.name, a.created, a.closed, a.serial, group_concat(g.domain, ','), a.expires,
+                    a.forbid_remembered_password
              FROM accounts a LEFT JOIN grants g ON g.account = a.name GROUP BY a.id ORDER BY a.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -733,11 +788,13 @@ impl Store {
                 r.get(4)?,
                 grants,
                 r.get(6)?,
+                r.get(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, name, created, closed, serial, grants, expires) = row?;
+            let (id, name, created, closed, serial, grants, expires, forbid_remembered_password) =
+                row?;
             let mut grants: Vec<String> = grants
                 .map(|g| g.split(',').map(str::to_owned).collect())
                 .unwrap_or_default();
@@ -749,6 +806,7 @@ impl Store {
                 expires,
                 tunnel_ip: tunnel_ip(id)?,
                 grants,
+                forbid_remembered_password,
                 serial,
             });
         }
@@ -1444,6 +1502,59 @@ mod tests {
         assert!(!s.site_revoked("old").expect("state"));
         s.revoke_site(&ADMIN, "old").expect("revoke");
         assert!(s.revoked().expect("revoked").contains(&vec![9]));
+    }
+
+    #[test]
+    fn a_remembered_password_is_allowed_until_forbidden_and_old_accounts_allow_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("gateway.db");
+        {
+            // A database from before the column: the account is there, the column is not.
+            let c = Connection::open(&path).expect("open");
+            c.execute_batch(SCHEMA).expect("schema");
+            c.execute_batch(
+                "INSERT INTO accounts (name, created, serial) VALUES ('old', 't', x'05');",
+            )
+            .expect("old account");
+        }
+        let mut s = Store::open(&path).expect("upgrade");
+        let forbidden = |s: &Store, n: &str| {
+            s.account(n)
+                .expect("a")
+                .expect("exists")
+                .forbid_remembered_password
+        };
+        assert!(!forbidden(&s, "old"));
+        s.create_account(&ADMIN, "alice", &[7], 365).expect("alice");
+        assert!(!forbidden(&s, "alice"), "allowed by default");
+        s.set_remembered_password(&ADMIN, "alice", true)
+            .expect("forbid");
+        assert!(forbidden(&s, "alice"));
+        assert!(!forbidden(&s, "old"), "only that account");
+        let json = serde_json::to_value(s.account("alice").expect("a")).expect("json");
+        assert_eq!(json["forbid_remembered_password"], true);
+        // Setting it again, or for nobody, changes nothing and says why.
+        let again = s.set_remembered_password(&ADMIN, "alice", true);
+        assert!(
+            matches!(&again, Err(StoreError::Invalid(m)) if m.contains("already forbidden")),
+            "{again:?}"
+        );
+        assert!(matches!(
+            s.set_remembered_password(&ADMIN, "nobody", true),
+            Err(StoreError::NotFound(_))
+        ));
+        s.set_remembered_password(&ADMIN, "alice", false)
+            .expect("allow");
+        assert!(!forbidden(&s, "alice"));
+        let events: i64 = s
+            .conn
+            .query_row(
+                "SELECT count(*) FROM audit WHERE event = 'remembered password policy changed'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(events, 2, "each change is audited, the refused ones not");
     }
 
     #[test]

@@ -29,6 +29,7 @@ impl Registry for Store {
             tunnel_ip: a.tunnel_ip,
             serial: a.serial,
             grants: a.grants,
+            forbid_remembered_password: a.forbid_remembered_password,
         }))
     }
 

@@ -19,6 +19,8 @@ pub enum ClientEvent {
         account: String,
         tunnel_ip: Option<Ipv4Addr>,
         sites: Vec<SiteView>,
+        /// The account forbids remembering its password (see [`Message::Welcome`]).
+        forbid_remembered_password: bool,
     },
     Inventory(Vec<SiteView>),
     SessionOpened {
@@ -108,6 +110,7 @@ impl ClientCore {
                     name,
                     tunnel_ip,
                     inventory,
+                    forbid_remembered_password,
                 },
             ) => {
                 self.logged_in = true;
@@ -115,6 +118,7 @@ impl ClientCore {
                     account: name,
                     tunnel_ip,
                     sites: inventory.unwrap_or_default(),
+                    forbid_remembered_password,
                 });
             }
             (_, Message::Error { code, text }) => {

@@ -390,11 +390,13 @@ impl GatewayCore {
     }
 
     /// Accepts the peer after `hello`. A technician gets its tunnel address and inventory.
+    /// `forbid_remembered_password`: the account's policy, for a technician (false for a site).
     pub fn welcome(
         &mut self,
         name: &str,
         tunnel_ip: Option<Ipv4Addr>,
         inventory: Option<Vec<SiteView>>,
+        forbid_remembered_password: bool,
         now: Instant,
     ) {
         if self.phase == Phase::AwaitDecision {
@@ -404,6 +406,7 @@ impl GatewayCore {
                     name: name.into(),
                     tunnel_ip,
                     inventory,
+                    forbid_remembered_password,
                 },
                 now,
             );
@@ -646,7 +649,7 @@ mod tests {
         };
         gw.handle_input(&control(&hello), now, &mut no_data);
         assert_eq!(events(&mut gw).len(), 1);
-        gw.welcome("x", None, None, now);
+        gw.welcome("x", None, None, false, now);
         let _ = sent(&mut gw);
         assert!(gw.is_running());
         gw

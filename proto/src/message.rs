@@ -122,6 +122,12 @@ pub enum Message {
         tunnel_ip: Option<Ipv4Addr>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         inventory: Option<Vec<SiteView>>,
+        /// A technician's account forbids the client to remember its bundle password (in the
+        /// desktop's Secret Service); a client that remembered it deletes it. Absent (false)
+        /// from gateways that predate the flag, and sent only when true, so that clients that
+        /// predate it read every other welcome unchanged.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        forbid_remembered_password: bool,
     },
     List,
     Inventory {
@@ -242,6 +248,41 @@ mod tests {
             Message::SwitchedOff.to_json(),
             br#"{"type":"switched_off"}"#
         );
+    }
+
+    #[test]
+    fn the_remembered_password_flag_is_sent_only_when_it_forbids() {
+        // From a gateway that predates the flag: allowed.
+        let old = br#"{"type":"welcome","name":"alice","tunnel_ip":"100.64.0.2"}"#;
+        let Message::Welcome {
+            forbid_remembered_password,
+            ..
+        } = Message::from_json(old).expect("an old welcome")
+        else {
+            panic!("not a welcome")
+        };
+        assert!(!forbid_remembered_password);
+        // Allowed: the welcome is what it was, so clients that predate the flag read it.
+        let allowed = Message::Welcome {
+            name: "alice".into(),
+            tunnel_ip: Some("100.64.0.2".parse().expect("ip")),
+            inventory: None,
+            forbid_remembered_password: false,
+        };
+        assert_eq!(allowed.to_json(), old.to_vec());
+        let forbidden = Message::Welcome {
+            name: "alice".into(),
+            tunnel_ip: None,
+            inventory: None,
+            forbid_remembered_password: true,
+        };
+        let json = forbidden.to_json();
+        assert!(
+            String::from_utf8_lossy(&json).contains(r#""forbid_remembered_password":true"#),
+            "{}",
+            String::from_utf8_lossy(&json)
+        );
+        assert_eq!(Message::from_json(&json).expect("parse"), forbidden);
     }
 
     #[test]

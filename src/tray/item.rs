@@ -53,6 +53,17 @@ fn render(entry: Entry) -> ksni::MenuItem<Item> {
             ..Default::default()
         }
         .into(),
+        Entry::Toggle {
+            label,
+            checked,
+            action,
+        } => CheckmarkItem {
+            label: model::menu_label(&label),
+            checked,
+            activate: Box::new(move |item: &mut Item| item.send(action.clone())),
+            ..Default::default()
+        }
+        .into(),
         Entry::Submenu {
             label,
             enabled,

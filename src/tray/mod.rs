@@ -8,22 +8,26 @@
 //!
 //! How it is built: [`model`] decides (menu, icon, notifications: pure, tested); [`item`]
 //! renders the model with ksni; [`desktop`] calls the desktop's notification server and file
-//! chooser portal; [`pinentry`] asks for passwords; [`settings`] reads the per-user settings.
+//! chooser portal; [`pinentry`] asks for passwords; [`secrets`] keeps a remembered one in the
+//! desktop's Secret Service; [`settings`] reads (and for "Remember password" writes) the
+//! per-user settings.
 //! The loop here polls the daemon every [`POLL`], carries out the clicked actions in tasks of
 //! their own (a password dialog does not stop the polling) and moves the results between them.
 //!
-//! Must never: hold a password longer than one request, write one to its log, or talk to the
-//! gateway other than through the daemon.
+//! Must never: hold a password longer than one login (the request, and storing it when the
+//! technician asked to remember it), write one to its log, keep one outside the Secret Service,
+//! or talk to the gateway other than through the daemon.
 
 pub mod desktop;
 pub mod item;
 pub mod model;
 pub mod pinentry;
+pub mod secrets;
 pub mod settings;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -34,7 +38,7 @@ use zeroize::Zeroizing;
 
 use crate::control::{self, LinkState, Request, Response};
 use model::{Action, Daemon, Notice, Snapshot, Target, Watch};
-use settings::Settings;
+use settings::{LastLogin, Settings};
 
 /// How often the daemon's status is read: a local socket, cheap; a session that the gateway
 /// ends shows in the menu and as a notification within this.
@@ -51,7 +55,7 @@ const PASSWORD_TRIES: usize = 3;
 /// Runs the tray until "Quit", SIGINT or SIGTERM.
 pub async fn run() -> anyhow::Result<()> {
     let settings_path = settings::path();
-    let settings = Arc::new(Settings::load(settings_path.as_deref())?);
+    let settings = Arc::new(Mutex::new(Settings::load(settings_path.as_deref())?));
     let log = Arc::new(Log::new(settings::log_path()));
     let bus = zbus::Connection::session()
         .await
@@ -72,9 +76,12 @@ pub async fn run() -> anyhow::Result<()> {
     let ctx = Ctx {
         bus,
         settings,
+        settings_path,
         log: log.clone(),
         done: tx,
     };
+    // The account whose remembered password was last deleted because the gateway forbids it.
+    let mut forgotten: Option<secrets::Key> = None;
     let mut shown = Snapshot::default();
     let mut watch = Watch::default();
     let mut sites_at: Option<Instant> = None;
@@ -96,11 +103,29 @@ pub async fn run() -> anyhow::Result<()> {
                 }
             },
         };
-        let snap = read(&shown, force_sites, &mut sites_at).await;
+        let mut snap = read(&shown, force_sites, &mut sites_at).await;
+        snap.remember_password = ctx.settings().remember_password;
+        if snap.forbids_remembering() {
+            let key = match &snap.daemon {
+                Daemon::Up(s) => key_of(s),
+                _ => None,
+            };
+            if key.is_some() && key != forgotten {
+                forgotten.clone_from(&key);
+                let c = ctx.clone();
+                tokio::spawn(async move {
+                    c.forget(key, "the gateway forbids it for this account")
+                        .await
+                });
+            }
+        } else if snap.allows_remembering() {
+            // Allowed again: a later ban deletes again.
+            forgotten = None;
+        }
         if let Daemon::Up(s) = &snap.daemon {
             for notice in watch.notices(s) {
                 log.write(&format!("{}: {}", notice.summary, notice.body));
-                if ctx.settings.notifications {
+                if ctx.settings().notifications {
                     ctx.notify(&notice).await;
                 }
             }
@@ -137,6 +162,7 @@ async fn read(last: &Snapshot, force_sites: bool, sites_at: &mut Option<Instant>
     let mut snap = Snapshot {
         daemon,
         sites: last.sites.clone(),
+        remember_password: last.remember_password,
     };
     let logged_in = matches!(&snap.daemon, Daemon::Up(s) if s.state == LinkState::LoggedIn);
     if !logged_in {
@@ -187,6 +213,15 @@ pub fn unreachable_text(e: &control::CallError) -> String {
     }
 }
 
+/// Why the daemon refused a login.
+#[derive(Debug)]
+enum LoginRefused {
+    /// The password does not open the bundle.
+    WrongPassword,
+    /// Anything else, in the daemon's words.
+    Other(String),
+}
+
 /// Whether a refusal is about the password (so asking again makes sense).
 pub fn wrong_password(message: &str) -> bool {
     message.starts_with("wrong password")
@@ -196,7 +231,9 @@ pub fn wrong_password(message: &str) -> bool {
 #[derive(Clone)]
 struct Ctx {
     bus: zbus::Connection,
-    settings: Arc<Settings>,
+    settings: Arc<Mutex<Settings>>,
+    /// Where "Remember password" is saved.
+    settings_path: Option<PathBuf>,
     log: Arc<Log>,
     /// Where a finished action asks for a refresh.
     done: mpsc::UnboundedSender<Action>,
@@ -208,7 +245,22 @@ impl std::fmt::Debug for Ctx {
     }
 }
 
+/// The Secret Service key of the daemon's account, once it knows its gateway.
+fn key_of(s: &control::Status) -> Option<secrets::Key> {
+    Some(secrets::Key {
+        gateway: s.gateway.clone()?,
+        account: s.account.clone()?,
+    })
+}
+
 impl Ctx {
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     async fn notify(&self, notice: &Notice) {
         if let Err(e) = desktop::notify(&self.bus, notice, "pinhole").await {
             warn!(error = %e, "cannot show a notification");
@@ -261,6 +313,7 @@ impl Ctx {
                     .await
             }
             Action::LogIn => self.log_in().await,
+            Action::RememberPassword(on) => self.remember(*on).await,
             Action::ImportCertificate => self.import().await,
             Action::OpenLog => self.open_log().await,
             Action::Refresh | Action::Quit => {}
@@ -281,11 +334,49 @@ impl Ctx {
         }
     }
 
-    async fn log_in(&self) {
-        let account = match blocking(Request::Status).await {
-            Ok(Response::Status(s)) => s.account.unwrap_or_default(),
-            _ => String::new(),
+    /// Which remembered password a login would use: the daemon's account at the gateway it
+    /// last logged in to, or (a restarted daemon knows neither before the login) the tray's
+    /// record of the last login whose password it stored.
+    fn login_key(status: Option<&control::Status>) -> Option<secrets::Key> {
+        if let Some(k) = status.and_then(key_of) {
+            return Some(k);
+        }
+        let last = LastLogin::load()?;
+        match status.and_then(|s| s.account.as_deref()) {
+            Some(a) if a != last.account => None,
+            _ => Some(secrets::Key {
+                gateway: last.gateway,
+                account: last.account,
+            }),
+        }
+    }
+
+    /// Sends a login; `Ok` with the daemon's message, or its refusal.
+    async fn send_login(password: &str) -> Result<String, LoginRefused> {
+        let req = Request::Login {
+            password: password.to_owned(),
         };
+        match blocking(req).await {
+            Ok(Response::Ok { message }) => Ok(message),
+            Ok(Response::Error { message }) if wrong_password(&message) => {
+                Err(LoginRefused::WrongPassword)
+            }
+            Ok(Response::Error { message }) => Err(LoginRefused::Other(message)),
+            Ok(other) => Err(LoginRefused::Other(format!("{other:?}"))),
+            Err(e) => Err(LoginRefused::Other(e)),
+        }
+    }
+
+    async fn log_in(&self) {
+        let status = match blocking(Request::Status).await {
+            Ok(Response::Status(s)) => Some(s),
+            _ => None,
+        };
+        let account = status
+            .as_ref()
+            .and_then(|s| s.account.clone())
+            .unwrap_or_default();
+        let remember = self.settings().remember_password;
         let mut prompt = pinentry::Prompt {
             title: "Pinhole".into(),
             description: format!(
@@ -294,6 +385,31 @@ impl Ctx {
             prompt: "Password:".into(),
             error: None,
         };
+        if remember && let Some(key) = Self::login_key(status.as_ref()) {
+            match secrets::get(&self.bus, &key).await {
+                Ok(Some(password)) => match Self::send_login(&password).await {
+                    Ok(message) => {
+                        return self
+                            .log
+                            .write(&format!("{message} (with the remembered password)"));
+                    }
+                    Err(LoginRefused::WrongPassword) => {
+                        // The bundle changed since: the remembered password is no use.
+                        self.log
+                            .write("the remembered password is wrong; it is deleted");
+                        self.forget(Some(key), "it is wrong").await;
+                        prompt.error = Some("The remembered password is wrong".into());
+                    }
+                    Err(LoginRefused::Other(message)) => {
+                        return self.fail("Pinhole: login failed".into(), message).await;
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => self.log.write(&format!(
+                    "cannot read a remembered password: {e}; asking for it"
+                )),
+            }
+        }
         for _ in 0..PASSWORD_TRIES {
             let password = match self.password(&prompt).await {
                 Ok(Some(p)) => p,
@@ -304,24 +420,20 @@ impl Ctx {
                         .await;
                 }
             };
-            let req = Request::Login {
-                password: password.to_string(),
-            };
-            drop(password);
-            match blocking(req).await {
-                Ok(Response::Ok { message }) => return self.log.write(&message),
-                Ok(Response::Error { message }) if wrong_password(&message) => {
+            match Self::send_login(&password).await {
+                Ok(message) => {
+                    self.log.write(&message);
+                    if remember {
+                        self.keep(&password).await;
+                    }
+                    return;
+                }
+                Err(LoginRefused::WrongPassword) => {
                     prompt.error = Some("Wrong password, try again".into());
                 }
-                Ok(Response::Error { message }) => {
+                Err(LoginRefused::Other(message)) => {
                     return self.fail("Pinhole: login failed".into(), message).await;
                 }
-                Ok(other) => {
-                    return self
-                        .fail("Pinhole: login failed".into(), format!("{other:?}"))
-                        .await;
-                }
-                Err(e) => return self.fail("Pinhole: login failed".into(), e).await,
             }
         }
         self.fail(
@@ -329,6 +441,95 @@ impl Ctx {
             format!("wrong password, {PASSWORD_TRIES} times"),
         )
         .await;
+    }
+
+    /// After a login with `password`: stores it in the Secret Service if the gateway allows
+    /// it for the account.
+    async fn keep(&self, password: &str) {
+        let status = match blocking(Request::Status).await {
+            Ok(Response::Status(s)) => s,
+            _ => return,
+        };
+        if status.remember_password != Some(true) {
+            return; // forbidden: the loop deletes any remembered one
+        }
+        let Some(key) = key_of(&status) else { return };
+        match secrets::store(&self.bus, &key, password).await {
+            Ok(()) => {
+                LastLogin {
+                    gateway: key.gateway.clone(),
+                    account: key.account.clone(),
+                }
+                .save();
+                info!(account = %key.account, gateway = %key.gateway, "password remembered");
+                self.log.write(&format!(
+                    "the password of {} at {} is remembered in the Secret Service",
+                    key.account, key.gateway
+                ));
+            }
+            Err(secrets::SecretsError::Unavailable(why)) => {
+                warn!(%why, "no Secret Service; the password will be asked each time");
+                self.log.write(&format!(
+                    "cannot remember the password: {}; it will be asked each time",
+                    secrets::SecretsError::Unavailable(why)
+                ));
+            }
+            Err(e) => {
+                self.fail(
+                    "Pinhole: cannot remember the password".into(),
+                    e.to_string(),
+                )
+                .await
+            }
+        }
+    }
+
+    /// Deletes the remembered password of `key` (the daemon's account if `None`), saying `why`
+    /// in the log.
+    async fn forget(&self, key: Option<secrets::Key>, why: &str) {
+        let key = match key {
+            Some(k) => Some(k),
+            None => match blocking(Request::Status).await {
+                Ok(Response::Status(s)) => Self::login_key(Some(&s)),
+                _ => None,
+            },
+        };
+        let Some(key) = key else { return };
+        match secrets::delete(&self.bus, &key).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(account = %key.account, gateway = %key.gateway, items = n, "remembered password deleted");
+                self.log.write(&format!(
+                    "the remembered password of {} at {} is deleted: {why}",
+                    key.account, key.gateway
+                ));
+            }
+            // Nothing can have been remembered without one.
+            Err(secrets::SecretsError::Unavailable(_)) => {}
+            Err(e) => warn!(error = %e, "cannot delete the remembered password"),
+        }
+    }
+
+    /// "Remember password" clicked: saves the setting; turning it off forgets the password.
+    async fn remember(&self, on: bool) {
+        if let Some(path) = &self.settings_path
+            && let Err(e) = Settings::save_remember_password(path, on)
+        {
+            return self
+                .fail("Pinhole: cannot save the setting".into(), format!("{e:#}"))
+                .await;
+        }
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remember_password = on;
+        if on {
+            self.log
+                .write("remember password: on (from the next login with the password)");
+        } else {
+            self.log.write("remember password: off");
+            self.forget(None, "remember password was turned off").await;
+        }
     }
 
     async fn import(&self) {
@@ -416,7 +617,7 @@ impl Ctx {
         &self,
         prompt: &pinentry::Prompt,
     ) -> Result<Option<Zeroizing<String>>, String> {
-        let program = self.settings.pinentry.clone();
+        let program = self.settings().pinentry;
         let p = prompt.clone();
         let asked = tokio::task::spawn_blocking(move || match pinentry::ask(&program, &p) {
             Err(pinentry::PinentryError::Start { program, source })
@@ -444,7 +645,8 @@ impl Ctx {
                 .fail("Pinhole: no log".into(), "no home directory".into())
                 .await;
         };
-        let started = tokio::process::Command::new(&self.settings.open)
+        let open = self.settings().open;
+        let started = tokio::process::Command::new(&open)
             .arg(&path)
             .stdin(std::process::Stdio::null())
             .spawn();
@@ -456,7 +658,7 @@ impl Ctx {
             Err(e) => {
                 self.fail(
                     "Pinhole: cannot open the log".into(),
-                    format!("{} {}: {e}", self.settings.open, path.display()),
+                    format!("{open} {}: {e}", path.display()),
                 )
                 .await
             }

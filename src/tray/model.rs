@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub daemon: Daemon,
     /// Empty unless logged in.
     pub sites: Vec<SiteView>,
+    /// The technician's "Remember password" setting.
+    pub remember_password: bool,
 }
 
 impl Default for Snapshot {
@@ -32,6 +34,7 @@ impl Default for Snapshot {
         Self {
             daemon: Daemon::Unknown,
             sites: Vec::new(),
+            remember_password: false,
         }
     }
 }
@@ -69,6 +72,19 @@ impl Snapshot {
         )
     }
 
+    /// Whether the gateway forbids the logged-in account to remember its password: any
+    /// remembered one is to be deleted.
+    pub fn forbids_remembering(&self) -> bool {
+        self.status()
+            .is_some_and(|s| s.state == LinkState::LoggedIn && s.remember_password == Some(false))
+    }
+
+    /// Whether the gateway's last welcome allowed remembering the password.
+    pub fn allows_remembering(&self) -> bool {
+        self.status()
+            .is_some_and(|s| s.remember_password == Some(true))
+    }
+
     /// Whether the sites should be asked for again: the link came up, or the number of
     /// sites the gateway announced differs from the list the tray holds.
     pub fn wants_sites(&self) -> bool {
@@ -95,6 +111,8 @@ pub enum Action {
     Disconnect(Target),
     DisconnectAll,
     LogOut,
+    /// Turn "Remember password" on or off.
+    RememberPassword(bool),
     OpenLog,
     /// Ask the daemon again (the menu is about to open).
     Refresh,
@@ -123,6 +141,12 @@ pub enum Entry {
         label: String,
         enabled: bool,
         entries: Vec<Entry>,
+    },
+    /// A setting: checked while on; a click toggles it.
+    Toggle {
+        label: String,
+        checked: bool,
+        action: Action,
     },
 }
 
@@ -275,6 +299,14 @@ pub fn menu(snap: &Snapshot) -> Vec<Entry> {
         enabled: logged_in,
         action: Action::LogOut,
     });
+    // Only where the gateway said the account may: an account that forbids it never sees it.
+    if snap.allows_remembering() {
+        m.push(Entry::Toggle {
+            label: "Remember password".into(),
+            checked: snap.remember_password,
+            action: Action::RememberPassword(!snap.remember_password),
+        });
+    }
     m.push(Entry::Separator);
     m.push(Entry::Button {
         label: "Open log".into(),
@@ -380,6 +412,7 @@ mod tests {
             filter: FilterCounters::default(),
             refused: Vec::new(),
             ended: Vec::new(),
+            remember_password: None,
         }
     }
 
@@ -418,6 +451,7 @@ mod tests {
         Snapshot {
             daemon: Daemon::Up(Box::new(s)),
             sites,
+            remember_password: false,
         }
     }
 
@@ -446,6 +480,7 @@ mod tests {
         let down = Snapshot {
             daemon: Daemon::Unreachable("pinholed is not running".into()),
             sites: vec![],
+            remember_password: false,
         };
         assert_eq!(status_line(&down), "Pinhole is not available");
         assert_eq!(
@@ -550,6 +585,47 @@ mod tests {
         );
         assert!(!s.wants_sites());
         assert!(!snap(status(LinkState::Connecting), vec![]).wants_sites());
+    }
+
+    fn toggle(m: &[Entry]) -> Option<&Entry> {
+        m.iter().find(|e| matches!(e, Entry::Toggle { .. }))
+    }
+
+    #[test]
+    fn remember_password_is_offered_only_where_the_gateway_allows_it() {
+        // Before any welcome the gateway has not said: nothing offered.
+        let s = snap(status(LinkState::LoggedOut), vec![]);
+        assert!(toggle(&menu(&s)).is_none());
+        assert!(!s.forbids_remembering());
+        let mut allowed = status(LinkState::LoggedIn);
+        allowed.remember_password = Some(true);
+        let mut s = snap(allowed.clone(), vec![]);
+        assert_eq!(
+            toggle(&menu(&s)),
+            Some(&Entry::Toggle {
+                label: "Remember password".into(),
+                checked: false,
+                action: Action::RememberPassword(true),
+            })
+        );
+        s.remember_password = true;
+        assert!(matches!(
+            toggle(&menu(&s)),
+            Some(Entry::Toggle {
+                checked: true,
+                action: Action::RememberPassword(false),
+                ..
+            })
+        ));
+        // Still offered after logging out: the last welcome said so.
+        allowed.state = LinkState::LoggedOut;
+        assert!(toggle(&menu(&snap(allowed, vec![]))).is_some());
+        let mut forbidden = status(LinkState::LoggedIn);
+        forbidden.remember_password = Some(false);
+        let mut s = snap(forbidden, vec![]);
+        s.remember_password = true;
+        assert!(toggle(&menu(&s)).is_none(), "the setting does not matter");
+        assert!(s.forbids_remembering());
     }
 
     #[test]

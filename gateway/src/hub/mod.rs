@@ -126,6 +126,8 @@ pub enum Command {
         name: String,
         tunnel_ip: Option<Ipv4Addr>,
         inventory: Option<Vec<SiteView>>,
+        /// The account forbids remembering its password (false for a site).
+        forbid_remembered_password: bool,
     },
     /// The technician's inventory: the answer to `list`, or a push after a change.
     Inventory {
@@ -167,8 +169,9 @@ impl Command {
                 name,
                 tunnel_ip,
                 inventory,
+                forbid_remembered_password,
                 ..
-            } => core.welcome(&name, tunnel_ip, inventory, now),
+            } => core.welcome(&name, tunnel_ip, inventory, forbid_remembered_password, now),
             Command::Inventory { sites, update, .. } => {
                 if core.is_running() {
                     core.inventory(sites, update, now);
@@ -734,6 +737,7 @@ impl<H: Clone> Hub<H> {
         }
         info!(account = %name, "login ok");
         let tunnel_ip = account.tunnel_ip;
+        let forbid_remembered_password = account.forbid_remembered_password;
         if let Some(l) = self.links.get_mut(&link) {
             l.welcomed = true;
             l.account = Some(account);
@@ -743,6 +747,7 @@ impl<H: Clone> Hub<H> {
             name: name.to_owned(),
             tunnel_ip: Some(tunnel_ip),
             inventory: Some(sites),
+            forbid_remembered_password,
         });
     }
 
@@ -804,6 +809,7 @@ impl<H: Clone> Hub<H> {
             name: name.to_owned(),
             tunnel_ip: None,
             inventory: None,
+            forbid_remembered_password: false,
         });
         self.mark_concerned(&site.domain, now);
     }
