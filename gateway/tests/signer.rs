@@ -290,7 +290,7 @@ fn a_caller_with_another_uid_is_refused() {
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            "python3",
+            "/usr/bin/python3",
             "-c",
             script,
         ])
