@@ -647,7 +647,7 @@ impl SignerClient {
 /// The gateway CA as the gateway uses it: the key in this process, or a signer.
 pub enum Ca {
     /// `STATE/ca.key` loaded here (a gateway without a signer; the lab and most tests).
-    Local(CertificateAuthority),
+    Local(Box<CertificateAuthority>),
     /// A signer holds the key; `certificate` is `STATE/ca.crt`, which the signer confirmed.
     Signer {
         client: SignerClient,
@@ -842,7 +842,7 @@ pub fn open(
         return Ca::connect(socket, &loaded.ca_cert);
     }
     if let Some(ca) = loaded.ca.take() {
-        return Ok(Ca::Local(ca));
+        return Ok(Ca::Local(Box::new(ca)));
     }
     let default = Path::new(DEFAULT_SOCKET);
     if default.exists() {
