@@ -46,7 +46,21 @@ tmp=$(mktemp -d /tmp/pinhole-pkgtest.XXXXXX)
 mount -t tmpfs -o size=3g,mode=0700 pinhole-pkgtest "$tmp"
 root=$tmp/root
 nspawn_pid=
+leader=
+# On a failure once the container runs: the services' state and journals, from inside it.
+diagnose() {
+    [ -n "$leader" ] && kill -0 "$leader" 2>/dev/null || return 0
+    echo "--- diagnostics from the container" >&2
+    local env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SYSTEMD_COLORS=0)
+    nsenter -t "$leader" -a "${env[@]}" systemctl --no-pager --failed >&2 2>&1 || true
+    nsenter -t "$leader" -a "${env[@]}" systemctl --no-pager --full status \
+        pinhole-ca pinhole-gateway pinhole-site pinholed >&2 2>&1 || true
+    nsenter -t "$leader" -a "${env[@]}" journalctl --no-pager -o short-precise \
+        -u pinhole-ca -u pinhole-gateway -u pinhole-site -u pinholed >&2 2>&1 || true
+}
 cleanup() {
+    local rc=$?
+    [ "$rc" -eq 0 ] || diagnose
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
         kill -TERM "$nspawn_pid" 2>/dev/null || true # nspawn powers the container off
         for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
@@ -149,7 +163,6 @@ step "booting the root (systemd-nspawn --boot --private-network)"
 systemd-nspawn --quiet --boot --register=no --keep-unit --private-network --console=pipe \
     -D "$root" >"$tmp/console.log" 2>&1 </dev/null &
 nspawn_pid=$!
-leader=
 for _ in $(seq 100); do
     for c in $(pgrep -P "$nspawn_pid" 2>/dev/null); do
         [ "$(cat "/proc/$c/comm" 2>/dev/null)" = systemd ] && leader=$c
@@ -285,6 +298,12 @@ ct systemctl is-active --quiet pinhole-ca || { ct systemctl status --no-pager pi
 [ ! -e "$root/var/lib/pinhole-gateway/ca.key" ] || fail "ca.key still in the gateway's state directory"
 [ "$(ct stat -c %U:%G:%a /var/lib/pinhole-ca/ca.key)" = pinhole-ca:pinhole-ca:600 ] || fail "ca.key: $(ct stat -c %U:%G:%a /var/lib/pinhole-ca/ca.key)"
 [ "$(ct stat -c %G:%a /run/pinhole-ca/signer.sock)" = pinhole-gateway:660 ] || fail "signer socket: $(ct stat -c %G:%a /run/pinhole-ca/signer.sock)"
+# Only the gateway's group may enter the socket's directory; the signer is not in that group
+# (the socket is born in it: the directory is set-group-ID).
+[ "$(ct stat -c %U:%G:%a /run/pinhole-ca)" = pinhole-ca:pinhole-gateway:2710 ] || fail "/run/pinhole-ca: $(ct stat -c %U:%G:%a /run/pinhole-ca)"
+gw_gid=$(ct getent group pinhole-gateway | cut -d: -f3)
+ca_groups=$(ct sed -n 's/^Groups:\t*//p' "/proc/$(mainpid pinhole-ca)/status")
+! grep -qw "$gw_gid" <<<"$ca_groups" || fail "the signer is in the gateway's group (groups: $ca_groups)"
 if ct runuser -u pinhole-gateway -- cat /var/lib/pinhole-ca/ca.key >/dev/null 2>&1; then fail "the gateway's user read the CA key"; fi
 # The signer's own network namespace holds nothing but a loopback that is down.
 [ "$(ct nsenter -t "$(mainpid pinhole-ca)" -n ip -o link | wc -l)" = 1 ] || fail "the signer sees network interfaces"
@@ -361,6 +380,7 @@ ct env DEBIAN_FRONTEND=noninteractive apt-get remove -y pinhole pinhole-gateway 
 for u in pinholed pinhole-gateway pinhole-site pinhole-ca; do
     ! ct systemctl is-active --quiet "$u" || fail "$u still running"
 done
+! ct test -e /run/pinhole-ca || fail "/run/pinhole-ca left"
 ! ct ip link show pinhole0 >/dev/null 2>&1 || fail "client TUN left"
 [ -z "$(ct ip route show proto 231)" ] || fail "route left"
 ! ct ip link show pinhole-site0 >/dev/null 2>&1 || fail "site TUN left"

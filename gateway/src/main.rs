@@ -121,7 +121,8 @@ enum Command {
         #[arg(long = "allow-user", value_name = "NAME")]
         allow_users: Vec<String>,
         /// The group to give the socket, so that the gateway's user can connect (the signer's
-        /// user must be a member).
+        /// user must be a member, unless the socket's directory is set-group-ID of that group,
+        /// which gives it that group from the start).
         #[arg(long, value_name = "NAME")]
         socket_group: Option<String>,
         /// Certificates issued a minute, at most; further requests are refused until the

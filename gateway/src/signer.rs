@@ -77,8 +77,13 @@ pub const MAX_TECHNICIAN_DAYS: i64 = SERVER_DAYS;
 /// The most gateway addresses a technician certificate carries.
 pub const MAX_ADDRESSES: usize = 16;
 
-/// How long either side waits for the other's frame.
+/// How long the signer waits for a caller's request frame, and to hand over its answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a caller ([`SignerClient`]) waits for each read and write on the socket. The
+/// gateway asks while holding the hub's decision lock (an enrollment), so this bounds how long
+/// a stuck signer can stall every other link's decisions; a signature takes milliseconds.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The signer's record of what it issued, in its state directory.
 pub const ISSUED_LOG: &str = "issued.log";
@@ -287,7 +292,8 @@ pub struct SignerOptions {
     pub socket: PathBuf,
     /// Callers allowed besides root and the signer's own uid.
     pub allowed_uids: Vec<u32>,
-    /// The group to give the socket (mode 0660), so that the gateway's user can connect.
+    /// The group the socket (mode 0660) must have, so that the gateway's user can connect:
+    /// given with `chown` unless the socket was born in it (a set-group-ID directory).
     pub socket_gid: Option<u32>,
     /// Certificates a minute, at most.
     pub per_minute: u32,
@@ -498,6 +504,25 @@ impl Signer {
     }
 }
 
+/// Gives `socket` to group `gid`, unless it has that group already: created in a
+/// set-group-ID directory of that group (as the packaged unit's `/run/pinhole-ca`, mode 2710),
+/// a socket is born in the directory's group and no `chown` is needed, which the unit's system
+/// call filter (`~@privileged`, of which `@chown` is part) refuses with EPERM. Otherwise the
+/// signer's user must be a member of the group.
+fn give_group(socket: &Path, gid: u32) -> anyhow::Result<()> {
+    let meta = fs::metadata(socket).with_context(|| format!("reading {}", socket.display()))?;
+    if meta.gid() == gid {
+        return Ok(());
+    }
+    std::os::unix::fs::chown(socket, None, Some(gid)).with_context(|| {
+        format!(
+            "giving {} to group {gid} (the signer's user must be in that group and may call \
+             chown; or make the socket's directory set-group-ID, of that group)",
+            socket.display()
+        )
+    })
+}
+
 /// Serves requests one at a time until `stop` completes. The CA comes from `ca_state`
 /// ([`load_ca`]); the socket is created mode 0660, in `options.socket_gid` if given.
 pub async fn run_signer(
@@ -519,8 +544,7 @@ pub async fn run_signer(
     let listener =
         UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     if let Some(gid) = options.socket_gid {
-        std::os::unix::fs::chown(socket, None, Some(gid))
-            .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+        give_group(socket, gid)?;
     }
     fs::set_permissions(socket, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("securing {}", socket.display()))?;
@@ -559,8 +583,8 @@ pub async fn run_signer(
 
 // ---------------------------------------------------------------- the client
 
-/// Asks a signer for certificates (blocking; each call well under [`IO_TIMEOUT`] when the
-/// signer is up).
+/// Asks a signer for certificates (blocking; each read and write on the socket waits at most
+/// [`CALL_TIMEOUT`], and a call takes milliseconds when the signer is up).
 #[derive(Debug, Clone)]
 pub struct SignerClient {
     socket: PathBuf,
@@ -584,8 +608,8 @@ impl SignerClient {
             source,
         };
         let mut s = std::os::unix::net::UnixStream::connect(&self.socket).map_err(io)?;
-        s.set_read_timeout(Some(2 * IO_TIMEOUT)).map_err(io)?;
-        s.set_write_timeout(Some(2 * IO_TIMEOUT)).map_err(io)?;
+        s.set_read_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
+        s.set_write_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
         let body =
             serde_json::to_vec(request).map_err(|e| SignerError::Malformed(e.to_string()))?;
         s.write_all(&frame(&body)).map_err(io)?;

@@ -306,3 +306,35 @@ fn a_caller_with_another_uid_is_refused() {
     );
     assert_eq!(w.issued(), "");
 }
+
+#[test]
+fn a_stuck_signer_costs_the_gateway_at_most_the_call_timeout() {
+    // The hub asks for a site certificate while holding its decision lock: a signer that
+    // accepts and never answers (here, stopped with SIGSTOP: the kernel still queues the
+    // connection) must not hold every other link's decisions for long.
+    let w = World::start(30);
+    let (ca, _) = w.ca();
+    let issuer = SiteIssuer::new(ca);
+    let (_, spki) = pinhole_certs::ca::generate_site_key().expect("key");
+    let stop = Command::new("kill")
+        .args(["-STOP", &w.signer.id().to_string()])
+        .status()
+        .expect("kill -STOP");
+    assert!(stop.success());
+    let start = Instant::now();
+    let result = issuer.issue_site("plant-a", &spki);
+    let took = start.elapsed();
+    let _ = Command::new("kill")
+        .args(["-CONT", &w.signer.id().to_string()])
+        .status();
+    let e = result.expect_err("a stopped signer issued a certificate");
+    assert!(e.contains("CA signer"), "{e}");
+    // Given up after the timeout (not at once: the stopped signer did take the connection),
+    // and within a few seconds: before, a caller waited 10 s for each read.
+    let limit = pinhole_gateway::signer::CALL_TIMEOUT;
+    assert!(took >= limit, "gave up after {took:?}, before {limit:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "a stopped signer held the caller {took:?}"
+    );
+}
