@@ -9,7 +9,9 @@
 #   - installs the three packages with apt (signed-by=), checks binaries, man pages, users and
 #     groups, `systemd-analyze verify` and `security` for each unit;
 #   - runs them for real as their units: gateway (own user, CAP_NET_BIND_SERVICE only,
-#     administered as root), site (enrolls, TUN and nftables table), client (a technician in
+#     administered as root, without the CA key), CA signer (own user, no capabilities, no
+#     network; the gateway's user cannot read the key; enrollment and `account create` go
+#     through it), site (enrolls, TUN and nftables table), client (a technician in
 #     the group `pinhole` logs in and connects: route on the TUN);
 #   - upgrades to a new revision (state kept, services restarted), removes (services stopped,
 #     route, TUN and nftables table gone, state kept) and purges (state gone).
@@ -44,7 +46,21 @@ tmp=$(mktemp -d /tmp/pinhole-pkgtest.XXXXXX)
 mount -t tmpfs -o size=3g,mode=0700 pinhole-pkgtest "$tmp"
 root=$tmp/root
 nspawn_pid=
+leader=
+# On a failure once the container runs: the services' state and journals, from inside it.
+diagnose() {
+    [ -n "$leader" ] && kill -0 "$leader" 2>/dev/null || return 0
+    echo "--- diagnostics from the container" >&2
+    local env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SYSTEMD_COLORS=0)
+    nsenter -t "$leader" -a "${env[@]}" systemctl --no-pager --failed >&2 2>&1 || true
+    nsenter -t "$leader" -a "${env[@]}" systemctl --no-pager --full status \
+        pinhole-ca pinhole-gateway pinhole-site pinholed >&2 2>&1 || true
+    nsenter -t "$leader" -a "${env[@]}" journalctl --no-pager -o short-precise \
+        -u pinhole-ca -u pinhole-gateway -u pinhole-site -u pinholed >&2 2>&1 || true
+}
 cleanup() {
+    local rc=$?
+    [ "$rc" -eq 0 ] || diagnose
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
         kill -TERM "$nspawn_pid" 2>/dev/null || true # nspawn powers the container off
         for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
@@ -147,7 +163,6 @@ step "booting the root (systemd-nspawn --boot --private-network)"
 systemd-nspawn --quiet --boot --register=no --keep-unit --private-network --console=pipe \
     -D "$root" >"$tmp/console.log" 2>&1 </dev/null &
 nspawn_pid=$!
-leader=
 for _ in $(seq 100); do
     for c in $(pgrep -P "$nspawn_pid" 2>/dev/null); do
         [ "$(cat "/proc/$c/comm" 2>/dev/null)" = systemd ] && leader=$c
@@ -235,9 +250,11 @@ grep -q site.toml.example "$root/var/lib/dpkg/info/pinhole-site.conffiles" || fa
 ct getent group pinhole >/dev/null || fail "no group pinhole"
 ct getent passwd pinhole-gateway | grep -q ':/var/lib/pinhole-gateway:/usr/sbin/nologin$' || fail "user pinhole-gateway"
 [ "$(ct stat -c %U:%a /var/lib/pinhole-gateway)" = pinhole-gateway:700 ] || fail "/var/lib/pinhole-gateway"
+ct getent passwd pinhole-ca | grep -q ':/var/lib/pinhole-ca:/usr/sbin/nologin$' || fail "user pinhole-ca"
+[ "$(ct stat -c %U:%a /var/lib/pinhole-ca)" = pinhole-ca:700 ] || fail "/var/lib/pinhole-ca"
 
 step "systemd-analyze verify and security"
-units=(pinholed.service pinhole-gateway.service pinhole-site.service)
+units=(pinholed.service pinhole-gateway.service pinhole-ca.service pinhole-site.service)
 for u in "${units[@]}"; do
     out=$(ct systemd-analyze verify "/lib/systemd/system/$u" 2>&1) || fail "systemd-analyze verify $u: $out"
     [ -z "$out" ] || fail "systemd-analyze verify $u: $out"
@@ -260,7 +277,7 @@ wait_for() { # SECONDS DESCRIPTION COMMAND...
     local n=$(($1 * 5)) what=$2
     shift 2
     for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-    for u in pinhole-gateway pinhole-site pinholed; do
+    for u in pinhole-ca pinhole-gateway pinhole-site pinholed; do
         echo "--- journal of $u (last lines)" >&2
         ct journalctl --no-pager -u "$u" 2>&1 | tail -n 12 >&2 || true
     done
@@ -274,11 +291,28 @@ ct systemctl start pinhole-gateway
 wait_for 20 "gateway listening on 443" ct sh -c 'ss -ltn | grep -q ":443 "'
 [ "$(ct stat -c %U "/proc/$(mainpid pinhole-gateway)")" = pinhole-gateway ] || fail "gateway not running as pinhole-gateway"
 [ "$(capeff pinhole-gateway)" = 0000000000000400 ] || fail "gateway capabilities: $(capeff pinhole-gateway)"
+step "CA signer: holds the key the gateway no longer has, no capabilities, no network"
+ct systemctl is-active --quiet pinhole-ca || { ct systemctl status --no-pager pinhole-ca; fail "pinhole-ca not started with the gateway"; }
+[ "$(ct stat -c %U "/proc/$(mainpid pinhole-ca)")" = pinhole-ca ] || fail "signer not running as pinhole-ca"
+[ "$(capeff pinhole-ca)" = 0000000000000000 ] || fail "signer capabilities: $(capeff pinhole-ca)"
+[ ! -e "$root/var/lib/pinhole-gateway/ca.key" ] || fail "ca.key still in the gateway's state directory"
+[ "$(ct stat -c %U:%G:%a /var/lib/pinhole-ca/ca.key)" = pinhole-ca:pinhole-ca:600 ] || fail "ca.key: $(ct stat -c %U:%G:%a /var/lib/pinhole-ca/ca.key)"
+[ "$(ct stat -c %G:%a /run/pinhole-ca/signer.sock)" = pinhole-gateway:660 ] || fail "signer socket: $(ct stat -c %G:%a /run/pinhole-ca/signer.sock)"
+# Only the gateway's group may enter the socket's directory; the signer is not in that group
+# (the socket is born in it: the directory is set-group-ID).
+[ "$(ct stat -c %U:%G:%a /run/pinhole-ca)" = pinhole-ca:pinhole-gateway:2710 ] || fail "/run/pinhole-ca: $(ct stat -c %U:%G:%a /run/pinhole-ca)"
+gw_gid=$(ct getent group pinhole-gateway | cut -d: -f3)
+ca_groups=$(ct sed -n 's/^Groups:\t*//p' "/proc/$(mainpid pinhole-ca)/status")
+! grep -qw "$gw_gid" <<<"$ca_groups" || fail "the signer is in the gateway's group (groups: $ca_groups)"
+if ct runuser -u pinhole-gateway -- cat /var/lib/pinhole-ca/ca.key >/dev/null 2>&1; then fail "the gateway's user read the CA key"; fi
+# The signer's own network namespace holds nothing but a loopback that is down.
+[ "$(ct nsenter -t "$(mainpid pinhole-ca)" -n ip -o link | wc -l)" = 1 ] || fail "the signer sees network interfaces"
 echo 'correct horse battery staple' >"$root/root/alice.pw"
 ct pinhole-gateway domain create acme.plant-a >/dev/null
 token=$(ct pinhole-gateway site-token create acme.plant-a 2>/dev/null | tail -1)
 ct pinhole-gateway account create alice --out /root/alice.p12 --password-file /root/alice.pw >/dev/null
 ct pinhole-gateway grant alice acme >/dev/null
+grep -q ' technician alice serial=' "$root/var/lib/pinhole-ca/issued.log" || fail "account create did not go through the signer"
 left=$(ct find /var/lib/pinhole-gateway ! -user pinhole-gateway)
 [ -z "$left" ] || fail "root-run administration left files the service cannot own: $left"
 ct systemctl is-active --quiet pinhole-gateway || fail "gateway stopped"
@@ -297,6 +331,7 @@ ct pinhole-site check >/dev/null
 ct systemctl start pinhole-site
 wait_for 30 "site online" ct sh -c 'pinhole-gateway sites --json | grep -q "\"online\": *true"'
 ct nft list table inet pinhole_site >/dev/null || fail "no nftables table"
+grep -q ' site plant-a serial=' "$root/var/lib/pinhole-ca/issued.log" || fail "the site's certificate did not come from the signer"
 ct ip link show pinhole-site0 >/dev/null || fail "no site TUN"
 [ "$(capeff pinhole-site)" = 0000000000001000 ] || fail "site capabilities: $(capeff pinhole-site)"
 
@@ -319,17 +354,17 @@ ct ip route show proto 231 | grep -q "192.168.0.10 dev pinhole0" || fail "no rou
 
 # ---------------------------------------------------------------- upgrade
 step "upgrade to revision 2: state kept, services restarted"
-before="$(mainpid pinholed) $(mainpid pinhole-gateway) $(mainpid pinhole-site)"
+before="$(mainpid pinholed) $(mainpid pinhole-gateway) $(mainpid pinhole-site) $(mainpid pinhole-ca)"
 publish "$tmp/build2"
 ct apt-get update >"$tmp/apt.log" 2>&1 || { cat "$tmp/apt.log"; fail "apt-get update (revision 2)"; }
 ct env DEBIAN_FRONTEND=noninteractive apt-get install -y pinhole pinhole-gateway pinhole-site >"$tmp/upgrade.log" 2>&1 ||
     { cat "$tmp/upgrade.log"; fail "upgrade"; }
 [ "$(ct dpkg-query -W -f '${Version}' pinhole)" = 0.1.0-2 ] || fail "not upgraded"
-for u in pinholed pinhole-gateway pinhole-site; do
+for u in pinholed pinhole-gateway pinhole-site pinhole-ca; do
     ct systemctl is-active --quiet "$u" || fail "$u not running after the upgrade"
 done
-after="$(mainpid pinholed) $(mainpid pinhole-gateway) $(mainpid pinhole-site)"
-for i in 1 2 3; do
+after="$(mainpid pinholed) $(mainpid pinhole-gateway) $(mainpid pinhole-site) $(mainpid pinhole-ca)"
+for i in 1 2 3 4; do
     [ "$(cut -d' ' -f$i <<<"$before")" != "$(cut -d' ' -f$i <<<"$after")" ] || fail "service $i not restarted ($before → $after)"
 done
 ct pinhole-gateway accounts | grep -q alice || fail "gateway state lost"
@@ -342,21 +377,22 @@ ct ip route show proto 231 | grep -q "192.168.0.10 dev pinhole0" || fail "no rou
 step "remove: services stopped, route, TUNs and nftables table gone, state kept"
 ct env DEBIAN_FRONTEND=noninteractive apt-get remove -y pinhole pinhole-gateway pinhole-site >"$tmp/remove.log" 2>&1 ||
     { cat "$tmp/remove.log"; fail "apt-get remove"; }
-for u in pinholed pinhole-gateway pinhole-site; do
+for u in pinholed pinhole-gateway pinhole-site pinhole-ca; do
     ! ct systemctl is-active --quiet "$u" || fail "$u still running"
 done
+! ct test -e /run/pinhole-ca || fail "/run/pinhole-ca left"
 ! ct ip link show pinhole0 >/dev/null 2>&1 || fail "client TUN left"
 [ -z "$(ct ip route show proto 231)" ] || fail "route left"
 ! ct ip link show pinhole-site0 >/dev/null 2>&1 || fail "site TUN left"
 ! ct nft list table inet pinhole_site >/dev/null 2>&1 || fail "nftables table left"
-for d in /var/lib/private/pinhole /var/lib/pinhole-gateway /var/lib/pinhole-site; do
+for d in /var/lib/private/pinhole /var/lib/pinhole-gateway /var/lib/pinhole-ca /var/lib/pinhole-site; do
     [ -n "$(ls -A "$root$d")" ] || fail "$d lost on remove"
 done
 
 step "purge: state gone"
 ct env DEBIAN_FRONTEND=noninteractive apt-get purge -y pinhole pinhole-gateway pinhole-site >"$tmp/purge.log" 2>&1 ||
     { cat "$tmp/purge.log"; fail "apt-get purge"; }
-for d in /var/lib/pinhole /var/lib/private/pinhole /var/lib/pinhole-gateway /var/lib/pinhole-site /etc/pinhole-site; do
+for d in /var/lib/pinhole /var/lib/private/pinhole /var/lib/pinhole-gateway /var/lib/pinhole-ca /var/lib/pinhole-site /etc/pinhole-site; do
     [ ! -e "$root$d" ] || fail "$d left after purge"
 done
 

@@ -379,8 +379,36 @@ impl CertificateAuthority {
         gateway: &GatewayInfo,
         validity: Validity,
     ) -> Result<Identity, IssueError> {
-        check_name(account)?;
         let key = generate_key()?;
+        let cert = self.technician_certificate(account, &key, gateway, validity)?;
+        Ok(Identity::new(
+            Zeroizing::new(key.serialize_der()),
+            vec![cert, self.cert.clone()],
+        ))
+    }
+
+    /// A technician certificate for a key made elsewhere (DER SubjectPublicKeyInfo): how a
+    /// separate signer issues one without ever seeing the technician's private key.
+    pub fn issue_technician_for_key(
+        &self,
+        account: &str,
+        spki_der: &[u8],
+        gateway: &GatewayInfo,
+        validity: Validity,
+    ) -> Result<CertificateDer<'static>, IssueError> {
+        let public = SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| IssueError::BadPublicKey(e.to_string()))?;
+        self.technician_certificate(account, &public, gateway, validity)
+    }
+
+    fn technician_certificate(
+        &self,
+        account: &str,
+        public: &impl rcgen::PublicKeyData,
+        gateway: &GatewayInfo,
+        validity: Validity,
+    ) -> Result<CertificateDer<'static>, IssueError> {
+        check_name(account)?;
         let mut params = leaf_params(
             Role::Technician,
             account,
@@ -395,8 +423,7 @@ impl CertificateAuthority {
                 crate::gateway_info::OID,
                 gateway.to_extension_value(),
             ));
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(self.identity(&key, cert))
+        Ok(params.signed_by(public, &self.issuer)?.der().clone())
     }
 
     /// A site certificate for the site's own public key (DER SubjectPublicKeyInfo): the site's

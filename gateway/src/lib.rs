@@ -10,8 +10,8 @@
 //! thin I/O by concern: [`listen`] (accept, limits for unauthenticated peers), `link` (one
 //! driver per peer link: read, decode, hand to the hub, write; [`outbox`] is its bounded
 //! queue), and [`serve`] (wiring, and the watcher that applies administrative changes).
-//! [`state`] lays out the state directory, [`disk`] watches its free space, [`status`] reports
-//! on it.
+//! [`signer`] keeps the CA key in a process of its own, off the network. [`state`] lays out
+//! the state directory, [`disk`] watches its free space, [`status`] reports on it.
 //!
 //! Must not depend on: the client crates (adapter, routes) — the gateway never touches a TUN
 //! device or a route.
@@ -27,6 +27,7 @@ pub mod outbox;
 pub mod portal;
 pub mod registry;
 pub mod serve;
+pub mod signer;
 pub mod state;
 pub mod status;
 pub mod store;

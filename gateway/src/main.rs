@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use pinhole_certs::ca::DEFAULT_TECHNICIAN_DAYS;
 use pinhole_certs::fsutil::write_private_atomic;
-use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection, Validity};
+use pinhole_certs::{Bundle, GatewayAddress, GatewayInfo, PeerIdentity, Protection};
 use pinhole_gateway::audit::{self, Actor, AuditPublicKey, Checkpoint, Verdict, escape};
 use pinhole_gateway::disk::{DiskReserve, disk_status};
 use pinhole_gateway::state::{StateDir, generate_password};
@@ -56,6 +56,16 @@ struct Cli {
         value_name = "SIZE|PERCENT"
     )]
     disk_reserve: Option<DiskReserve>,
+    /// The CA signer's socket (`pinhole-gateway signer`): certificates are signed there and the
+    /// CA key need not be in STATE. Default: STATE/ca.key when it is there, else the signer at
+    /// /run/pinhole-ca/signer.sock when it listens.
+    #[arg(
+        long,
+        global = true,
+        env = "PINHOLE_GATEWAY_SIGNER",
+        value_name = "SOCKET"
+    )]
+    signer: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -89,6 +99,36 @@ enum Command {
         /// localhost, the listen address and the public addresses; repeat for several.
         #[arg(long = "admin-host", value_name = "NAME")]
         admin_hosts: Vec<String>,
+    },
+    /// Run the CA signer: the only process that holds the CA key.
+    ///
+    /// It listens on a Unix socket and signs site certificates (at enrollment) and technician
+    /// certificates (portal bundles, `account create`) for `serve` and the account commands,
+    /// so that the internet-facing server never holds the CA key. Run it as its own user,
+    /// without network access (the packaged unit pinhole-ca.service does), with ca.crt and
+    /// ca.key (0600) in --ca-state. Every request is checked (names, keys, validity, the
+    /// caller's uid) and limited (--per-minute); every certificate issued is logged with its
+    /// serial and appended to CA_STATE/issued.log. The global --state is not used.
+    Signer {
+        /// The signer's state directory: ca.crt, ca.key (mode 0600) and issued.log.
+        #[arg(long, default_value = pinhole_gateway::signer::DEFAULT_CA_STATE, value_name = "DIR")]
+        ca_state: PathBuf,
+        /// The socket to listen on (created mode 0660; a stale socket is replaced).
+        #[arg(long, default_value = pinhole_gateway::signer::DEFAULT_SOCKET, value_name = "PATH")]
+        socket: PathBuf,
+        /// A user who may ask for certificates, besides root and the signer's own user (the
+        /// caller's uid is read from the socket, SO_PEERCRED); repeat for several.
+        #[arg(long = "allow-user", value_name = "NAME")]
+        allow_users: Vec<String>,
+        /// The group to give the socket, so that the gateway's user can connect (the signer's
+        /// user must be a member, unless the socket's directory is set-group-ID of that group,
+        /// which gives it that group from the start).
+        #[arg(long, value_name = "NAME")]
+        socket_group: Option<String>,
+        /// Certificates issued a minute, at most; further requests are refused until the
+        /// minute has passed.
+        #[arg(long, default_value_t = pinhole_gateway::signer::DEFAULT_PER_MINUTE, value_parser = clap::value_parser!(u32).range(1..))]
+        per_minute: u32,
     },
     /// Portal administrators.
     #[command(subcommand)]
@@ -355,7 +395,11 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     let state = StateDir::new(&cli.state)
         .with_audit_key(cli.audit_key)
         .with_disk_reserve(cli.disk_reserve.unwrap_or_default());
-    if !matches!(cli.command, Command::Init { .. } | Command::Status { .. }) {
+    let signer = cli.signer.as_deref();
+    if !matches!(
+        cli.command,
+        Command::Init { .. } | Command::Status { .. } | Command::Signer { .. }
+    ) {
         warn_if_disk_low(&state);
     }
     match cli.command {
@@ -400,7 +444,24 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            runtime.block_on(pinhole_gateway::serve::serve(&state, &listen, &admin))?;
+            runtime.block_on(pinhole_gateway::serve::serve(
+                &state, &listen, &admin, signer,
+            ))?;
+        }
+        Command::Signer {
+            ca_state,
+            socket,
+            allow_users,
+            socket_group,
+            per_minute,
+        } => {
+            run_signer(
+                ca_state,
+                socket,
+                &allow_users,
+                socket_group.as_deref(),
+                per_minute,
+            )?;
         }
         Command::Admin(AdminCmd::Create { name, role }) => {
             let password = generate_password();
@@ -499,6 +560,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }) => {
             create_account(
                 &state,
+                signer,
                 &name,
                 &out,
                 password_file.as_ref(),
@@ -525,7 +587,15 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             legacy,
             days,
         }) => {
-            reissue_account(&state, &name, &out, password_file.as_ref(), legacy, days)?;
+            reissue_account(
+                &state,
+                signer,
+                &name,
+                &out,
+                password_file.as_ref(),
+                legacy,
+                days,
+            )?;
         }
         Command::Account(AccountCmd::Close { name }) => {
             state.store()?.close_account(&operator(), &name)?;
@@ -633,6 +703,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 /// swaps the serial and revokes the old one, or the bundle is removed again.
 fn reissue_account(
     state: &StateDir,
+    signer: Option<&std::path::Path>,
     name: &str,
     out: &PathBuf,
     password_file: Option<&PathBuf>,
@@ -655,11 +726,10 @@ fn reissue_account(
         Some(p) => (read_password_file(p)?, false),
         None => (generate_password(), true),
     };
-    let loaded = state.load()?;
+    let mut loaded = state.load()?;
+    let ca = pinhole_gateway::signer::open(state, &mut loaded, signer)?;
     let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
-    let identity = loaded
-        .ca
-        .issue_technician(name, &info, Validity::days_from_now(days))?;
+    let identity = ca.issue_technician(name, &info, days)?;
     let serial = PeerIdentity::from_certificate(identity.certificate())?.serial;
     let protection = if legacy {
         Protection::Legacy
@@ -683,8 +753,10 @@ fn reissue_account(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)] // the command's options, one by one
 fn create_account(
     state: &StateDir,
+    signer: Option<&std::path::Path>,
     name: &str,
     out: &PathBuf,
     password_file: Option<&PathBuf>,
@@ -702,15 +774,14 @@ fn create_account(
         Some(p) => (read_password_file(p)?, false),
         None => (generate_password(), true),
     };
-    let loaded = state.load()?;
+    let mut loaded = state.load()?;
     let mut store = state.store()?;
     if store.account(name)?.is_some() {
         bail!("account {name} already exists");
     }
+    let ca = pinhole_gateway::signer::open(state, &mut loaded, signer)?;
     let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
-    let identity = loaded
-        .ca
-        .issue_technician(name, &info, Validity::days_from_now(days))?;
+    let identity = ca.issue_technician(name, &info, days)?;
     let serial = PeerIdentity::from_certificate(identity.certificate())?.serial;
     let bundle = Bundle::new(identity)?;
     let protection = if legacy {
@@ -743,6 +814,46 @@ fn create_account(
     let mut stdout = std::io::stdout();
     stdout.flush()?;
     Ok(())
+}
+
+/// `pinhole-gateway signer`: resolves the names, then serves until SIGTERM or SIGINT.
+fn run_signer(
+    ca_state: PathBuf,
+    socket: PathBuf,
+    allow_users: &[String],
+    socket_group: Option<&str>,
+    per_minute: u32,
+) -> anyhow::Result<()> {
+    use pinhole_gateway::signer;
+    let allowed_uids = allow_users
+        .iter()
+        .map(|u| signer::user_id(u).with_context(|| format!("--allow-user {u}: no such user")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let socket_gid = socket_group
+        .map(|g| signer::group_id(g).with_context(|| format!("--socket-group {g}: no such group")))
+        .transpose()?;
+    let options = signer::SignerOptions {
+        socket,
+        allowed_uids,
+        socket_gid,
+        per_minute,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        signer::run_signer(&ca_state, &options, stop).await
+    })
 }
 
 /// Checks every checkpoint in `file` against the log; prints one verdict per checkpoint.

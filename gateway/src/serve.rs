@@ -17,18 +17,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pinhole_certs::tls::{self, Anonymous};
-use pinhole_certs::{
-    CertificateAuthority, GatewayClientVerifier, PeerIdentity, RevocationList, Validity,
-};
+use pinhole_certs::{GatewayClientVerifier, RevocationList};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 use crate::audit::Actor;
-use crate::hub::{Command, EndSessionError, Hub, Issuer, LinkId, LiveSession};
+use crate::hub::{Command, EndSessionError, Hub, LinkId, LiveSession};
 use crate::listen::{self, Unwelcomed};
 use crate::outbox::Outbox;
-use crate::registry::Issued;
+use crate::signer::{BundleMaker, Ca, SiteIssuer};
 use crate::state::StateDir;
 use crate::store::Store;
 
@@ -44,9 +42,6 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(3600);
 /// so loudly, before audit writes start failing.
 pub const DISK_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Certificates the gateway issues to sites last as long as the server's.
-const SITE_DAYS: i64 = pinhole_certs::ca::SERVER_DAYS;
-
 /// The revocation list the TLS verifier consults, refreshed from the database.
 #[derive(Debug, Default)]
 struct Revoked(RwLock<BTreeSet<Vec<u8>>>);
@@ -55,60 +50,6 @@ impl RevocationList for Revoked {
     fn is_revoked(&self, serial: &[u8]) -> bool {
         // A poisoned lock means a writer panicked mid-update: fail closed.
         self.0.read().map(|s| s.contains(serial)).unwrap_or(true)
-    }
-}
-
-/// Site certificates from the gateway CA.
-struct CaIssuer {
-    ca: CertificateAuthority,
-    der: Vec<u8>,
-}
-
-impl Issuer for CaIssuer {
-    fn issue_site(&self, site: &str, public_key: &[u8]) -> Result<Issued, String> {
-        let cert = self
-            .ca
-            .issue_site(site, public_key, Validity::days_from_now(SITE_DAYS))
-            .map_err(|e| e.to_string())?;
-        let serial = PeerIdentity::from_certificate(&cert)
-            .map_err(|e| e.to_string())?
-            .serial;
-        Ok(Issued {
-            certificate: cert.to_vec(),
-            serial,
-        })
-    }
-
-    fn ca_certificate(&self) -> &[u8] {
-        &self.der
-    }
-}
-
-/// Technician bundles for the portal, from the gateway CA.
-struct CaBundles {
-    ca: CertificateAuthority,
-    info: pinhole_certs::GatewayInfo,
-}
-
-impl crate::portal::BundleIssuer for CaBundles {
-    fn issue(&self, account: &str, days: i64) -> Result<crate::portal::IssuedBundle, String> {
-        let identity = self
-            .ca
-            .issue_technician(account, &self.info, Validity::days_from_now(days))
-            .map_err(|e| e.to_string())?;
-        let serial = PeerIdentity::from_certificate(identity.certificate())
-            .map_err(|e| e.to_string())?
-            .serial;
-        let bundle = pinhole_certs::Bundle::new(identity).map_err(|e| e.to_string())?;
-        let password = crate::state::generate_password();
-        let p12 = bundle
-            .to_pkcs12(&password, pinhole_certs::Protection::Modern)
-            .map_err(|e| e.to_string())?;
-        Ok(crate::portal::IssuedBundle {
-            p12: zeroize::Zeroizing::new(p12),
-            password,
-            serial,
-        })
     }
 }
 
@@ -272,6 +213,7 @@ async fn start_portal(
     state: &StateDir,
     shared: Arc<Shared>,
     admin: &AdminOptions,
+    ca: Arc<Ca>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> anyhow::Result<()> {
     let loaded = state.load()?;
@@ -293,10 +235,7 @@ async fn start_portal(
     let portal = crate::portal::Portal::new(
         state.store()?,
         shared,
-        Arc::new(CaBundles {
-            ca: loaded.ca,
-            info,
-        }),
+        Arc::new(BundleMaker::new(ca, info)),
         crate::portal::PortalConfig { hosts, issuer },
     );
     info!(address = %local, "admin portal listening");
@@ -307,29 +246,27 @@ async fn start_portal(
     Ok(())
 }
 
-/// Serves until SIGTERM or SIGINT.
+/// Serves until SIGTERM or SIGINT. Certificates come from the CA signer at `signer` when
+/// given, else as [`crate::signer::open`] finds the CA.
 pub async fn serve(
     state: &StateDir,
     listen: &[SocketAddr],
     admin: &AdminOptions,
+    signer: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
     let nofile = listen::raise_nofile_limit();
-    let loaded = state.load()?;
+    let mut loaded = state.load()?;
+    let ca = Arc::new(crate::signer::open(state, &mut loaded, signer)?);
+    info!(ca = ?ca, "certificate authority");
     let mut store = state.store()?;
     store.mark_all_offline().context("resetting site status")?;
     let revoked = Arc::new(Revoked(RwLock::new(store.revoked()?)));
-    let verifier = GatewayClientVerifier::new(
-        loaded.ca.certificate(),
-        revoked.clone(),
-        Anonymous::AllowEnrollment,
-    )?;
+    let verifier =
+        GatewayClientVerifier::new(&loaded.ca_cert, revoked.clone(), Anonymous::AllowEnrollment)?;
     let config = tls::server_config(&loaded.server, verifier)?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
     let pin = loaded.pin;
-    let issuer = CaIssuer {
-        der: loaded.ca.certificate().to_vec(),
-        ca: loaded.ca,
-    };
+    let issuer = SiteIssuer::new(ca.clone());
 
     let mut listeners = Vec::new();
     for addr in listen {
@@ -398,7 +335,7 @@ pub async fn serve(
         });
     }
     let mut tasks = tokio::task::JoinSet::new();
-    start_portal(state, shared.clone(), admin, &mut tasks).await?;
+    start_portal(state, shared.clone(), admin, ca, &mut tasks).await?;
     tasks.spawn(watch_loop(shared.clone(), revoked));
     tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
 

@@ -3,7 +3,8 @@
 //! ```text
 //! STATE/                 0700, root
 //!   gateway.toml         public addresses (written by `init`)
-//!   ca.crt  ca.key       the CA certificate, and its key (0600)
+//!   ca.crt  ca.key       the CA certificate, and its key (0600); with a CA signer the key
+//!                        lives in the signer's state directory instead (see `signer`)
 //!   server.crt server.key the server certificate, and its key (0600)
 //!   gateway.db           SQLite registry and audit log (0600; WAL files beside it)
 //!   audit.key            the key that signs audit checkpoints (0600; see `checkpoint`),
@@ -54,7 +55,11 @@ pub struct Initialized {
 
 /// Everything `serve` and the account commands need.
 pub struct Loaded {
-    pub ca: CertificateAuthority,
+    /// The CA certificate (`ca.crt`, DER).
+    pub ca_cert: CertificateDer<'static>,
+    /// The CA with its key, when `ca.key` is here; `None` when a CA signer keeps it (see
+    /// [`crate::signer::open`]).
+    pub ca: Option<CertificateAuthority>,
     pub server: Identity,
     pub addresses: Vec<GatewayAddress>,
     pub pin: Pin,
@@ -272,8 +277,14 @@ impl StateDir {
                 .with_context(|| format!("reading {}", self.file(name).display()))
         };
         let ca_pem = read("ca.crt")?;
-        let ca_key = Zeroizing::new(read("ca.key")?);
-        let ca = CertificateAuthority::from_pem(&ca_pem, &ca_key).context("loading the CA")?;
+        let ca_cert =
+            CertificateDer::from(pem_decode("CERTIFICATE", &ca_pem).context("ca.crt is not PEM")?);
+        let ca = if self.file("ca.key").exists() {
+            let ca_key = Zeroizing::new(read("ca.key")?);
+            Some(CertificateAuthority::from_pem(&ca_pem, &ca_key).context("loading the CA")?)
+        } else {
+            None
+        };
         let server_cert =
             pem_decode("CERTIFICATE", &read("server.crt")?).context("server.crt is not PEM")?;
         let server_key = Zeroizing::new(
@@ -283,10 +294,11 @@ impl StateDir {
         let pin = Pin::of_certificate(&server_cert).context("server.crt")?;
         let server = Identity::from_parts(
             server_key,
-            vec![CertificateDer::from(server_cert), ca.certificate().clone()],
+            vec![CertificateDer::from(server_cert), ca_cert.clone()],
         )
         .context("server.key does not belong to server.crt")?;
         Ok(Loaded {
+            ca_cert,
             ca,
             server,
             addresses,

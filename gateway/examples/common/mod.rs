@@ -164,7 +164,10 @@ pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixtu
     let admin = Actor::Admin("load".into());
     let domain: pinhole_gateway::store::DomainPath = "load".parse()?;
     let _ = store.create_domain(&admin, &domain); // may exist already
-    let ca = &loaded.ca;
+    let ca = loaded
+        .ca
+        .as_ref()
+        .context("the fixture signs with STATE/ca.key: run it on a state without a signer")?;
     let mut site_ids = Vec::with_capacity(sites);
     for i in 0..sites {
         let name = format!("load-{i}");
