@@ -1510,15 +1510,38 @@ impl<H: Clone> Hub<H> {
 
     /// The registry changed underneath (CLI, portal): closed accounts and revoked or removed
     /// sites lose their links and sessions, withdrawn grants their sessions, and technicians
-    /// get fresh inventories.
+    /// get fresh inventories. [`Hub::handle_account_change`], then
+    /// [`Hub::handle_site_change`] with the registry's [`Registry::site_serials`].
     pub fn handle_admin_change(
+        &mut self,
+        registry: &mut dyn Registry,
+        now: Instant,
+    ) -> Vec<Command> {
+        let mut out = self.handle_account_change(registry, now);
+        match registry.site_serials() {
+            Ok(current) => out.extend(self.handle_site_change(registry, &current, now)),
+            Err(e) => warn!(error = %e, "cannot re-check the sites"),
+        }
+        out
+    }
+
+    /// The account half of [`Hub::handle_admin_change`]: closed or re-issued accounts lose
+    /// their links, withdrawn grants their sessions; technicians get fresh inventories. A
+    /// query per technician link and per session: the server runs it first, so that `account
+    /// close` does not wait for the re-check of every site.
+    pub fn handle_account_change(
         &mut self,
         registry: &mut dyn Registry,
         now: Instant,
     ) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
-        let ids: Vec<LinkId> = self.links.keys().copied().collect();
+        let ids: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l.auth, PeerAuth::Technician(_)))
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             let Some(l) = self.links.get(&id) else {
                 continue;
@@ -1545,18 +1568,7 @@ impl<H: Clone> Hub<H> {
                         None
                     }
                 },
-                PeerAuth::Site(name) => match registry.site(name) {
-                    Ok(Some(s)) if !s.revoked && s.serial == l.serial => None,
-                    Ok(_) => Some((
-                        ErrorCode::UnknownSite,
-                        "this site's certificate was revoked or the site removed",
-                    )),
-                    Err(e) => {
-                        warn!(error = %e, "cannot re-check a site");
-                        None
-                    }
-                },
-                PeerAuth::Anonymous => None,
+                PeerAuth::Site(_) | PeerAuth::Anonymous => None,
             };
             if let Some((code, text)) = end {
                 info!(
@@ -1596,6 +1608,44 @@ impl<H: Clone> Hub<H> {
                     &mut out,
                 );
             }
+        }
+        out
+    }
+
+    /// The site half of [`Hub::handle_admin_change`]: a connected site whose certificate is
+    /// no longer in `current` (revoked, replaced, or the site removed) loses its link and
+    /// sessions. `current` is [`Registry::site_serials`], read before the call (the server
+    /// reads it on a connection of its own, without holding the hub).
+    pub fn handle_site_change(
+        &mut self,
+        registry: &mut dyn Registry,
+        current: &crate::registry::SiteSerials,
+        now: Instant,
+    ) -> Vec<Command> {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        let gone: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| match &l.auth {
+                PeerAuth::Site(name) => current.get(name) != Some(&l.serial),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let text = "this site's certificate was revoked or the site removed";
+            info!(
+                link = id,
+                code = ?ErrorCode::UnknownSite,
+                "ending a link after an administrative change"
+            );
+            self.end_sessions_of(registry, id, text, Some(id), &mut out);
+            out.push(Command::Close {
+                link: id,
+                code: ErrorCode::UnknownSite,
+                text: text.into(),
+            });
         }
         out
     }
