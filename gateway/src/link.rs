@@ -159,7 +159,11 @@ async fn drive(
                 ev => events.push(ev),
             }
         }
-        if is_site && events.iter().any(|e| matches!(e, GatewayEvent::SiteHello { .. })) {
+        if is_site
+            && events
+                .iter()
+                .any(|e| matches!(e, GatewayEvent::SiteHello { .. }))
+        {
             // Recorded in a group commit with the other sites' hellos (`Shared::decide_hello`).
             shared
                 .decide_hello(link, std::mem::take(&mut events), Instant::now())

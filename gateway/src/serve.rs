@@ -450,13 +450,21 @@ pub async fn serve(
     }
     let mut tasks = tokio::task::JoinSet::new();
     start_portal(state, shared.clone(), admin, &mut tasks).await?;
-    let watcher_store = state.store().context("opening the watcher's database connection")?;
+    let watcher_store = state
+        .store()
+        .context("opening the watcher's database connection")?;
     tasks.spawn(watch_loop(shared.clone(), revoked, watcher_store));
     tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
     tasks.spawn(hello_batches(shared.clone(), wal));
 
     wait_for_signal().await?;
     info!("stopping: closing every link");
+    // Every link's disconnection is recorded as it ends, without a sync each: nothing waits on
+    // those records, and the "gateway stopped" commit below syncs them all at once (at 100 000
+    // sites a sync per record would outlast the service manager's stop timeout).
+    if let Err(e) = shared.decide(|_, store| store.defer_sync()) {
+        warn!(error = %e, "cannot defer syncing while stopping");
+    }
     // No new links from here: a site told "restarting" dials again within a second, and must
     // not be welcomed by a gateway that is going away.
     accepting.shutdown().await;
@@ -469,6 +477,7 @@ pub async fn serve(
     tasks.abort_all();
     shared
         .decide(|hub, store| {
+            store.end_deferred()?;
             hub.handle_shutdown(store);
             store.mark_all_offline()?;
             store.record(
@@ -526,8 +535,9 @@ async fn watch_loop(shared: Arc<Shared>, revoked: Arc<Revoked>, mut own: Store) 
         if changed {
             match tokio::task::block_in_place(|| own.site_serials()) {
                 Ok(current) => {
-                    let cmds = shared
-                        .decide(|hub, store| hub.handle_site_change(store, &current, Instant::now()));
+                    let cmds = shared.decide(|hub, store| {
+                        hub.handle_site_change(store, &current, Instant::now())
+                    });
                     shared.dispatch(cmds);
                 }
                 Err(e) => warn!(error = %e, "cannot re-check the sites"),
@@ -597,8 +607,7 @@ async fn hello_batches(shared: Arc<Shared>, wal: Option<std::path::PathBuf>) {
                         .map(|h| Command::Close {
                             link: h.link,
                             code: pinhole_proto::ErrorCode::Internal,
-                            text: "the gateway could not record this action and refused it"
-                                .into(),
+                            text: "the gateway could not record this action and refused it".into(),
                         })
                         .collect(),
                 );

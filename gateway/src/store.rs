@@ -1157,6 +1157,47 @@ mod tests {
         assert!(s.inventory("alice").expect("inv").is_empty());
     }
 
+    /// The inventory reads the granted domains by index range; it must see exactly what
+    /// `within` sees, next to names that sort just around a grant (`acme-b`, `acme2`, `acmez`).
+    #[test]
+    fn inventory_sees_a_grant_and_below_and_nothing_beside() {
+        let (_d, mut s) = store();
+        let sites = [
+            ("s1", "acme"),
+            ("s2", "acme.plant-a"),
+            ("s3", "acme.plant-a.line-1"),
+            ("s4", "acme-b"),
+            ("s5", "acme2"),
+            ("s6", "acmez"),
+            ("s7", "ac"),
+            ("s8", "zeta"),
+        ];
+        for (i, (site, dom)) in sites.iter().enumerate() {
+            let _ = s.create_domain(&ADMIN, &d(dom));
+            let (tok, _) = s
+                .create_token(&ADMIN, &d(dom), Duration::from_secs(60))
+                .expect("token");
+            s.enroll(&tok, site, || {
+                Ok((vec![1], vec![u8::try_from(i).expect("few")]))
+            })
+            .expect("enroll");
+        }
+        s.create_account(&ADMIN, "alice", &[9], 365).expect("alice");
+        s.set_grant(&ADMIN, "alice", &d("acme"), true)
+            .expect("grant");
+        s.set_grant(&ADMIN, "alice", &d("acme.plant-a"), true)
+            .expect("overlapping grant");
+        s.set_grant(&ADMIN, "alice", &d("zeta"), true)
+            .expect("grant");
+        let inv: Vec<String> = s
+            .inventory("alice")
+            .expect("inv")
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(inv, ["s1", "s2", "s3", "s8"], "sorted by name, each once");
+    }
+
     #[test]
     fn a_token_bound_to_a_site_name_refuses_another_name() {
         let (_d, mut s) = store();

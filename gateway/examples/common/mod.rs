@@ -212,11 +212,9 @@ pub fn fixture_grouped(
                                 let serial =
                                     pinhole_certs::PeerIdentity::from_certificate(&c)?.serial;
                                 let der = c.to_vec();
-                                let id = Identity::from_parts(
-                                    key,
-                                    vec![c, ca.certificate().clone()],
-                                )
-                                .context("site identity")?;
+                                let id =
+                                    Identity::from_parts(key, vec![c, ca.certificate().clone()])
+                                        .context("site identity")?;
                                 Ok((name, id, der, serial))
                             })
                             .collect()
@@ -232,7 +230,8 @@ pub fn fixture_grouped(
     for part in made {
         for (name, id, der, serial) in part? {
             let i = site_ids.len();
-            let (token, _) = store.create_token(&admin, &domain_of(i)?, Duration::from_secs(600))?;
+            let (token, _) =
+                store.create_token(&admin, &domain_of(i)?, Duration::from_secs(600))?;
             store.enroll(&token, &name, || Ok((der, serial)))?;
             site_ids.push((name, id));
         }

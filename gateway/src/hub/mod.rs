@@ -292,6 +292,9 @@ pub struct Hub<H> {
     /// Sites heard from since the last flush.
     seen: BTreeSet<String>,
     seen_flushed: Option<Instant>,
+    /// Technician links (a few hundred, among up to 100 000 site links): whom a site's change
+    /// concerns is looked for among these only.
+    technicians: BTreeSet<LinkId>,
     /// The `now` of the latest call (for durations in audit records).
     now: Instant,
 }
@@ -342,6 +345,7 @@ impl<H: Clone> Hub<H> {
             awaiting: BTreeSet::new(),
             seen: BTreeSet::new(),
             seen_flushed: None,
+            technicians: BTreeSet::new(),
             now,
         }
     }
@@ -421,7 +425,11 @@ impl<H: Clone> Hub<H> {
                     _ => PeerAuth::Technician(p.name),
                 };
                 if matches!(auth, PeerAuth::Technician(_))
-                    && self.links.values().filter(|l| l.auth == auth).count()
+                    && self
+                        .technicians
+                        .iter()
+                        .filter(|id| self.links.get(id).is_some_and(|l| l.auth == auth))
+                        .count()
                         >= MAX_LINKS_PER_ACCOUNT
                 {
                     self.refusals.add(
@@ -435,6 +443,9 @@ impl<H: Clone> Hub<H> {
                 (auth, p.serial, Some(p.expires))
             }
         };
+        if matches!(auth, PeerAuth::Technician(_)) {
+            self.technicians.insert(link);
+        }
         self.links.insert(
             link,
             Link {
@@ -1420,8 +1431,11 @@ impl<H: Clone> Hub<H> {
 
     /// Technicians that may see a site of `domain` get an update (coalesced).
     fn mark_concerned(&mut self, domain: &str, now: Instant) {
-        for (id, l) in &self.links {
-            if l.welcomed && l.account.as_ref().is_some_and(|a| a.may_see(domain)) {
+        for id in &self.technicians {
+            if let Some(l) = self.links.get(id)
+                && l.welcomed
+                && l.account.as_ref().is_some_and(|a| a.may_see(domain))
+            {
                 self.dirty.insert(*id);
             }
         }
@@ -1440,6 +1454,7 @@ impl<H: Clone> Hub<H> {
     ) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
+        self.technicians.remove(&link);
         let Some(l) = self.links.remove(&link) else {
             return out;
         };
@@ -1536,12 +1551,7 @@ impl<H: Clone> Hub<H> {
     ) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
-        let ids: Vec<LinkId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| matches!(l.auth, PeerAuth::Technician(_)))
-            .map(|(id, _)| *id)
-            .collect();
+        let ids: Vec<LinkId> = self.technicians.iter().copied().collect();
         for id in ids {
             let Some(l) = self.links.get(&id) else {
                 continue;
