@@ -26,6 +26,7 @@ pub mod operator;
 pub mod outbox;
 pub mod portal;
 pub mod registry;
+mod scratch;
 pub mod serve;
 pub mod signer;
 pub mod state;

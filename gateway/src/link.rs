@@ -15,7 +15,7 @@ use pinhole_certs::PeerIdentity;
 use pinhole_proto::link::MISSED_HEARTBEATS;
 use pinhole_proto::{CloseReason, ErrorCode, GatewayCore, GatewayEvent};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, warn};
 
@@ -23,12 +23,6 @@ use crate::hub::{Command, LinkId, Presented};
 use crate::listen::{HANDSHAKE_TIMEOUT, Ticket};
 use crate::outbox::Outbox;
 use crate::serve::Shared;
-
-/// A link's read buffer starts small: most links are idle sites that only ever read a heartbeat,
-/// and at thousands of sites every kilobyte per link counts. A read that fills the buffer
-/// doubles it, up to [`MAX_READ_BUFFER`], so a busy session soon reads whole TLS records.
-const MIN_READ_BUFFER: usize = 2 * 1024;
-const MAX_READ_BUFFER: usize = 64 * 1024;
 
 /// How long a closing link keeps reading so that its last message is not lost to a reset.
 const LINGER: Duration = Duration::from_millis(500);
@@ -150,7 +144,6 @@ async fn drive(
 ) {
     let mut ticket = Some(ticket);
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = vec![0u8; MIN_READ_BUFFER];
     let mut commands: Vec<Command> = Vec::new();
     let mut data: Vec<u8> = Vec::new();
     let mut events: Vec<GatewayEvent> = Vec::new();
@@ -165,6 +158,16 @@ async fn drive(
                 GatewayEvent::Closed(reason) => close_reason = Some(reason),
                 ev => events.push(ev),
             }
+        }
+        if is_site
+            && events
+                .iter()
+                .any(|e| matches!(e, GatewayEvent::SiteHello { .. }))
+        {
+            // Recorded in a group commit with the other sites' hellos (`Shared::decide_hello`).
+            shared
+                .decide_hello(link, std::mem::take(&mut events), Instant::now())
+                .await;
         }
         if !events.is_empty() {
             let now = Instant::now();
@@ -209,16 +212,16 @@ async fn drive(
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            read = rd.read(&mut buf) => match read {
-                Ok(0) | Err(_) => close_reason = Some(CloseReason::Local),
-                Ok(n) => {
-                    let now = Instant::now();
-                    core.handle_input(&buf[..n], now, &mut |session, datagram| {
-                        shared.forward(link, session, datagram);
-                    });
-                    if n == buf.len() && buf.len() < MAX_READ_BUFFER {
-                        buf.resize(buf.len() * 2, 0);
-                    }
+            // No read buffer of the link's own: idle links hold none (see `crate::scratch`).
+            read = crate::scratch::read_with(&mut rd, |bytes| {
+                let now = Instant::now();
+                core.handle_input(bytes, now, &mut |session, datagram| {
+                    shared.forward(link, session, datagram);
+                });
+                now
+            }) => match read {
+                Ok(None) | Err(_) => close_reason = Some(CloseReason::Local),
+                Ok(Some(now)) => {
                     if is_site && core.is_running() && now.duration_since(seen_reported) >= core.heartbeat() {
                         seen_reported = now;
                         shared.decide(|hub, _| hub.handle_site_seen(link));
@@ -268,17 +271,15 @@ async fn drive(
     // with unread input makes the kernel answer with a reset, which can destroy our goodbye
     // (an account-closed error) before the peer reads it.
     let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
+        while let Ok(Some(())) = crate::scratch::read_with(&mut rd, |_| ()).await {}
     })
     .await;
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
 
     /// A writer that, like a TLS stream, may keep accepted bytes in its own buffer: a link's

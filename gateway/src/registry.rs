@@ -110,11 +110,19 @@ pub struct Issued {
     pub serial: Vec<u8>,
 }
 
+/// Site name → serial of its current, unrevoked certificate (big-endian bytes).
+pub type SiteSerials = std::collections::HashMap<String, Vec<u8>>;
+
 /// Persistent state of the gateway. See the module documentation.
 pub trait Registry {
     fn account(&mut self, name: &str) -> Result<Option<Account>, RegistryError>;
 
     fn site(&mut self, name: &str) -> Result<Option<Site>, RegistryError>;
+
+    /// Every enrolled site whose certificate is not revoked, with its current certificate's
+    /// serial: one read to re-check every connected site after an administrative change (a
+    /// query per site would hold the hub for seconds at 100 000 sites).
+    fn site_serials(&mut self) -> Result<SiteSerials, RegistryError>;
 
     /// The sites `account` may see, with their online state as last recorded.
     fn inventory(&mut self, account: &Account) -> Result<Vec<SiteView>, RegistryError>;

@@ -6,6 +6,7 @@ use rusqlite::{OptionalExtension, params};
 use crate::audit;
 use crate::registry::{
     Account, AuditRecord, EnrollError, Issued, Registry, RegistryError, Site, SiteReport,
+    SiteSerials,
 };
 use crate::store::{Store, StoreError, now_rfc3339};
 
@@ -53,6 +54,20 @@ impl Registry for Store {
             // parse offers no agent rather than a guessed one.
             agents: serde_json::from_str::<Vec<Agent>>(&agents).unwrap_or_default(),
         }))
+    }
+
+    fn site_serials(&mut self) -> Result<SiteSerials, RegistryError> {
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT s.name, s.serial FROM sites s
+             WHERE NOT EXISTS (SELECT 1 FROM revoked r WHERE r.serial = s.serial)",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let mut out = SiteSerials::new();
+        for row in rows {
+            let (name, serial): (String, Vec<u8>) = row?;
+            out.insert(name, serial);
+        }
+        Ok(out)
     }
 
     fn inventory(&mut self, account: &Account) -> Result<Vec<SiteView>, RegistryError> {

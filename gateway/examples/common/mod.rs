@@ -24,7 +24,7 @@ use pinhole_proto::{
 };
 use pinhole_shell::{Dialer, Handler, Lost, Stream, drive};
 use rustls::ClientConfig;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_rustls::TlsConnector;
@@ -38,11 +38,16 @@ pub const CLIENT_KEY: &str = "11111111111111111111111111111111111111111111111111
 /// Simulated sites and technicians are idle: a heartbeat an hour.
 pub const IDLE_HEARTBEAT: Duration = Duration::from_secs(3600);
 
-/// The `n`-th loopback address of block `second`: 127.second.(n / 250).(n % 250 + 1). The
-/// gateway caps unwelcomed connections per source address, so simulated peers that stand for
-/// distinct plants or PCs dial from distinct addresses, as they would on the internet.
+/// The `n`-th loopback address from block `second` on: 127.second.(n / 250).(n % 250 + 1),
+/// spilling into the next blocks past 62 500 (100 000 sites take blocks 2 and 3). The gateway
+/// caps unwelcomed connections per source address, so simulated peers that stand for distinct
+/// plants or PCs dial from distinct addresses, as they would on the internet; each address also
+/// has its own 28 000 ephemeral ports, so 100 000 links never run out of them.
 pub fn loopback(second: u8, n: u32) -> IpAddr {
-    let third = u8::try_from(n / 250).expect("at most 64 000 addresses per block");
+    const PER_BLOCK: u32 = 250 * 250;
+    let second = u8::try_from(u32::from(second) + n / PER_BLOCK).expect("within 127/8");
+    let n = n % PER_BLOCK;
+    let third = u8::try_from(n / 250).expect("below 250");
     let fourth = u8::try_from(n % 250 + 1).expect("below 251");
     IpAddr::V4(Ipv4Addr::new(127, second, third, fourth))
 }
@@ -155,6 +160,20 @@ pub struct Fixture {
 }
 
 pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixture> {
+    fixture_grouped(state, sites, techs, None)
+}
+
+/// As [`fixture`]; with `group`, sites are enrolled in domains of `group` sites each
+/// (`load.g0`, `load.g1`, …) and technician `i` is granted only the domain of site
+/// `i % sites` (a technician sees a plant's sites, not a whole country's: at 100 000 sites one
+/// inventory of every site would not fit a message). Keys and certificates are made on every
+/// core; the store writes stay one connection's, as the CLI's are.
+pub fn fixture_grouped(
+    state: &Path,
+    sites: usize,
+    techs: usize,
+    group: Option<usize>,
+) -> anyhow::Result<Fixture> {
     let state = StateDir::new(state);
     let loaded = state.load()?;
     let mut store = state.store()?;
@@ -162,32 +181,63 @@ pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixtu
     // setup transactions; the gateway's connection keeps its own setting.
     store.conn().pragma_update(None, "synchronous", "OFF")?;
     let admin = Actor::Admin("load".into());
-    let domain: pinhole_gateway::store::DomainPath = "load".parse()?;
-    let _ = store.create_domain(&admin, &domain); // may exist already
+    let top: pinhole_gateway::store::DomainPath = "load".parse()?;
+    let _ = store.create_domain(&admin, &top); // may exist already
+    let domain_of = |i: usize| -> anyhow::Result<pinhole_gateway::store::DomainPath> {
+        Ok(match group {
+            Some(g) => format!("load.g{}", i / g.max(1)).parse()?,
+            None => top.clone(),
+        })
+    };
+    if group.is_some() {
+        for i in (0..sites).step_by(group.unwrap_or(1).max(1)) {
+            let _ = store.create_domain(&admin, &domain_of(i)?);
+        }
+    }
     let ca = loaded
         .ca
         .as_ref()
         .context("the fixture signs with STATE/ca.key: run it on a state without a signer")?;
+    // Keys and certificates in parallel: signing is most of an enrollment's CPU.
+    let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let chunk = sites.div_ceil(workers).max(1);
+    let made: Vec<anyhow::Result<Vec<(String, Identity, Vec<u8>, Vec<u8>)>>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..sites)
+                .step_by(chunk)
+                .map(|start| {
+                    scope.spawn(move || {
+                        (start..(start + chunk).min(sites))
+                            .map(|i| {
+                                let name = format!("load-{i}");
+                                let (key, spki) = pinhole_certs::ca::generate_site_key()?;
+                                let c = ca.issue_site(&name, &spki, Validity::days_from_now(2))?;
+                                let serial =
+                                    pinhole_certs::PeerIdentity::from_certificate(&c)?.serial;
+                                let der = c.to_vec();
+                                let id =
+                                    Identity::from_parts(key, vec![c, ca.certificate().clone()])
+                                        .context("site identity")?;
+                                Ok((name, id, der, serial))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("a key worker panicked"))?)
+                .collect()
+        });
     let mut site_ids = Vec::with_capacity(sites);
-    for i in 0..sites {
-        let name = format!("load-{i}");
-        let (key, spki) = pinhole_certs::ca::generate_site_key()?;
-        let (token, _) = store.create_token(&admin, &domain, Duration::from_secs(600))?;
-        let cert = store.enroll(&token, &name, || {
-            let c = ca
-                .issue_site(&name, &spki, Validity::days_from_now(2))
-                .map_err(|e| e.to_string())?;
-            let serial = pinhole_certs::PeerIdentity::from_certificate(&c)
-                .map_err(|e| e.to_string())?
-                .serial;
-            Ok((c.to_vec(), serial))
-        })?;
-        let id = Identity::from_parts(
-            key,
-            vec![CertificateDer::from(cert), ca.certificate().clone()],
-        )
-        .context("site identity")?;
-        site_ids.push((name, id));
+    for part in made {
+        for (name, id, der, serial) in part? {
+            let i = site_ids.len();
+            let (token, _) =
+                store.create_token(&admin, &domain_of(i)?, Duration::from_secs(600))?;
+            store.enroll(&token, &name, || Ok((der, serial)))?;
+            site_ids.push((name, id));
+        }
     }
     let info = GatewayInfo::new(loaded.addresses.clone(), loaded.pin)?;
     let mut tech_ids = Vec::with_capacity(techs);
@@ -196,7 +246,12 @@ pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixtu
         let id = ca.issue_technician(&name, &info, Validity::days_from_now(2))?;
         let serial = pinhole_certs::PeerIdentity::from_certificate(id.certificate())?.serial;
         store.create_account(&admin, &name, &serial, 2)?;
-        store.set_grant(&admin, &name, &domain, true)?;
+        let grant = if group.is_some() && sites > 0 {
+            domain_of(i % sites)?
+        } else {
+            top.clone()
+        };
+        store.set_grant(&admin, &name, &grant, true)?;
         tech_ids.push((name, id));
     }
     Ok(Fixture {

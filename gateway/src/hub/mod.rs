@@ -295,6 +295,9 @@ pub struct Hub<H> {
     /// Sites heard from since the last flush.
     seen: BTreeSet<String>,
     seen_flushed: Option<Instant>,
+    /// Technician links (a few hundred, among up to 100 000 site links): whom a site's change
+    /// concerns is looked for among these only.
+    technicians: BTreeSet<LinkId>,
     /// The `now` of the latest call (for durations in audit records).
     now: Instant,
 }
@@ -345,6 +348,7 @@ impl<H: Clone> Hub<H> {
             awaiting: BTreeSet::new(),
             seen: BTreeSet::new(),
             seen_flushed: None,
+            technicians: BTreeSet::new(),
             now,
         }
     }
@@ -424,7 +428,11 @@ impl<H: Clone> Hub<H> {
                     _ => PeerAuth::Technician(p.name),
                 };
                 if matches!(auth, PeerAuth::Technician(_))
-                    && self.links.values().filter(|l| l.auth == auth).count()
+                    && self
+                        .technicians
+                        .iter()
+                        .filter(|id| self.links.get(id).is_some_and(|l| l.auth == auth))
+                        .count()
                         >= MAX_LINKS_PER_ACCOUNT
                 {
                     self.refusals.add(
@@ -438,6 +446,9 @@ impl<H: Clone> Hub<H> {
                 (auth, p.serial, Some(p.expires))
             }
         };
+        if matches!(auth, PeerAuth::Technician(_)) {
+            self.technicians.insert(link);
+        }
         self.links.insert(
             link,
             Link {
@@ -1426,8 +1437,11 @@ impl<H: Clone> Hub<H> {
 
     /// Technicians that may see a site of `domain` get an update (coalesced).
     fn mark_concerned(&mut self, domain: &str, now: Instant) {
-        for (id, l) in &self.links {
-            if l.welcomed && l.account.as_ref().is_some_and(|a| a.may_see(domain)) {
+        for id in &self.technicians {
+            if let Some(l) = self.links.get(id)
+                && l.welcomed
+                && l.account.as_ref().is_some_and(|a| a.may_see(domain))
+            {
                 self.dirty.insert(*id);
             }
         }
@@ -1446,6 +1460,7 @@ impl<H: Clone> Hub<H> {
     ) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
+        self.technicians.remove(&link);
         let Some(l) = self.links.remove(&link) else {
             return out;
         };
@@ -1516,15 +1531,33 @@ impl<H: Clone> Hub<H> {
 
     /// The registry changed underneath (CLI, portal): closed accounts and revoked or removed
     /// sites lose their links and sessions, withdrawn grants their sessions, and technicians
-    /// get fresh inventories.
+    /// get fresh inventories. [`Hub::handle_account_change`], then
+    /// [`Hub::handle_site_change`] with the registry's [`Registry::site_serials`].
     pub fn handle_admin_change(
+        &mut self,
+        registry: &mut dyn Registry,
+        now: Instant,
+    ) -> Vec<Command> {
+        let mut out = self.handle_account_change(registry, now);
+        match registry.site_serials() {
+            Ok(current) => out.extend(self.handle_site_change(registry, &current, now)),
+            Err(e) => warn!(error = %e, "cannot re-check the sites"),
+        }
+        out
+    }
+
+    /// The account half of [`Hub::handle_admin_change`]: closed or re-issued accounts lose
+    /// their links, withdrawn grants their sessions; technicians get fresh inventories. A
+    /// query per technician link and per session: the server runs it first, so that `account
+    /// close` does not wait for the re-check of every site.
+    pub fn handle_account_change(
         &mut self,
         registry: &mut dyn Registry,
         now: Instant,
     ) -> Vec<Command> {
         self.now = self.now.max(now);
         let mut out = Vec::new();
-        let ids: Vec<LinkId> = self.links.keys().copied().collect();
+        let ids: Vec<LinkId> = self.technicians.iter().copied().collect();
         for id in ids {
             let Some(l) = self.links.get(&id) else {
                 continue;
@@ -1551,18 +1584,7 @@ impl<H: Clone> Hub<H> {
                         None
                     }
                 },
-                PeerAuth::Site(name) => match registry.site(name) {
-                    Ok(Some(s)) if !s.revoked && s.serial == l.serial => None,
-                    Ok(_) => Some((
-                        ErrorCode::UnknownSite,
-                        "this site's certificate was revoked or the site removed",
-                    )),
-                    Err(e) => {
-                        warn!(error = %e, "cannot re-check a site");
-                        None
-                    }
-                },
-                PeerAuth::Anonymous => None,
+                PeerAuth::Site(_) | PeerAuth::Anonymous => None,
             };
             if let Some((code, text)) = end {
                 info!(
@@ -1602,6 +1624,44 @@ impl<H: Clone> Hub<H> {
                     &mut out,
                 );
             }
+        }
+        out
+    }
+
+    /// The site half of [`Hub::handle_admin_change`]: a connected site whose certificate is
+    /// no longer in `current` (revoked, replaced, or the site removed) loses its link and
+    /// sessions. `current` is [`Registry::site_serials`], read before the call (the server
+    /// reads it on a connection of its own, without holding the hub).
+    pub fn handle_site_change(
+        &mut self,
+        registry: &mut dyn Registry,
+        current: &crate::registry::SiteSerials,
+        now: Instant,
+    ) -> Vec<Command> {
+        self.now = self.now.max(now);
+        let mut out = Vec::new();
+        let gone: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| match &l.auth {
+                PeerAuth::Site(name) => current.get(name) != Some(&l.serial),
+                _ => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let text = "this site's certificate was revoked or the site removed";
+            info!(
+                link = id,
+                code = ?ErrorCode::UnknownSite,
+                "ending a link after an administrative change"
+            );
+            self.end_sessions_of(registry, id, text, Some(id), &mut out);
+            out.push(Command::Close {
+                link: id,
+                code: ErrorCode::UnknownSite,
+                text: text.into(),
+            });
         }
         out
     }

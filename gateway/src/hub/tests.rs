@@ -847,3 +847,31 @@ fn a_site_switched_off_is_recorded_as_such() {
         "lost, not switched off: {site:?}"
     );
 }
+
+/// The site half of an administrative change works from one read of every site's serial: a
+/// site still current keeps its link, one whose serial changed (re-enrolled) or that is gone
+/// loses it, with its sessions.
+#[test]
+fn a_site_not_current_in_one_read_of_all_sites_loses_its_link() {
+    let mut w = World::new();
+    let _gsid = w.open();
+    let mut current = crate::registry::SiteSerials::new();
+    current.insert("plant-a".into(), SITE_SERIAL.to_vec());
+    let cmds = w.hub.handle_site_change(&mut w.store, &current, w.now);
+    assert!(cmds.is_empty(), "{cmds:?}");
+    assert_eq!(w.hub.sessions(), 1);
+    current.insert("plant-a".into(), vec![0x51, 8]);
+    let cmds = w.hub.handle_site_change(&mut w.store, &current, w.now);
+    assert!(
+        cmds.iter().any(|c| matches!(
+            c,
+            Command::Close {
+                link: 2,
+                code: ErrorCode::UnknownSite,
+                ..
+            }
+        )),
+        "{cmds:?}"
+    );
+    assert_eq!(w.hub.sessions(), 0);
+}
