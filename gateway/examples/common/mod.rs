@@ -163,6 +163,9 @@ pub fn fixture(state: &Path, sites: usize, techs: usize) -> anyhow::Result<Fixtu
     fixture_grouped(state, sites, techs, None)
 }
 
+/// One site made by the fixture: name, identity, certificate (DER), serial.
+type MadeSite = (String, Identity, Vec<u8>, Vec<u8>);
+
 /// As [`fixture`]; with `group`, sites are enrolled in domains of `group` sites each
 /// (`load.g0`, `load.g1`, …) and technician `i` is granted only the domain of site
 /// `i % sites` (a technician sees a plant's sites, not a whole country's: at 100 000 sites one
@@ -201,34 +204,31 @@ pub fn fixture_grouped(
     // Keys and certificates in parallel: signing is most of an enrollment's CPU.
     let workers = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let chunk = sites.div_ceil(workers).max(1);
-    let made: Vec<anyhow::Result<Vec<(String, Identity, Vec<u8>, Vec<u8>)>>> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..sites)
-                .step_by(chunk)
-                .map(|start| {
-                    scope.spawn(move || {
-                        (start..(start + chunk).min(sites))
-                            .map(|i| {
-                                let name = format!("load-{i}");
-                                let (key, spki) = pinhole_certs::ca::generate_site_key()?;
-                                let c = ca.issue_site(&name, &spki, Validity::days_from_now(2))?;
-                                let serial =
-                                    pinhole_certs::PeerIdentity::from_certificate(&c)?.serial;
-                                let der = c.to_vec();
-                                let id =
-                                    Identity::from_parts(key, vec![c, ca.certificate().clone()])
-                                        .context("site identity")?;
-                                Ok((name, id, der, serial))
-                            })
-                            .collect()
-                    })
+    let made: Vec<anyhow::Result<Vec<MadeSite>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..sites)
+            .step_by(chunk)
+            .map(|start| {
+                scope.spawn(move || {
+                    (start..(start + chunk).min(sites))
+                        .map(|i| {
+                            let name = format!("load-{i}");
+                            let (key, spki) = pinhole_certs::ca::generate_site_key()?;
+                            let c = ca.issue_site(&name, &spki, Validity::days_from_now(2))?;
+                            let serial = pinhole_certs::PeerIdentity::from_certificate(&c)?.serial;
+                            let der = c.to_vec();
+                            let id = Identity::from_parts(key, vec![c, ca.certificate().clone()])
+                                .context("site identity")?;
+                            Ok((name, id, der, serial))
+                        })
+                        .collect()
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("a key worker panicked"))?)
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow!("a key worker panicked"))?)
+            .collect()
+    });
     let mut site_ids = Vec::with_capacity(sites);
     for part in made {
         for (name, id, der, serial) in part? {
