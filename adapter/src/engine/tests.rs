@@ -136,10 +136,15 @@ fn initiate_sends_the_handshake_at_once() {
     let peer = Peer::new(&local, &site.public_hex(), A.0).expect("peer");
     engine.add_tunnel(A, peer, None).expect("tunnel");
     engine.initiate(A);
-    let t = engine.poll_transmit().expect("a handshake initiation, before any packet");
+    let t = engine
+        .poll_transmit()
+        .expect("a handshake initiation, before any packet");
     assert_eq!(t.dest, Dest::Tunnel(A));
     assert_eq!(t.bytes.len(), HANDSHAKE);
-    assert_eq!(t.bytes[0], 1, "WireGuard message type 1: handshake initiation");
+    assert_eq!(
+        t.bytes[0], 1,
+        "WireGuard message type 1: handshake initiation"
+    );
     let mut far = Peer::new(&site, &local.public_hex(), 7).expect("far");
     let mut buf = vec![0u8; crate::wg::BUFFER];
     assert!(
