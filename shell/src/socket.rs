@@ -33,22 +33,13 @@ pub const KEEPALIVE_PROBES: u32 = 3;
 /// request never waits on a dead link for long.
 pub const USER_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Unsent bytes a link's socket holds before it stops taking more (`TCP_NOTSENT_LOWAT`, see
-/// tcp(7) and the kernel's `Documentation/networking/ip-sysctl.rst`). Data in flight is not
-/// counted: the send buffer still covers the path's bandwidth-delay product, but what waits
-/// behind it stays in the program, where a bulk transfer does not hold an interactive
-/// session's datagrams back (a full socket queue is first come, first served, and each
-/// 128 KB ahead of a ping at 1 Gbit/s is another millisecond).
-pub const NOTSENT_LOWAT: u32 = 128 * 1024;
-
 /// Sets the options of a link: no Nagle delay (control messages and WireGuard datagrams are
-/// sent whole), the send buffer of [`pinhole_certs::tls::LINK_SEND_BUFFER`], at most
-/// [`NOTSENT_LOWAT`] unsent bytes, keepalive and the user timeout.
+/// sent whole), the send buffer of [`pinhole_certs::tls::LINK_SEND_BUFFER`], keepalive and the
+/// user timeout.
 pub fn tune(tcp: &TcpStream) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let socket = SockRef::from(tcp);
     socket.set_send_buffer_size(pinhole_certs::tls::LINK_SEND_BUFFER)?;
-    socket.set_tcp_notsent_lowat(NOTSENT_LOWAT)?;
     socket.set_tcp_keepalive(
         &TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
@@ -81,11 +72,5 @@ mod tests {
         assert_eq!(s.tcp_keepalive_retries().expect("probes"), KEEPALIVE_PROBES);
         assert_eq!(s.tcp_user_timeout().expect("user"), Some(USER_TIMEOUT));
         assert!(tcp.nodelay().expect("nodelay"));
-        assert_eq!(s.tcp_notsent_lowat().expect("lowat"), NOTSENT_LOWAT);
-        // Linux doubles SO_SNDBUF for its bookkeeping.
-        assert_eq!(
-            s.send_buffer_size().expect("sndbuf"),
-            2 * pinhole_certs::tls::LINK_SEND_BUFFER
-        );
     }
 }
