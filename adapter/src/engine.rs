@@ -353,6 +353,8 @@ impl Engine {
             return;
         };
         let mut buf = take(&mut self.pool, HANDSHAKE);
+        // The peer writes into the slice: it must have the handshake's length, not capacity.
+        buf.resize(HANDSHAKE, 0);
         if let Some(d) = t.peer.initiate(&mut buf) {
             let n = d.len();
             buf.truncate(n);
@@ -491,6 +493,7 @@ impl Engine {
         let mut timed_out = 0;
         for (id, t) in self.tunnels.iter_mut() {
             let mut buf = take(&mut self.pool, HANDSHAKE);
+            buf.resize(HANDSHAKE, 0);
             if let Some(d) = t.peer.tick(&mut buf) {
                 let n = d.len();
                 buf.truncate(n);

@@ -6,6 +6,15 @@
 //! receiver that reads slower than its sessions send loses its own datagrams (WireGuard and
 //! the TCP inside recover), and nobody else waits. Commands are never dropped: a link whose
 //! commands pile up past [`MAX_COMMAND_BYTES`] is not reading at all and is ended.
+//!
+//! The datagram bytes are shared fairly between the sessions that send to the link (a site
+//! link carries every technician's session to that site; a technician's link, one per site):
+//! between two takes of the driver, a session may queue its first datagram and then at most its
+//! share, [`MAX_DATA_BYTES`] divided by the number of sessions queueing in that turn and never
+//! more than [`MAX_DATA_BYTES`] − [`RESERVE_BYTES`]. A bulk transfer in one session therefore
+//! always leaves room for another session's datagrams (an interactive click is not dropped
+//! behind a firmware download), and sessions that all send at once get equal shares.
+//! Within the buffer, datagrams stay in their order of arrival.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -20,6 +29,10 @@ use crate::hub::Command;
 /// seconds of data, and a stalled peer pins at most this much memory.
 pub const MAX_DATA_BYTES: usize = 384 * 1024;
 
+/// Datagram bytes that one session can never take: what is left for the link's other
+/// sessions when one floods (about 45 full-size datagrams between two writes of the link).
+pub const RESERVE_BYTES: usize = MAX_DATA_BYTES / 6;
+
 /// Command bytes queued towards one link: four of the largest inventories.
 pub const MAX_COMMAND_BYTES: usize = 4 * frame::MAX_CONTROL;
 
@@ -28,6 +41,9 @@ struct State {
     commands: VecDeque<Command>,
     command_bytes: usize,
     data: Vec<u8>,
+    /// Datagram bytes queued since the driver's last take, per session (session, bytes): a
+    /// handful of entries, scanned linearly; its capacity is kept across takes.
+    queued: Vec<(u32, usize)>,
     /// The link must end now (its commands overflowed, or the gateway ends it).
     killed: bool,
     /// A command that ends the link is queued.
@@ -74,14 +90,31 @@ impl Outbox {
         }
     }
 
-    /// Queues one datagram as a data frame; `false` if there is no room (dropped).
+    /// Queues one datagram of `session` as a data frame; `false` if there is no room for it
+    /// (dropped): the link's buffer is full, or the session used its share of it (see the
+    /// module's documentation).
     pub fn push_data(&self, session: u32, datagram: &[u8]) -> bool {
         let was_empty;
         {
             let mut s = self.state();
-            if s.killed || s.data.len() + frame::HEADER_LEN + 4 + datagram.len() > MAX_DATA_BYTES {
+            let size = frame::HEADER_LEN + 4 + datagram.len();
+            if s.killed || s.data.len() + size > MAX_DATA_BYTES {
                 return false;
             }
+            let i = match s.queued.iter().position(|(id, _)| *id == session) {
+                Some(i) => i,
+                None => {
+                    s.queued.push((session, 0));
+                    s.queued.len() - 1
+                }
+            };
+            let share = (MAX_DATA_BYTES / s.queued.len()).min(MAX_DATA_BYTES - RESERVE_BYTES);
+            // Each session's first datagram of a turn fits (if the link has room): many
+            // sessions in one turn still move.
+            if s.queued[i].1 > 0 && s.queued[i].1 + size > share {
+                return false;
+            }
+            s.queued[i].1 += size;
             was_empty = s.data.is_empty();
             frame::encode_data(session, datagram, &mut s.data);
         }
@@ -106,6 +139,7 @@ impl Outbox {
         commands.extend(s.commands.drain(..));
         s.command_bytes = 0;
         std::mem::swap(&mut s.data, data);
+        s.queued.clear();
         s.killed
     }
 
@@ -148,6 +182,84 @@ mod tests {
         assert!(!o.take(&mut cmds, &mut data));
         assert_eq!(data.len(), n * (frame::HEADER_LEN + 4 + 1400));
         assert!(o.push_data(1, &dg), "room again after the driver took it");
+    }
+
+    /// Sessions of the frames in a taken buffer, in order.
+    fn sessions_in(data: &[u8]) -> Vec<u32> {
+        let mut d = frame::FrameDecoder::new();
+        d.push(data);
+        let mut out = Vec::new();
+        while let Some(f) = d.next_frame_ref().expect("frame") {
+            match f {
+                frame::FrameRef::Data { session, .. } => out.push(session),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_flooding_session_leaves_room_for_another() {
+        let o = Outbox::default();
+        let bulk = [1u8; 1400];
+        // Session 1 floods until it is refused, many times over.
+        let mut flooded = 0;
+        for _ in 0..10_000 {
+            if o.push_data(1, &bulk) {
+                flooded += 1;
+            }
+        }
+        assert!(
+            flooded * (frame::HEADER_LEN + 4 + 1400) <= MAX_DATA_BYTES - RESERVE_BYTES,
+            "one session took {flooded} datagrams"
+        );
+        // Session 2's small datagrams (a ping, a click) still get in, turn after turn.
+        for turn in 0..3 {
+            for i in 0..10 {
+                assert!(
+                    o.push_data(2, &[2u8; 84]),
+                    "turn {turn}: session 2's datagram {i} was dropped behind session 1"
+                );
+            }
+            let (mut cmds, mut data) = (Vec::new(), Vec::new());
+            o.take(&mut cmds, &mut data);
+            let order = sessions_in(&data);
+            assert_eq!(order.iter().filter(|s| **s == 2).count(), 10);
+            for _ in 0..10_000 {
+                o.push_data(1, &bulk);
+            }
+        }
+    }
+
+    #[test]
+    fn sessions_sending_at_once_share_the_link() {
+        let o = Outbox::default();
+        let dg = [0u8; 1400];
+        // Session 1 offers ten times what session 2 does, interleaved, past the link's room.
+        let (mut got1, mut got2) = (0usize, 0usize);
+        for i in 0..3_000 {
+            if o.push_data(1, &dg) {
+                got1 += 1;
+            }
+            if i % 10 == 0 && o.push_data(2, &dg) {
+                got2 += 1;
+            }
+        }
+        let (mut cmds, mut data) = (Vec::new(), Vec::new());
+        o.take(&mut cmds, &mut data);
+        assert!(data.len() <= MAX_DATA_BYTES);
+        let order = sessions_in(&data);
+        assert_eq!(order.len(), got1 + got2);
+        // Session 2 asked for 300 datagrams and got its half of the link; session 1 got no
+        // more than its half.
+        let half = MAX_DATA_BYTES / 2 / (frame::HEADER_LEN + 4 + 1400);
+        assert!(got2 >= half - 1, "session 2 got {got2} of {half}");
+        assert!(got1 <= half, "session 1 got {got1} of {half}");
+        // Many sessions in one turn: each one's first datagram moves.
+        let o = Outbox::default();
+        for s in 0..1_000 {
+            assert!(o.push_data(s, &[0u8; 100]), "session {s}");
+        }
     }
 
     #[test]

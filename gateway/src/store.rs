@@ -429,6 +429,22 @@ impl Store {
         })
     }
 
+    /// Runs `f` with `synchronous=NORMAL`: its commits reach the write-ahead log but are not
+    /// flushed to disk; the next commit with `synchronous=FULL` (every other one) flushes them
+    /// with its own, since the log is written and replayed in order (SQLite's "WAL mode"
+    /// documentation, `synchronous`). `FULL` is back when this returns, whatever `f` did.
+    pub(crate) fn unflushed<T, E: From<rusqlite::Error>>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let out = f(self);
+        let back = self.conn.pragma_update(None, "synchronous", "FULL");
+        let out = out?;
+        back?;
+        Ok(out)
+    }
+
     /// Records an event that changes nothing else (login, logout, refusal).
     pub fn record(
         &mut self,
@@ -1155,6 +1171,31 @@ mod tests {
     }
 
     const ADMIN: Actor = Actor::System;
+
+    #[test]
+    fn a_pending_record_is_kept_in_order_and_full_sync_comes_back() {
+        use crate::registry::{AuditRecord, Registry};
+        let (_d, mut s) = store();
+        let rec = |event| AuditRecord::new(Actor::System, "site:s", event, "x");
+        s.record_pending(&[rec("session requested")])
+            .expect("pending");
+        let sync: i64 = s
+            .conn()
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(sync, 2, "synchronous=FULL again for every other commit");
+        Registry::record(&mut s, &[rec("session opened")]).expect("durable");
+        let events: Vec<String> = audit::list(s.conn(), None)
+            .expect("audit")
+            .into_iter()
+            .map(|r| r.event)
+            .collect();
+        assert_eq!(events, ["session requested", "session opened"]);
+        assert_eq!(
+            audit::verify(s.conn()).expect("verify"),
+            audit::Verdict::Intact { rows: 2 }
+        );
+    }
 
     fn d(s: &str) -> DomainPath {
         s.parse().expect("domain")

@@ -141,4 +141,8 @@ impl Registry for Store {
         tx.commit()?;
         Ok(())
     }
+
+    fn record_pending(&mut self, records: &[AuditRecord]) -> Result<(), RegistryError> {
+        self.unflushed(|s| Registry::record(s, records))
+    }
 }

@@ -30,7 +30,7 @@ use pinhole_shell::{DialError, Dialer, Handler, Lost, Refused, Stream, drive};
 use rustls::pki_types::CertificateDer;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::{Mutex, mpsc};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use zeroize::Zeroizing;
 
 use crate::config::{Config, IfName};
@@ -82,6 +82,12 @@ struct Plane {
     guard: Option<Arc<Mutex<Guard>>>,
     fwd: Forwarder,
     light_on: Option<bool>,
+    /// Sessions changed and the firewall and the light are not updated yet: a session's
+    /// answer goes to the gateway first, so that the technician's side (the gateway's record,
+    /// the route, the WireGuard handshake) runs while `nft` loads the table, and nothing of
+    /// that session reaches the device network before the table allows it (see
+    /// [`SiteLink::wait`]).
+    sync_due: bool,
 }
 
 /// Checks the firewall table every [`FIREWALL_CHECK`]; while it is missing or changed,
@@ -572,17 +578,37 @@ impl SiteAgent {
 
     /// Applies the sessions to the firewall and the light.
     async fn sync_plane(&mut self) {
+        self.plane.sync_due = false;
+        let started = Instant::now();
         let active = !self.plane.fwd.is_empty();
         if let Some(guard) = &self.plane.guard {
-            let mut g = guard.lock().await;
-            if let Err(e) = g.firewall.apply(&self.plane.fwd.policy()).await {
-                // Fail closed; the watcher retries every second.
-                error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
-                if let Err(e) = g.domain.set_forwarding(false) {
-                    error!(error = %e, "cannot switch forwarding off");
+            let mut g = guard.clone().lock_owned().await;
+            match g.firewall.load(&self.plane.fwd.policy()).await {
+                // The table filters now. Its listing (for the watcher, which waits for this
+                // lock) is taken off the session's way: another `nft` run that the handshake
+                // and the first packets need not wait for.
+                Ok(()) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = g.firewall.record_applied().await {
+                            // The watcher finds the table changed, switches forwarding off and
+                            // applies it again.
+                            error!(error = %e, "cannot list the firewall table");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Fail closed; the watcher retries every second.
+                    error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
+                    if let Err(e) = g.domain.set_forwarding(false) {
+                        error!(error = %e, "cannot switch forwarding off");
+                    }
                 }
             }
         }
+        debug!(
+            took_us = started.elapsed().as_micros() as u64,
+            "firewall table applied"
+        );
         if self.plane.light_on != Some(active) {
             self.plane.light_on = Some(active);
             info!(active, "remote access light");
@@ -621,7 +647,9 @@ impl SiteAgent {
             Ok(site_key) => {
                 info!(session, agent = %a.name, device = %a.address, "session opened");
                 core.session_opened(session, &site_key, a, now);
-                self.sync_plane().await;
+                // The answer is sent before the table is applied (the driver writes it before
+                // it waits again); the table comes at once after, and before any datagram.
+                self.plane.sync_due = true;
             }
             Err(reason) => core.session_refused(session, &reason.to_string(), now),
         }
@@ -698,6 +726,8 @@ impl Handler for Enrollment<'_> {
 /// What the site's own inputs produced, while a link is up.
 enum Wake {
     Tun(std::io::Result<usize>),
+    /// Sessions changed: apply the firewall table now.
+    Sync,
     EngineTick,
     /// The firewall table was restored: tell the gateway.
     Report(FirewallChange),
@@ -807,6 +837,10 @@ impl Handler for SiteLink<'_> {
                 agent.sync_plane().await;
             }
             SiteEvent::Data { session, datagram } => {
+                if agent.plane.sync_due {
+                    // A session's packets only after the table that lets them through.
+                    agent.sync_plane().await;
+                }
                 let now = Instant::now();
                 agent.plane.fwd.handle_datagram(session, &datagram, now);
                 agent.plane.flush(core, now).await;
@@ -828,7 +862,12 @@ impl Handler for SiteLink<'_> {
         None
     }
 
+    /// Returns [`Wake::Sync`] at once while the firewall is due: the driver calls this only
+    /// after it wrote what the events queued (a session's answer), and before it reads more.
     async fn wait(&mut self) -> Wake {
+        if self.agent.plane.sync_due {
+            return Wake::Sync;
+        }
         let tun = self.agent.plane.tun.as_ref();
         tokio::select! {
             n = pinhole_adapter::tun::recv_or_wait(tun, &mut self.tun_buf) => Wake::Tun(n),
@@ -857,6 +896,7 @@ impl Handler for SiteLink<'_> {
                 plane.flush(core, now).await;
             }
             Wake::Tun(Err(_)) => {}
+            Wake::Sync => self.agent.sync_plane().await,
             Wake::EngineTick => {
                 let now = Instant::now();
                 plane.fwd.handle_timeout(now);

@@ -189,11 +189,25 @@ impl Firewall {
         }
     }
 
-    /// Replaces the table with the one for `policy`, atomically.
+    /// Replaces the table with the one for `policy`, atomically, and records the kernel's
+    /// listing of it ([`Firewall::load`], then [`Firewall::record_applied`]).
     pub async fn apply(&mut self, policy: &Policy) -> Result<(), FirewallError> {
+        self.load(policy).await?;
+        self.record_applied().await
+    }
+
+    /// Replaces the table with the one for `policy`, atomically: when this returns, the kernel
+    /// filters with it. [`Firewall::check`] reports it changed until
+    /// [`Firewall::record_applied`] ran.
+    pub async fn load(&mut self, policy: &Policy) -> Result<(), FirewallError> {
         self.applied = None;
         nft(&render(&self.tun, &self.device, policy)).await?;
         self.policy = policy.clone();
+        Ok(())
+    }
+
+    /// Records the kernel's listing of the table, what [`Firewall::check`] compares with.
+    pub async fn record_applied(&mut self) -> Result<(), FirewallError> {
         self.applied = listing().await?;
         Ok(())
     }

@@ -139,6 +139,34 @@ impl Rig {
 }
 
 #[test]
+fn initiate_sends_the_handshake_at_once() {
+    let local = Keypair::from_secret([1; 32]);
+    let site = Keypair::from_secret([2; 32]);
+    let mut engine = Engine::new(Side::Client {
+        address: TECH.into(),
+        any_source: false,
+    });
+    let peer = Peer::new(&local, &site.public_hex(), A.0).expect("peer");
+    engine.add_tunnel(A, peer, None).expect("tunnel");
+    engine.initiate(A);
+    let t = engine
+        .poll_transmit()
+        .expect("a handshake initiation, before any packet");
+    assert_eq!(t.dest, Dest::Tunnel(A));
+    assert_eq!(t.bytes.len(), HANDSHAKE);
+    assert_eq!(
+        t.bytes[0], 1,
+        "WireGuard message type 1: handshake initiation"
+    );
+    let mut far = Peer::new(&site, &local.public_hex(), 7).expect("far");
+    let mut buf = vec![0u8; crate::wg::BUFFER];
+    assert!(
+        matches!(far.decapsulate(&t.bytes, &mut buf), Decapsulated::Send(_)),
+        "the site answers it"
+    );
+}
+
+#[test]
 fn cryptokey_routing_each_tunnel_speaks_only_for_its_devices() {
     let mut rig = Rig::client();
     let syn = tcp(TECH, 40000, DRIVE, 101);

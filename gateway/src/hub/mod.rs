@@ -945,7 +945,9 @@ impl<H: Clone> Hub<H> {
             "session requested",
             format!("{account} asked for {site}/{agent}"),
         );
-        if registry.record(&[requested]).is_err() {
+        // Flushed to disk with the request's outcome (`session opened` or refused), before the
+        // technician hears of it: one disk flush less on the way to a connected device.
+        if registry.record_pending(&[requested]).is_err() {
             out.push(refused(
                 link,
                 session,
