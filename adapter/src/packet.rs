@@ -331,7 +331,12 @@ pub(crate) fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) 
     let initial = u32::from(u16::from_be_bytes([packet[at], packet[at + 1]]));
     packet[at] = 0;
     packet[at + 1] = 0;
-    let c = fold(sum16(initial, &packet[start..]));
+    let mut c = fold(sum16(initial, &packet[start..]));
+    if c == 0 && offset == 6 {
+        // UDP (checksum at offset 6): a computed zero is sent as all ones; zero means "no
+        // checksum" (RFC 768) and IPv6 receivers drop it (RFC 8200, 8.1).
+        c = 0xffff;
+    }
     packet[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
 

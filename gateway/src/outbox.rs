@@ -10,9 +10,10 @@
 //! The datagram bytes are shared fairly between the sessions that send to the link (a site
 //! link carries every technician's session to that site; a technician's link, one per site):
 //! between two takes of the driver, a session may queue its first datagram and then at most its
-//! share, [`MAX_DATA_BYTES`] divided by the number of sessions queueing in that turn and never
-//! more than [`MAX_DATA_BYTES`] − [`RESERVE_BYTES`]. A bulk transfer in one session therefore
-//! always leaves room for another session's datagrams (an interactive click is not dropped
+//! share, [`MAX_DATA_BYTES`] − [`RESERVE_BYTES`] divided by the number of sessions queueing in
+//! that turn. The last [`RESERVE_BYTES`] take only sessions that queued at most
+//! [`INTERACTIVE_BYTES`] in the turn. Bulk transfers in one or several sessions therefore
+//! always leave room for another session's datagrams (an interactive click is not dropped
 //! behind a firmware download), and sessions that all send at once get equal shares.
 //! Within the buffer, datagrams stay in their order of arrival.
 
@@ -32,6 +33,11 @@ pub const MAX_DATA_BYTES: usize = 384 * 1024;
 /// Datagram bytes that one session can never take: what is left for the link's other
 /// sessions when one floods (about 45 full-size datagrams between two writes of the link).
 pub const RESERVE_BYTES: usize = MAX_DATA_BYTES / 6;
+
+/// What a session may queue in one turn and still use the reserve: a few requests and answers
+/// of an interactive protocol, not a bulk flow. Several flooding sessions can take at most this
+/// much of the reserve each.
+pub const INTERACTIVE_BYTES: usize = RESERVE_BYTES / 8;
 
 /// Command bytes queued towards one link: four of the largest inventories.
 pub const MAX_COMMAND_BYTES: usize = 4 * frame::MAX_CONTROL;
@@ -108,10 +114,17 @@ impl Outbox {
                     s.queued.len() - 1
                 }
             };
-            let share = (MAX_DATA_BYTES / s.queued.len()).min(MAX_DATA_BYTES - RESERVE_BYTES);
+            let share = (MAX_DATA_BYTES - RESERVE_BYTES) / s.queued.len();
             // Each session's first datagram of a turn fits (if the link has room): many
-            // sessions in one turn still move.
-            if s.queued[i].1 > 0 && s.queued[i].1 + size > share {
+            // sessions in one turn still move. The buffer's last RESERVE_BYTES take only
+            // sessions that queued little this turn (INTERACTIVE_BYTES): however many sessions
+            // flood, a quiet one's requests still get in.
+            let used = s.queued[i].1;
+            if used > 0
+                && (used + size > share
+                    || (s.data.len() + size > MAX_DATA_BYTES - RESERVE_BYTES
+                        && used + size > INTERACTIVE_BYTES))
+            {
                 return false;
             }
             s.queued[i].1 += size;
@@ -232,6 +245,26 @@ mod tests {
     }
 
     #[test]
+    fn two_flooding_sessions_leave_room_for_a_third() {
+        let o = Outbox::default();
+        let bulk = [1u8; 1400];
+        // Session 1 floods alone (it gets the most a session may take), then session 2 joins.
+        for _ in 0..10_000 {
+            o.push_data(1, &bulk);
+        }
+        for _ in 0..10_000 {
+            o.push_data(2, &bulk);
+        }
+        // Session 3's small datagrams still get in.
+        for i in 0..10 {
+            assert!(
+                o.push_data(3, &[3u8; 500]),
+                "session 3's datagram {i} was dropped behind two flooding sessions"
+            );
+        }
+    }
+
+    #[test]
     fn sessions_sending_at_once_share_the_link() {
         let o = Outbox::default();
         let dg = [0u8; 1400];
@@ -250,9 +283,9 @@ mod tests {
         assert!(data.len() <= MAX_DATA_BYTES);
         let order = sessions_in(&data);
         assert_eq!(order.len(), got1 + got2);
-        // Session 2 asked for 300 datagrams and got its half of the link; session 1 got no
-        // more than its half.
-        let half = MAX_DATA_BYTES / 2 / (frame::HEADER_LEN + 4 + 1400);
+        // Session 2 asked for 300 datagrams and got its half of the link (less the reserve);
+        // session 1 got no more than its half.
+        let half = (MAX_DATA_BYTES - RESERVE_BYTES) / 2 / (frame::HEADER_LEN + 4 + 1400);
         assert!(got2 >= half - 1, "session 2 got {got2} of {half}");
         assert!(got1 <= half, "session 1 got {got1} of {half}");
         // Many sessions in one turn: each one's first datagram moves.

@@ -857,10 +857,13 @@ pub fn open(
     signer: Option<&Path>,
 ) -> anyhow::Result<Ca> {
     if let Some(socket) = signer {
-        if loaded.ca.is_some() {
-            warn!(
-                path = %state.root().join("ca.key").display(),
-                "the CA key is still in the gateway's state directory although a signer is used: move it to the signer's (see README, \"The CA signer\")"
+        if loaded.ca.take().is_some() {
+            // Fail closed: a gateway told to use a signer must not hold the key it guards.
+            bail!(
+                "{} is still in the gateway's state directory although a signer holds the CA: \
+                 move it to the signer's (`systemctl restart pinhole-ca` does; see README, \
+                 \"The CA signer\")",
+                state.root().join("ca.key").display()
             );
         }
         return Ca::connect(socket, &loaded.ca_cert);

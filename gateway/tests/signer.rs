@@ -264,6 +264,26 @@ fn a_gateway_whose_ca_crt_differs_from_the_signers_is_refused() {
     assert!(e.to_string().contains("another CA"), "{e}");
 }
 
+#[test]
+fn a_gateway_told_to_use_a_signer_refuses_to_hold_the_ca_key() {
+    let w = World::start(30);
+    // The key is back in the gateway's directory (a restored backup, a second `init`).
+    std::fs::copy(
+        w.dir.path().join("ca/ca.key"),
+        w.dir.path().join("gw/ca.key"),
+    )
+    .expect("copy key back");
+    let state = w.state();
+    let mut loaded = state.load().expect("load");
+    let e = pinhole_gateway::signer::open(&state, &mut loaded, Some(&w.socket()))
+        .expect_err("ca.key beside a signer");
+    assert!(
+        e.to_string().contains("still in the gateway's state"),
+        "{e}"
+    );
+    assert!(loaded.ca.is_none(), "the key was dropped, not kept");
+}
+
 /// Only with root: a caller whose uid is not allowed is refused, even with the socket open to
 /// it, and nothing is issued.
 #[test]

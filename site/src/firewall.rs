@@ -201,8 +201,10 @@ impl Firewall {
     /// [`Firewall::record_applied`] ran.
     pub async fn load(&mut self, policy: &Policy) -> Result<(), FirewallError> {
         self.applied = None;
-        nft(&render(&self.tun, &self.device, policy)).await?;
+        // Taken before nft runs: if the load fails, the watcher restores this policy (a closed
+        // session's address gone), never the older one.
         self.policy = policy.clone();
+        nft(&render(&self.tun, &self.device, policy)).await?;
         Ok(())
     }
 
