@@ -175,6 +175,20 @@ pub struct Engine {
     drops: BTreeMap<DropReason, u64>,
     passed: u64,
     answered: u64,
+    offload_counters: OffloadCounters,
+}
+
+/// How many GSO super-packets (packets with [`gso::Offload`] metadata that a TUN cuts into
+/// segments) passed the filter each way, and their bytes (IP packets, headers included):
+/// whether offload works end to end, and how large the super-packets are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffloadCounters {
+    /// Read from the TUN and sent into a tunnel whole.
+    pub sent: u64,
+    pub sent_bytes: u64,
+    /// Arrived from a tunnel, metadata validated, and written to the TUN.
+    pub received: u64,
+    pub received_bytes: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -213,6 +227,7 @@ impl Engine {
             drops: BTreeMap::new(),
             passed: 0,
             answered: 0,
+            offload_counters: OffloadCounters::default(),
         }
     }
 
@@ -345,6 +360,11 @@ impl Engine {
     /// Drops by reason, packets passed, and local answers sent.
     pub fn counters(&self) -> (&BTreeMap<DropReason, u64>, u64, u64) {
         (&self.drops, self.passed, self.answered)
+    }
+
+    /// GSO super-packets that passed, each way.
+    pub fn offload_counters(&self) -> OffloadCounters {
+        self.offload_counters
     }
 
     /// Starts a tunnel's handshake now instead of at its first packet.
@@ -575,6 +595,16 @@ impl Engine {
         match verdict {
             Ok(()) => {
                 self.passed += 1;
+                if offload.is_gso() {
+                    let c = &mut self.offload_counters;
+                    if from_tun {
+                        c.sent += 1;
+                        c.sent_bytes += packet.len() as u64;
+                    } else {
+                        c.received += 1;
+                        c.received_bytes += packet.len() as u64;
+                    }
+                }
                 if from_tun {
                     self.encapsulate(id, wire);
                 } else {
