@@ -809,6 +809,7 @@ impl Handler for SiteLink<'_> {
             SiteEvent::Data { session, datagram } => {
                 let now = Instant::now();
                 agent.plane.fwd.handle_datagram(session, &datagram, now);
+                core.recycle_datagram(datagram);
                 agent.plane.flush(core, now).await;
             }
             SiteEvent::Closed(CloseReason::Error { code, text }) => {
