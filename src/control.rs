@@ -186,6 +186,19 @@ pub struct FilterCounters {
     #[serde(default)]
     pub answered: u64,
     pub dropped: std::collections::BTreeMap<String, u64>,
+    /// GSO super-packets (TUN offload) that passed each way: `sent` toward the sites,
+    /// `received` from them; bytes are whole IP packets. Zero without TUN offload.
+    #[serde(default)]
+    pub super_packets: SuperPackets,
+}
+
+/// See [`FilterCounters::super_packets`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuperPackets {
+    pub sent: u64,
+    pub sent_bytes: u64,
+    pub received: u64,
+    pub received_bytes: u64,
 }
 
 /// What a connected device's agents refused: the technician's tools got a RST or an ICMP

@@ -530,6 +530,7 @@ impl Handler for ClientLink<'_> {
             ClientEvent::Data { session, datagram } => {
                 let now = Instant::now();
                 self.plane.handle_datagram(session, &datagram, now);
+                core.recycle_datagram(datagram);
                 self.plane.flush(core, now).await;
             }
             ClientEvent::Closed(CloseReason::Error {

@@ -16,7 +16,7 @@ use pinhole_proto::{Agent, ClientCore};
 use pinhole_routes::Routes;
 use tracing::{debug, info, warn};
 
-use crate::control::{FilterCounters, RefusedView, SessionView};
+use crate::control::{FilterCounters, RefusedView, SessionView, SuperPackets};
 
 /// The client's TUN device.
 pub const TUN_NAME: &str = "pinhole0";
@@ -493,7 +493,14 @@ impl Plane {
         let counters = match self.engine.as_ref() {
             Some(e) => {
                 let (drops, passed, answered) = e.counters();
+                let o = e.offload_counters();
                 FilterCounters {
+                    super_packets: SuperPackets {
+                        sent: o.sent,
+                        sent_bytes: o.sent_bytes,
+                        received: o.received,
+                        received_bytes: o.received_bytes,
+                    },
                     passed,
                     answered,
                     dropped: drops

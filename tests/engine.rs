@@ -247,3 +247,286 @@ fn bulk_tcp_arrives_intact_both_ways_with_offload() {
     let dropped = &alice.status()["filter"]["dropped"];
     assert!(dropped.get("bad-offload").is_none(), "{dropped}");
 }
+
+/// Relays one connection at a time from a UNIX socket (not namespaced: the test reaches it
+/// from outside) to the gateway, from inside the technician's namespace.
+const RELAY: &str = r#"
+import os, socket, sys, threading
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX); srv.bind(path); srv.listen(1)
+print("ready", flush=True)
+def pipe(a, b):
+    while True:
+        d = a.recv(65536)
+        if not d: break
+        b.sendall(d)
+    try: b.shutdown(socket.SHUT_WR)
+    except OSError: pass
+while True:
+    c, _ = srv.accept()
+    g = socket.create_connection(("10.9.2.2", 443))
+    threading.Thread(target=pipe, args=(c, g), daemon=True).start()
+    threading.Thread(target=pipe, args=(g, c), daemon=True).start()
+"#;
+
+/// A hostile technician built from the crate's own pieces: a real TLS link with a real
+/// account's bundle, the protocol core, and a WireGuard peer with the session's keys. It
+/// speaks the protocol correctly and puts what it likes inside its WireGuard messages.
+struct Hostile {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::os::unix::net::UnixStream>,
+    core: pinhole_proto::ClientCore,
+    peer: Option<pinhole_adapter::wg::Peer>,
+    /// Inner packets the site sent back.
+    got: Vec<Vec<u8>>,
+    events: Vec<pinhole_proto::ClientEvent>,
+}
+
+const SESSION: u32 = 1;
+
+impl Hostile {
+    fn connect(socket: &std::path::Path, bundle: &pinhole_certs::Bundle) -> Self {
+        let config = pinhole_certs::tls::client_config(
+            bundle.identity(),
+            pinhole_certs::PinnedServerVerifier::new(bundle.gateway().pin()),
+        )
+        .expect("tls config");
+        let name =
+            rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([10, 9, 2, 2]).into());
+        let conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), name).expect("client");
+        let unix = std::os::unix::net::UnixStream::connect(socket).expect("relay");
+        unix.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let core = pinhole_proto::ClientCore::new(
+            std::time::Instant::now(),
+            "hostile-test",
+            Duration::from_secs(30),
+        );
+        Self {
+            tls: rustls::StreamOwned::new(conn, unix),
+            core,
+            peer: None,
+            got: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Writes what the core queued, reads for a moment, and answers the WireGuard peer.
+    fn pump(&mut self) {
+        use std::io::{Read, Write};
+        while let Some(b) = self.core.poll_transmit() {
+            self.tls.write_all(&b).expect("write");
+        }
+        self.tls.flush().expect("flush");
+        let mut buf = vec![0u8; 65536];
+        match self.tls.read(&mut buf) {
+            Ok(0) => panic!("the gateway closed the link"),
+            Ok(n) => self.core.handle_input(&buf[..n], std::time::Instant::now()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+        let mut out = vec![0u8; pinhole_adapter::wg::BUFFER];
+        while let Some(ev) = self.core.poll_event() {
+            let pinhole_proto::ClientEvent::Data { datagram, .. } = &ev else {
+                self.events.push(ev);
+                continue;
+            };
+            let Some(peer) = self.peer.as_mut() else {
+                continue;
+            };
+            let mut replies = Vec::new();
+            match peer.decapsulate(datagram, &mut out) {
+                pinhole_adapter::wg::Decapsulated::Packet { packet, .. } => {
+                    self.got.push(packet.to_vec())
+                }
+                pinhole_adapter::wg::Decapsulated::Send(d) => {
+                    replies.push(d.to_vec());
+                    while let Some(d) = peer.flush(&mut out) {
+                        replies.push(d.to_vec());
+                    }
+                }
+                pinhole_adapter::wg::Decapsulated::Nothing => {}
+            }
+            for d in replies {
+                self.core.send_data(SESSION, &d, std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Pumps until `f` finds what it wants among the events.
+    fn until<R>(&mut self, mut f: impl FnMut(&pinhole_proto::ClientEvent) -> Option<R>) -> R {
+        let end = std::time::Instant::now() + T;
+        while std::time::Instant::now() < end {
+            self.pump();
+            if let Some(r) = self.events.iter().find_map(&mut f) {
+                return r;
+            }
+        }
+        panic!("not seen in time; events: {:?}", self.events);
+    }
+
+    /// Encrypts `plaintext` (an IP packet and whatever follows it) and sends it.
+    fn send(&mut self, plaintext: &[u8]) {
+        let mut out = vec![0u8; pinhole_adapter::wg::BUFFER];
+        let peer = self.peer.as_mut().expect("peer");
+        if let Some(d) = peer.encapsulate(plaintext, &mut out) {
+            let d = d.to_vec();
+            self.core.send_data(SESSION, &d, std::time::Instant::now());
+        }
+        self.pump();
+    }
+
+    /// Pumps for `d`, then says whether the device's echo of `payload` came back.
+    fn echoed(&mut self, payload: &[u8], d: Duration) -> bool {
+        let end = std::time::Instant::now() + d;
+        let want: Vec<u8> = [&b"UDP "[..], payload].concat();
+        loop {
+            if self
+                .got
+                .iter()
+                .any(|p| p.len() >= 28 && p[28..] == want[..])
+            {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            self.pump();
+        }
+    }
+}
+
+/// A trailer: magic 0xB1, flags, gso_type, reserved, then hdr_len, gso_size, csum_start,
+/// csum_offset big-endian (`pinhole_adapter::gso`).
+fn trailer(flags: u8, gso_type: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> Vec<u8> {
+    let mut t = vec![0xB1, flags, gso_type, 0];
+    for v in [hdr_len, gso_size, start, off] {
+        t.extend_from_slice(&v.to_be_bytes());
+    }
+    t
+}
+
+#[test]
+#[ignore = "needs root"]
+fn malformed_offload_metadata_from_a_hostile_technician_is_dropped_and_the_session_goes_on() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut sys = System::start(dir.path());
+    let pw = dir.path().join("mallory.pw");
+    std::fs::write(&pw, "pw-mallory\n").expect("pw");
+    let p12 = dir.path().join("mallory.p12");
+    sys.gateway(&[
+        "account",
+        "create",
+        "mallory",
+        "--out",
+        p12.to_str().expect("utf8"),
+        "--password-file",
+        pw.to_str().expect("utf8"),
+    ]);
+    sys.gateway(&["grant", "mallory", "acme"]);
+    let bundle =
+        pinhole_certs::Bundle::from_pkcs12(&std::fs::read(&p12).expect("p12"), "pw-mallory")
+            .expect("bundle");
+    let relay = dir.path().join("relay.py");
+    std::fs::write(&relay, RELAY).expect("relay.py");
+    let socket = dir.path().join("relay.sock");
+    sys.lab.spawn(
+        "tech",
+        std::path::Path::new("/usr/bin/python3"),
+        &[
+            relay.to_str().expect("utf8"),
+            socket.to_str().expect("utf8"),
+        ],
+        &[],
+        "relay.log",
+    );
+    assert!(wait_until(T, || sys.log("relay.log").contains("ready")));
+
+    // Log in, open a session to plant-a/press-4-plc (udp/161 echoes), and shake hands.
+    let mut m = Hostile::connect(&socket, &bundle);
+    let me = m.until(|e| match e {
+        pinhole_proto::ClientEvent::LoggedIn { tunnel_ip, .. } => *tunnel_ip,
+        _ => None,
+    });
+    let keys = pinhole_adapter::wg::Keypair::from_secret([7; 32]);
+    m.core.open_session(
+        SESSION,
+        "plant-a",
+        "press-4-plc",
+        &keys.public_hex(),
+        std::time::Instant::now(),
+    );
+    let site_key = m.until(|e| match e {
+        pinhole_proto::ClientEvent::SessionOpened { key, .. } => Some(key.clone()),
+        _ => None,
+    });
+    let mut peer = pinhole_adapter::wg::Peer::new(&keys, &site_key, SESSION).expect("peer");
+    let mut out = vec![0u8; pinhole_adapter::wg::BUFFER];
+    let init = peer.initiate(&mut out).expect("initiation").to_vec();
+    m.peer = Some(peer);
+    m.core.send_data(SESSION, &init, std::time::Instant::now());
+
+    let plc: std::net::Ipv4Addr = PLC.parse().expect("ip");
+    let udp = |payload: &[u8]| pinhole_adapter::packet::build::udp(me, 5000, plc, 161, payload);
+    // The session works: a plain packet, and one with a well-formed trailer (no offload).
+    m.send(&udp(b"plain"));
+    assert!(m.echoed(b"plain", T), "{}", sys.log("plant-a.log"));
+    m.send(&[udp(b"none").as_slice(), &trailer(0, 0, 0, 0, 0, 0)].concat());
+    assert!(m.echoed(b"none", T), "{}", sys.log("plant-a.log"));
+
+    // Malformed metadata, each on an otherwise valid packet (20-byte IPv4 + 8-byte UDP header).
+    let cases: Vec<(&[u8], Vec<u8>)> = vec![
+        (b"bad-magic", {
+            let mut t = trailer(0, 0, 0, 0, 0, 0);
+            t[0] = 0xB2;
+            t
+        }),
+        (b"short", trailer(0, 0, 0, 0, 0, 0)[..5].to_vec()),
+        (b"reserved", {
+            let mut t = trailer(0, 0, 0, 0, 0, 0);
+            t[3] = 1;
+            t
+        }),
+        (b"unknown-flag", trailer(4, 0, 0, 0, 0, 0)),
+        // The kernel would write the checksum over the UDP source port.
+        (b"csum-at-port", trailer(1, 0, 0, 0, 20, 0)),
+        (b"csum-outside", trailer(1, 0, 0, 0, 2000, 6)),
+        (b"tcp-type-on-udp", trailer(1, 1, 28, 8, 20, 6)),
+        (b"gso-size-zero", trailer(1, 5, 28, 0, 20, 6)),
+        (b"gso-over-mtu", trailer(1, 5, 28, 1500, 20, 6)),
+        (b"wrong-hdr-len", trailer(1, 5, 20, 4, 20, 6)),
+        (b"gso-without-csum", trailer(0, 5, 28, 4, 0, 0)),
+        (b"ecn-on-udp", trailer(1, 0x85, 28, 4, 20, 6)),
+    ];
+    for (payload, t) in &cases {
+        m.send(&[udp(payload).as_slice(), t].concat());
+    }
+    // The session still works after all of them ...
+    m.send(&udp(b"after"));
+    assert!(m.echoed(b"after", T), "{}", sys.log("plant-a.log"));
+    // ... and none of them reached the device.
+    for (payload, _) in &cases {
+        assert!(
+            !m.echoed(payload, Duration::from_millis(50)),
+            "{} reached the device",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    // The site counted each as bad offload metadata (its counters are logged when the
+    // session ends).
+    m.core
+        .close_session(SESSION, None, "done", std::time::Instant::now());
+    let want = format!("bad-offload {}", cases.len());
+    assert!(
+        wait_until(T, || {
+            m.pump();
+            sys.log("plant-a.log").contains(&want)
+        }),
+        "want {want}: {}",
+        sys.log("plant-a.log")
+    );
+}

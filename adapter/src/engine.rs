@@ -170,11 +170,24 @@ pub struct Engine {
     answers: RateLimit,
     out: VecDeque<Transmit>,
     pool: Vec<Vec<u8>>,
-    scratch: Vec<u8>,
     tun_offload: TunOffload,
     drops: BTreeMap<DropReason, u64>,
     passed: u64,
     answered: u64,
+    offload_counters: OffloadCounters,
+}
+
+/// How many GSO super-packets (packets with [`gso::Offload`] metadata that a TUN cuts into
+/// segments) passed the filter each way, and their bytes (IP packets, headers included):
+/// whether offload works end to end, and how large the super-packets are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffloadCounters {
+    /// Read from the TUN and sent into a tunnel whole.
+    pub sent: u64,
+    pub sent_bytes: u64,
+    /// Arrived from a tunnel, metadata validated, and written to the TUN.
+    pub received: u64,
+    pub received_bytes: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -208,11 +221,11 @@ impl Engine {
             },
             out: VecDeque::new(),
             pool: Vec::new(),
-            scratch: vec![0; wg::BUFFER],
             tun_offload: TunOffload::default(),
             drops: BTreeMap::new(),
             passed: 0,
             answered: 0,
+            offload_counters: OffloadCounters::default(),
         }
     }
 
@@ -347,14 +360,17 @@ impl Engine {
         (&self.drops, self.passed, self.answered)
     }
 
+    /// GSO super-packets that passed, each way.
+    pub fn offload_counters(&self) -> OffloadCounters {
+        self.offload_counters
+    }
+
     /// Starts a tunnel's handshake now instead of at its first packet.
     pub fn initiate(&mut self, id: TunnelId) {
         let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
-        let mut buf = take(&mut self.pool, HANDSHAKE);
-        // The peer writes into the slice: it must have the handshake's length, not capacity.
-        buf.resize(HANDSHAKE, 0);
+        let mut buf = take_len(&mut self.pool, HANDSHAKE);
         if let Some(d) = t.peer.initiate(&mut buf) {
             let n = d.len();
             buf.truncate(n);
@@ -368,10 +384,10 @@ impl Engine {
         self.out.pop_front()
     }
 
-    /// Gives a written transmit's buffer back.
-    pub fn recycle(&mut self, mut buf: Vec<u8>) {
+    /// Gives a written transmit's buffer back. Its contents stay: a buffer taken again at
+    /// most this long is not zeroed again ([`take_len`]).
+    pub fn recycle(&mut self, buf: Vec<u8>) {
         if self.pool.len() < POOL {
-            buf.clear();
             self.pool.push(buf);
         }
     }
@@ -441,17 +457,21 @@ impl Engine {
         self.handle_parsed(id, packet, wire, offload, parsed, true, now);
     }
 
-    /// A datagram from tunnel `id`'s peer.
+    /// A datagram from tunnel `id`'s peer. It is decrypted into a pooled buffer that goes to
+    /// the TUN as it is when the packet passes (no copy).
     pub fn handle_datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
+        enum Got {
+            Packet(usize, Result<(Offload, Parsed), DropReason>),
+            Send(usize, usize),
+            Nothing,
+        }
         let Some(t) = self.tunnels.get_mut(&id) else {
             return self.drop_packet(DropReason::NoTunnel, 1);
         };
         t.bytes_in += datagram.len() as u64;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        if scratch.len() < datagram.len().max(HANDSHAKE) {
-            scratch.resize(wg::BUFFER, 0);
-        }
-        match t.peer.decapsulate(datagram, &mut scratch) {
+        let mut buf = take_len(&mut self.pool, datagram.len().max(HANDSHAKE));
+        let base = buf.as_ptr() as usize;
+        let got = match t.peer.decapsulate(datagram, &mut buf) {
             Decapsulated::Packet { packet: p, rest } => {
                 let checked = Offload::from_trailer(rest).and_then(|offload| {
                     let parsed = packet::parse(p)?;
@@ -463,28 +483,43 @@ impl Engine {
                     }
                     Ok((offload, parsed))
                 });
-                match checked {
-                    Ok((offload, parsed)) => {
-                        self.handle_parsed(id, p, p, offload, parsed, false, now)
-                    }
-                    Err(r) => self.drop_packet(r, 1),
+                Got::Packet(p.len(), checked)
+            }
+            Decapsulated::Send(d) => Got::Send(d.as_ptr() as usize - base, d.len()),
+            Decapsulated::Nothing => Got::Nothing,
+        };
+        match got {
+            Got::Packet(n, Ok((offload, Parsed::Whole(s)))) => {
+                let p = &buf[..n];
+                if self.judge(id, p, p, offload, &s, false, now) {
+                    return self.write_tun_owned(buf, n, offload);
                 }
             }
-            Decapsulated::Send(d) => {
-                let mut buf = take(&mut self.pool, d.len());
-                buf.extend_from_slice(d);
-                t.bytes_out += buf.len() as u64;
-                self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
-                while let Some(d) = t.peer.flush(&mut scratch) {
-                    let mut buf = take(&mut self.pool, d.len());
-                    buf.extend_from_slice(d);
-                    t.bytes_out += buf.len() as u64;
-                    self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
+            Got::Packet(n, Ok((offload, parsed))) => {
+                let p = &buf[..n];
+                self.handle_parsed(id, p, p, offload, parsed, false, now);
+            }
+            Got::Packet(_, Err(r)) => self.drop_packet(r, 1),
+            Got::Send(at, n) => {
+                // A handshake answer, then what was queued behind the handshake.
+                let mut reply = take(&mut self.pool, n);
+                reply.extend_from_slice(&buf[at..at + n]);
+                let Some(t) = self.tunnels.get_mut(&id) else {
+                    return;
+                };
+                t.bytes_out += n as u64;
+                self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
+                buf.resize(wg::BUFFER, 0);
+                while let Some(d) = t.peer.flush(&mut buf) {
+                    let mut reply = take(&mut self.pool, d.len());
+                    reply.extend_from_slice(d);
+                    t.bytes_out += reply.len() as u64;
+                    self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
                 }
             }
-            Decapsulated::Nothing => {}
+            Got::Nothing => {}
         }
-        self.scratch = scratch;
+        self.recycle(buf);
     }
 
     /// Timers: WireGuard handshakes and rekeying, flow and fragment expiry. Call every
@@ -492,8 +527,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut timed_out = 0;
         for (id, t) in self.tunnels.iter_mut() {
-            let mut buf = take(&mut self.pool, HANDSHAKE);
-            buf.resize(HANDSHAKE, 0);
+            let mut buf = take_len(&mut self.pool, HANDSHAKE);
             if let Some(d) = t.peer.tick(&mut buf) {
                 let n = d.len();
                 buf.truncate(n);
@@ -520,7 +554,11 @@ impl Engine {
         now: Instant,
     ) {
         match parsed {
-            Parsed::Whole(s) => self.judge(id, packet, wire, offload, &s, from_tun, now),
+            Parsed::Whole(s) => {
+                if self.judge(id, packet, wire, offload, &s, from_tun, now) && !from_tun {
+                    self.write_tun(packet, offload);
+                }
+            }
             Parsed::Fragment(f) => {
                 let Some(t) = self.tunnels.get_mut(&id) else {
                     return self.drop_packet(DropReason::NoTunnel, 1);
@@ -536,7 +574,11 @@ impl Engine {
                     Added::Complete(whole) => {
                         match packet::parse(&whole) {
                             Ok(Parsed::Whole(s)) => {
-                                self.judge(id, &whole, &whole, Offload::NONE, &s, from_tun, now)
+                                if self.judge(id, &whole, &whole, Offload::NONE, &s, from_tun, now)
+                                    && !from_tun
+                                {
+                                    self.write_tun(&whole, Offload::NONE);
+                                }
                             }
                             Ok(Parsed::Fragment(_)) => {
                                 self.drop_packet(DropReason::FragmentRefused, 1)
@@ -550,8 +592,9 @@ impl Engine {
         }
     }
 
-    /// The filter's verdict on a whole packet; what passes is encrypted (`wire`: the packet and
-    /// its offload trailer) or written to the TUN (the packet with `offload`).
+    /// The filter's verdict on a whole packet: whether it passed. What passes from the TUN is
+    /// encrypted here (`wire`: the packet and its offload trailer); what passes from a tunnel
+    /// the caller writes to the TUN.
     #[allow(clippy::too_many_arguments)]
     fn judge(
         &mut self,
@@ -562,14 +605,15 @@ impl Engine {
         s: &Summary,
         from_tun: bool,
         now: Instant,
-    ) {
+    ) -> bool {
         let dir = match (self.side, from_tun) {
             (Side::Client { .. }, true) | (Side::Site, false) => Dir::ToDevice,
             _ => Dir::ToTechnician,
         };
         let side = self.side;
         let Some(t) = self.tunnels.get_mut(&id) else {
-            return self.drop_packet(DropReason::NoTunnel, 1);
+            self.drop_packet(DropReason::NoTunnel, 1);
+            return false;
         };
         let verdict = match dir {
             Dir::ToDevice => to_device(side, t, s, now),
@@ -578,11 +622,20 @@ impl Engine {
         match verdict {
             Ok(()) => {
                 self.passed += 1;
+                if offload.is_gso() {
+                    let c = &mut self.offload_counters;
+                    if from_tun {
+                        c.sent += 1;
+                        c.sent_bytes += packet.len() as u64;
+                    } else {
+                        c.received += 1;
+                        c.received_bytes += packet.len() as u64;
+                    }
+                }
                 if from_tun {
                     self.encapsulate(id, wire);
-                } else {
-                    self.write_tun(packet, offload);
                 }
+                true
             }
             Err(reason) => {
                 let refused = dir == Dir::ToDevice
@@ -598,6 +651,7 @@ impl Engine {
                 if refused && from_tun {
                     self.answer(packet, s, now);
                 }
+                false
             }
         }
     }
@@ -628,8 +682,7 @@ impl Engine {
         let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
-        let mut buf = take(&mut self.pool, 0);
-        buf.resize((packet.len() + wg::OVERHEAD).max(HANDSHAKE), 0);
+        let mut buf = take_len(&mut self.pool, (packet.len() + wg::OVERHEAD).max(HANDSHAKE));
         let start = buf.as_ptr() as usize;
         let Some(d) = t.peer.encapsulate(packet, &mut buf) else {
             // Queued behind a handshake.
@@ -671,13 +724,40 @@ impl Engine {
 }
 
 impl Engine {
-    /// [`Engine::write_tun`] for a (validated) packet with metadata.
-    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
-        let takes = if offload.is_gso() && offload.gso_type & !gso::GSO_ECN == gso::GSO_UDP_L4 {
+    /// Whether the TUN takes a packet with this (validated, not empty) metadata as it is.
+    fn tun_takes(&self, offload: Offload) -> bool {
+        if offload.is_gso() && offload.gso_type & !gso::GSO_ECN == gso::GSO_UDP_L4 {
             self.tun_offload.udp
         } else {
             self.tun_offload.tcp
+        }
+    }
+
+    /// [`Engine::write_tun`] for a packet that is `buf[..len]`: the buffer itself goes to the
+    /// TUN when the packet needs no cutting (no copy).
+    fn write_tun_owned(&mut self, mut buf: Vec<u8>, len: usize, offload: Offload) {
+        let whole = if offload.is_none() {
+            len <= usize::from(crate::tun::MTU)
+                || buf[0] >> 4 != 4
+                || packet::dont_fragment(&buf[..len])
+        } else {
+            self.tun_takes(offload)
         };
+        if !whole {
+            self.write_tun(&buf[..len], offload);
+            return self.recycle(buf);
+        }
+        buf.truncate(len);
+        self.out.push_back(Transmit {
+            dest: Dest::Tun,
+            bytes: buf,
+            offload,
+        });
+    }
+
+    /// [`Engine::write_tun`] for a (validated) packet with metadata.
+    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
+        let takes = self.tun_takes(offload);
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
         if takes {
@@ -732,6 +812,14 @@ impl Engine {
         }
         self.recycle(buf);
     }
+}
+
+/// A buffer from the pool of exactly `len` bytes, whatever they hold (for a decryption or an
+/// encryption to overwrite): only what it grows by is zeroed.
+fn take_len(pool: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut buf = pool.pop().unwrap_or_default();
+    buf.resize(len, 0);
+    buf
 }
 
 /// A buffer from the pool (empty, with room for `want` bytes).

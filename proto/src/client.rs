@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
-use crate::link::{CloseReason, Input, Link};
+use crate::link::{CloseReason, DatagramPool, Input, Link};
 use crate::message::{Message, Role, SiteView};
 
 /// The client's heartbeat: frequent enough that a dead gateway is noticed within a minute
@@ -50,6 +50,7 @@ pub struct ClientCore {
     link: Link,
     logged_in: bool,
     events: VecDeque<ClientEvent>,
+    datagrams: DatagramPool,
 }
 
 impl ClientCore {
@@ -71,6 +72,7 @@ impl ClientCore {
             link,
             logged_in: false,
             events: VecDeque::new(),
+            datagrams: DatagramPool::default(),
         }
     }
 
@@ -89,7 +91,7 @@ impl ClientCore {
                 Input::Failed(reason) => self.events.push_back(ClientEvent::Closed(reason)),
                 Input::Data { session, datagram } => self.events.push_back(ClientEvent::Data {
                     session,
-                    datagram: datagram.to_vec(),
+                    datagram: self.datagrams.copy(datagram),
                 }),
                 Input::Message(m) => self.on_message(m),
             }
@@ -213,6 +215,18 @@ impl ClientCore {
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.link.poll_transmit()
+    }
+
+    /// Gives back a buffer from [`ClientCore::poll_transmit`] once it is written (optional: saves
+    /// growing a new one for the next writes).
+    pub fn reclaim(&mut self, buf: Vec<u8>) {
+        self.link.reclaim(buf);
+    }
+
+    /// Gives back the buffer of a [`ClientEvent::Data`] datagram once it is handled (optional: the
+    /// next datagrams reuse it instead of allocating).
+    pub fn recycle_datagram(&mut self, buf: Vec<u8>) {
+        self.datagrams.recycle(buf);
     }
 
     pub fn poll_event(&mut self) -> Option<ClientEvent> {

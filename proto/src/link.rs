@@ -11,6 +11,38 @@ use std::time::{Duration, Instant};
 use crate::frame::{self, FrameDecoder};
 use crate::message::{ErrorCode, Message};
 
+/// The most transmit buffer capacity a link keeps between writes ([`Link::reclaim`]): a
+/// burst of 64 super-packets (the TUN readers' batch) is about 4 MiB.
+pub const KEEP_TRANSMIT: usize = 4 * 1024 * 1024;
+
+/// Received datagram buffers a core keeps for reuse ([`DatagramPool`]).
+const POOLED_DATAGRAMS: usize = 64;
+
+/// Buffers for the datagrams a client or site core hands out in its `Data` events: taken
+/// from here and given back by the program once the datagram is handled, so that the data
+/// path allocates nothing per datagram.
+#[derive(Debug, Default)]
+pub(crate) struct DatagramPool {
+    free: Vec<Vec<u8>>,
+}
+
+impl DatagramPool {
+    /// A copy of `datagram` in a pooled buffer.
+    pub(crate) fn copy(&mut self, datagram: &[u8]) -> Vec<u8> {
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(datagram);
+        buf
+    }
+
+    /// Takes a buffer back (at most [`POOLED_DATAGRAMS`] are kept).
+    pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
+        if self.free.len() < POOLED_DATAGRAMS {
+            self.free.push(buf);
+        }
+    }
+}
+
 /// A link is dead after this many heartbeat intervals without a byte from the peer.
 pub const MISSED_HEARTBEATS: u32 = 3;
 
@@ -161,6 +193,17 @@ impl Link {
 
     pub(crate) fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         (!self.transmit.is_empty()).then(|| std::mem::take(&mut self.transmit))
+    }
+
+    /// Takes back a buffer [`Link::poll_transmit`] returned, once written: the next frames
+    /// are encoded into it instead of a new buffer that grows again (a burst of super-packets
+    /// is megabytes). Kept only while nothing new is queued, and only up to [`KEEP_TRANSMIT`]
+    /// bytes of capacity.
+    pub(crate) fn reclaim(&mut self, mut buf: Vec<u8>) {
+        if self.transmit.is_empty() && buf.capacity() <= KEEP_TRANSMIT {
+            buf.clear();
+            self.transmit = buf;
+        }
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
-use crate::link::{CloseReason, Input, Link};
+use crate::link::{CloseReason, DatagramPool, Input, Link};
 use crate::message::{FirewallChange, Message, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +52,7 @@ pub struct SiteCore {
     enrolling: bool,
     welcomed: bool,
     events: VecDeque<SiteEvent>,
+    datagrams: DatagramPool,
 }
 
 impl SiteCore {
@@ -74,6 +75,7 @@ impl SiteCore {
             enrolling: false,
             welcomed: false,
             events: VecDeque::new(),
+            datagrams: DatagramPool::default(),
         }
     }
 
@@ -93,6 +95,7 @@ impl SiteCore {
             enrolling: true,
             welcomed: false,
             events: VecDeque::new(),
+            datagrams: DatagramPool::default(),
         }
     }
 
@@ -111,7 +114,7 @@ impl SiteCore {
                 Input::Failed(reason) => self.events.push_back(SiteEvent::Closed(reason)),
                 Input::Data { session, datagram } => self.events.push_back(SiteEvent::Data {
                     session,
-                    datagram: datagram.to_vec(),
+                    datagram: self.datagrams.copy(datagram),
                 }),
                 Input::Message(m) => self.on_message(m),
             }
@@ -227,6 +230,18 @@ impl SiteCore {
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.link.poll_transmit()
+    }
+
+    /// Gives back a buffer from [`SiteCore::poll_transmit`] once it is written (optional: saves
+    /// growing a new one for the next writes).
+    pub fn reclaim(&mut self, buf: Vec<u8>) {
+        self.link.reclaim(buf);
+    }
+
+    /// Gives back the buffer of a [`SiteEvent::Data`] datagram once it is handled (optional: the
+    /// next datagrams reuse it instead of allocating).
+    pub fn recycle_datagram(&mut self, buf: Vec<u8>) {
+        self.datagrams.recycle(buf);
     }
 
     pub fn poll_event(&mut self) -> Option<SiteEvent> {

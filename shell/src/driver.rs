@@ -39,6 +39,8 @@ pub trait Core {
     fn handle_input(&mut self, bytes: &[u8], now: Instant);
     fn handle_timeout(&mut self, now: Instant);
     fn poll_transmit(&mut self) -> Option<Vec<u8>>;
+    /// Takes back a written buffer from [`Core::poll_transmit`], for reuse.
+    fn reclaim(&mut self, buf: Vec<u8>);
     fn poll_event(&mut self) -> Option<Self::Event>;
     fn poll_timeout(&self) -> Option<Instant>;
     fn is_closed(&self) -> bool;
@@ -56,6 +58,9 @@ macro_rules! core {
             }
             fn poll_transmit(&mut self) -> Option<Vec<u8>> {
                 <$core>::poll_transmit(self)
+            }
+            fn reclaim(&mut self, buf: Vec<u8>) {
+                <$core>::reclaim(self, buf)
             }
             fn poll_event(&mut self) -> Option<$event> {
                 <$core>::poll_event(self)
@@ -205,6 +210,7 @@ where
     let mut wrote = false;
     while let Some(bytes) = core.poll_transmit() {
         stream.write_all(&bytes).await?;
+        core.reclaim(bytes);
         wrote = true;
     }
     if wrote {

@@ -843,6 +843,7 @@ impl Handler for SiteLink<'_> {
                 }
                 let now = Instant::now();
                 agent.plane.fwd.handle_datagram(session, &datagram, now);
+                core.recycle_datagram(datagram);
                 agent.plane.flush(core, now).await;
             }
             SiteEvent::Closed(CloseReason::Error { code, text }) => {

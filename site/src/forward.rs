@@ -117,13 +117,43 @@ impl Forwarder {
         }
         self.sessions.remove(&session);
         self.engine.remove_tunnel(TunnelId(session));
+        self.log_counters(session);
         true
+    }
+
+    /// The engine's counters (all sessions), logged when a session ends: packets passed and
+    /// dropped by reason, and the GSO super-packets that crossed each way (whether TUN
+    /// offload works).
+    fn log_counters(&self, session: u32) {
+        let (drops, passed, answered) = self.engine.counters();
+        let o = self.engine.offload_counters();
+        let drops: Vec<String> = drops
+            .iter()
+            .map(|(r, n)| format!("{} {n}", r.name()))
+            .collect();
+        tracing::info!(
+            session,
+            passed,
+            answered,
+            dropped = %drops.join(", "),
+            super_sent = o.sent,
+            super_sent_bytes = o.sent_bytes,
+            super_received = o.received,
+            super_received_bytes = o.received_bytes,
+            "data plane counters (all sessions)"
+        );
+    }
+
+    /// Drops by reason, packets passed, local answers (all sessions).
+    pub fn counters(&self) -> (&BTreeMap<pinhole_adapter::DropReason, u64>, u64, u64) {
+        self.engine.counters()
     }
 
     /// Closes everything (the gateway link is gone).
     pub fn clear(&mut self) {
         for id in std::mem::take(&mut self.sessions).into_keys() {
             self.engine.remove_tunnel(TunnelId(id));
+            self.log_counters(id);
         }
     }
 

@@ -241,6 +241,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     drops.join(", ")
                 );
             }
+            let sp = &s.filter.super_packets;
+            if sp.sent + sp.received > 0 {
+                let avg = |bytes: u64, n: u64| bytes.checked_div(n).unwrap_or(0);
+                println!(
+                    "offload:     {} super-packets sent (avg {} B), {} received (avg {} B)",
+                    sp.sent,
+                    avg(sp.sent_bytes, sp.sent),
+                    sp.received,
+                    avg(sp.received_bytes, sp.received)
+                );
+            }
             for r in &s.refused {
                 println!(
                     "refused:     {} to {}: not among the ports of {} ({}); {} packet(s) refused",
