@@ -243,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let sp = &s.filter.super_packets;
             if sp.sent + sp.received > 0 {
-                let avg = |bytes: u64, n: u64| if n == 0 { 0 } else { bytes / n };
+                let avg = |bytes: u64, n: u64| bytes.checked_div(n).unwrap_or(0);
                 println!(
                     "offload:     {} super-packets sent (avg {} B), {} received (avg {} B)",
                     sp.sent,
