@@ -195,9 +195,13 @@ pub struct FilterCounters {
 /// See [`FilterCounters::super_packets`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SuperPackets {
+    /// Read from the TUN and sent toward a site whole.
     pub sent: u64,
+    /// Their bytes (whole IP packets).
     pub sent_bytes: u64,
+    /// Received from a site, checked, and written to the TUN whole.
     pub received: u64,
+    /// Their bytes (whole IP packets).
     pub received_bytes: u64,
 }
 

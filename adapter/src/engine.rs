@@ -182,11 +182,13 @@ pub struct Engine {
 /// whether offload works end to end, and how large the super-packets are.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OffloadCounters {
-    /// Read from the TUN and sent into a tunnel whole.
+    /// Super-packets read from the TUN and sent into a tunnel whole.
     pub sent: u64,
+    /// Their bytes.
     pub sent_bytes: u64,
-    /// Arrived from a tunnel, metadata validated, and written to the TUN.
+    /// Super-packets that arrived from a tunnel, metadata validated, and went to the TUN.
     pub received: u64,
+    /// Their bytes.
     pub received_bytes: u64,
 }
 

@@ -281,6 +281,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_written_transmit_buffer_is_reused_and_datagram_buffers_come_back() {
+        let now = Instant::now();
+        let mut link = Link::new(now, Duration::from_secs(10));
+        link.send_data(1, &[7u8; 60_000], now);
+        let first = link.poll_transmit().expect("frame");
+        let (ptr, cap) = (first.as_ptr(), first.capacity());
+        link.reclaim(first);
+        link.send_data(1, &[8u8; 60_000], now);
+        let second = link.poll_transmit().expect("frame");
+        assert_eq!(
+            (second.as_ptr(), second.capacity()),
+            (ptr, cap),
+            "the same buffer"
+        );
+        assert_eq!(second.len(), frame::HEADER_LEN + 4 + 60_000);
+        // Not while something new is queued (it would be lost), nor a huge one.
+        link.send_data(2, b"x", now);
+        link.reclaim(second);
+        assert_eq!(
+            link.poll_transmit().expect("frame").len(),
+            frame::HEADER_LEN + 5
+        );
+        link.reclaim(Vec::with_capacity(KEEP_TRANSMIT + 1));
+        assert_eq!(link.transmit.capacity(), 0);
+
+        let mut pool = DatagramPool::default();
+        let a = pool.copy(b"one");
+        let ptr = a.as_ptr();
+        pool.recycle(a);
+        let b = pool.copy(b"two");
+        assert_eq!((b.as_ptr(), &b[..]), (ptr, &b"two"[..]));
+    }
+
+    #[test]
     fn clients_and_sites_accept_inventories_up_to_the_protocol_limit() {
         let now = Instant::now();
         let mut link = Link::new(now, Duration::from_secs(10));
