@@ -34,6 +34,14 @@
 //! the filter ([`crate::gso::Offload::validate`], else `bad-offload`) and given to the TUN
 //! whole, with its metadata in [`Transmit::offload`]; a TUN without offload
 //! ([`Engine::set_tun_offload`]) gets its segments, cut here, with their checksums complete.
+//!
+//! Whether a tunnel carries super-packets is agreed per tunnel ([`Engine::set_tunnel_offload`],
+//! from the session messages: see `pinhole_proto::message`): a super-packet goes into a tunnel
+//! whole only if its peer announced that it takes them, the gateway relays datagrams of its
+//! size, and this end announced it too; otherwise it is cut into its MTU-size segments
+//! (checksums complete, no trailer) before encryption, by the same cutter a TUN without
+//! offload gets. A tunnel on which this end did not announce offload takes no trailer: bytes
+//! after the IP packet are dropped as `bad-offload`. A new tunnel has agreed nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -110,6 +118,30 @@ impl Transmit {
     }
 }
 
+/// What the two ends of one tunnel, and the gateway between them, agreed about super-packets
+/// (the trailer of [`crate::gso`]). The default agrees nothing: every packet goes into the
+/// tunnel as a whole packet within the MTU, and a trailer that arrives is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TunnelOffload {
+    /// `Some(max)`: the peer takes super-packets with their trailer, and every hop on the path
+    /// forwards WireGuard messages of up to `max` bytes (WireGuard's 32 bytes of overhead
+    /// included); a super-packet whose message would be larger is cut. `None`: the peer (or
+    /// the relay) did not announce offload, so every super-packet is cut into its segments.
+    pub send: Option<usize>,
+    /// This end announced, for this tunnel, that it takes super-packets: a trailer that
+    /// arrives is validated and used. Without, anything after the IP packet is malformed.
+    pub receive: bool,
+}
+
+impl TunnelOffload {
+    /// Both ways, at the largest message this build sends: the inner packet at most
+    /// [`gso::MAX_PACKET`] bytes with its [`gso::TRAILER`], plus WireGuard's overhead.
+    pub const FULL: TunnelOffload = TunnelOffload {
+        send: Some(gso::MAX_PACKET + gso::TRAILER + wg::OVERHEAD),
+        receive: true,
+    };
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error("tunnel {0} exists already")]
@@ -135,6 +167,7 @@ struct Tunnel {
     defrag_out: Defrag,
     bytes_in: u64,
     bytes_out: u64,
+    offload: TunnelOffload,
 }
 
 /// A token bucket for local answers.
@@ -186,6 +219,9 @@ pub struct OffloadCounters {
     pub sent: u64,
     /// Their bytes.
     pub sent_bytes: u64,
+    /// Super-packets read from the TUN and cut into their segments before encryption, because
+    /// the tunnel's peer or the relay did not announce offload ([`TunnelOffload`]).
+    pub split: u64,
     /// Super-packets that arrived from a tunnel, metadata validated, and went to the TUN.
     pub received: u64,
     /// Their bytes.
@@ -270,8 +306,21 @@ impl Engine {
                 defrag_out: Defrag::new(),
                 bytes_in: 0,
                 bytes_out: 0,
+                offload: TunnelOffload::default(),
             },
         );
+        Ok(())
+    }
+
+    /// What tunnel `id`'s ends and relay agreed about super-packets (see [`TunnelOffload`]);
+    /// a new tunnel has agreed nothing. Errors: [`EngineError::NoTunnel`].
+    pub fn set_tunnel_offload(
+        &mut self,
+        id: TunnelId,
+        offload: TunnelOffload,
+    ) -> Result<(), EngineError> {
+        let t = self.tunnels.get_mut(&id).ok_or(EngineError::NoTunnel(id))?;
+        t.offload = offload;
         Ok(())
     }
 
@@ -473,9 +522,16 @@ impl Engine {
         t.bytes_in += datagram.len() as u64;
         let mut buf = take_len(&mut self.pool, datagram.len().max(HANDSHAKE));
         let base = buf.as_ptr() as usize;
+        let receive = t.offload.receive;
         let got = match t.peer.decapsulate(datagram, &mut buf) {
             Decapsulated::Packet { packet: p, rest } => {
-                let checked = Offload::from_trailer(rest).and_then(|offload| {
+                let trailer = if rest.is_empty() || receive {
+                    Offload::from_trailer(rest)
+                } else {
+                    // Not announced here: a conforming peer sends no trailer.
+                    Err(DropReason::BadOffload)
+                };
+                let checked = trailer.and_then(|offload| {
                     let parsed = packet::parse(p)?;
                     if !offload.is_none() {
                         if !matches!(parsed, Parsed::Whole(_)) {
@@ -624,18 +680,12 @@ impl Engine {
         match verdict {
             Ok(()) => {
                 self.passed += 1;
-                if offload.is_gso() {
-                    let c = &mut self.offload_counters;
-                    if from_tun {
-                        c.sent += 1;
-                        c.sent_bytes += packet.len() as u64;
-                    } else {
-                        c.received += 1;
-                        c.received_bytes += packet.len() as u64;
-                    }
-                }
                 if from_tun {
-                    self.encapsulate(id, wire);
+                    self.send_tunnel(id, packet, wire, offload);
+                } else if offload.is_gso() {
+                    let c = &mut self.offload_counters;
+                    c.received += 1;
+                    c.received_bytes += packet.len() as u64;
                 }
                 true
             }
@@ -678,6 +728,34 @@ impl Engine {
         }
         self.answered += 1;
         self.out.push_back(Transmit::new(Dest::Tun, buf));
+    }
+
+    /// Encrypts a packet that passed from the TUN into tunnel `id`: `wire` (the packet and its
+    /// trailer) when the tunnel agreed on super-packets of its size; else the packet itself
+    /// if it has no metadata, or its segments (checksums complete, no trailer).
+    fn send_tunnel(&mut self, id: TunnelId, packet: &[u8], wire: &[u8], offload: Offload) {
+        if offload.is_none() {
+            return self.encapsulate(id, packet);
+        }
+        let send = self.tunnels.get(&id).and_then(|t| t.offload.send);
+        if send.is_some_and(|max| wire.len() + wg::OVERHEAD <= max) {
+            if offload.is_gso() {
+                let c = &mut self.offload_counters;
+                c.sent += 1;
+                c.sent_bytes += packet.len() as u64;
+            }
+            return self.encapsulate(id, wire);
+        }
+        let Some(segments) = self.cut(packet, offload) else {
+            return;
+        };
+        if offload.is_gso() {
+            self.offload_counters.split += 1;
+        }
+        for s in segments {
+            self.encapsulate(id, &s);
+            self.recycle(s);
+        }
     }
 
     fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
@@ -759,10 +837,9 @@ impl Engine {
 
     /// [`Engine::write_tun`] for a (validated) packet with metadata.
     fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
-        let takes = self.tun_takes(offload);
-        let mut buf = take(&mut self.pool, packet.len());
-        buf.extend_from_slice(packet);
-        if takes {
+        if self.tun_takes(offload) {
+            let mut buf = take(&mut self.pool, packet.len());
+            buf.extend_from_slice(packet);
             self.out.push_back(Transmit {
                 dest: Dest::Tun,
                 bytes: buf,
@@ -770,14 +847,27 @@ impl Engine {
             });
             return;
         }
+        if let Some(segments) = self.cut(packet, offload) {
+            for b in segments {
+                self.out.push_back(Transmit::new(Dest::Tun, b));
+            }
+        }
+    }
+
+    /// A (validated) packet with metadata as whole packets without any: its segments as the
+    /// kernel would cut them, or the one packet, checksums complete. The one cutter of the
+    /// engine: for a TUN without offload and for a tunnel that did not agree on super-packets.
+    /// `None` (counted as `bad-offload`) if the cut fails.
+    fn cut(&mut self, packet: &[u8], offload: Offload) -> Option<Vec<Vec<u8>>> {
+        let mut buf = take(&mut self.pool, packet.len());
+        buf.extend_from_slice(packet);
         if !offload.is_gso() {
             packet::complete_checksum(
                 &mut buf,
                 usize::from(offload.csum_start),
                 usize::from(offload.csum_offset),
             );
-            self.out.push_back(Transmit::new(Dest::Tun, buf));
-            return;
+            return Some(vec![buf]);
         }
         // The segments, as the kernel would cut them (validate bounded their number and size).
         let payload = packet.len() - usize::from(offload.hdr_len);
@@ -800,19 +890,24 @@ impl Engine {
             csum_offset: offload.csum_offset,
         };
         let v6 = packet[0] >> 4 == 6;
-        match tun_rs::gso_split(&mut buf, hdr, &mut segs, &mut sizes, 0, v6) {
+        let cut = match tun_rs::gso_split(&mut buf, hdr, &mut segs, &mut sizes, 0, v6) {
             Ok(k) => {
-                for (mut b, size) in segs.drain(..k).zip(sizes) {
+                let mut cut: Vec<Vec<u8>> = segs.drain(..k).collect();
+                for (b, size) in cut.iter_mut().zip(sizes) {
                     b.truncate(size);
-                    self.out.push_back(Transmit::new(Dest::Tun, b));
                 }
+                Some(cut)
             }
-            Err(_) => self.drop_packet(DropReason::BadOffload, 1),
-        }
+            Err(_) => {
+                self.drop_packet(DropReason::BadOffload, 1);
+                None
+            }
+        };
         for b in segs {
             self.recycle(b);
         }
         self.recycle(buf);
+        cut
     }
 }
 

@@ -18,6 +18,8 @@ pub mod packet;
 pub mod tun;
 pub mod wg;
 
-pub use engine::{Dest, Engine, EngineError, OffloadCounters, Side, Transmit, TunnelId};
+pub use engine::{
+    Dest, Engine, EngineError, OffloadCounters, Side, Transmit, TunnelId, TunnelOffload,
+};
 pub use filter::DropReason;
 pub use gso::{Offload, TunOffload};

@@ -76,6 +76,9 @@ impl Rig {
             rests: Vec::new(),
         };
         for id in [A, B] {
+            rig.engine
+                .set_tunnel_offload(id, TunnelOffload::FULL)
+                .expect("tunnel");
             rig.engine.initiate(id);
         }
         let out = rig.pump();
@@ -684,4 +687,79 @@ proptest! {
             prop_assert!(out.tun.is_empty(), "nothing answers a flow never opened");
         }
     }
+}
+
+#[test]
+fn a_peer_that_did_not_announce_offload_gets_only_mtu_packets_and_refuses_trailers() {
+    let mut rig = Rig::client();
+    // Tunnel A's site predates offload (or the relay on its path does): nothing was agreed.
+    rig.engine
+        .set_tunnel_offload(A, TunnelOffload::default())
+        .expect("tunnel");
+    assert_eq!(rig.tun_in(&tcp(TECH, 40000, PLC, 101)).far.len(), 1);
+    let (sp, o) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 64_000, 1380);
+    let n = rig.rests.len();
+    let out = rig.tun_in_offload(&sp, o);
+    // Cut before encryption: each segment its own WireGuard message, within the MTU, with no
+    // trailer after it, and together the same bytes.
+    assert_eq!(out.far.len(), 64_000usize.div_ceil(1380));
+    assert!(out.far.iter().all(|(id, s)| *id == A && s.len() <= 1420));
+    assert!(rig.rests[n..].iter().all(Vec::is_empty));
+    let joined: Vec<u8> = out
+        .far
+        .iter()
+        .flat_map(|(_, s)| payload_of(s).to_vec())
+        .collect();
+    assert_eq!(joined, payload_of(&sp));
+    assert_eq!(rig.engine.offload_counters().sent, 0);
+    assert_eq!(rig.engine.offload_counters().split, 1);
+    // A packet with only a partial checksum goes out complete, without a trailer.
+    let (small, so) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 100, 1380);
+    let partial = Offload {
+        gso_type: gso::GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        ..so
+    };
+    let n = rig.rests.len();
+    let out = rig.tun_in_offload(&small, partial);
+    assert_eq!(out.far.len(), 1);
+    assert!(rig.rests[n..].iter().all(Vec::is_empty));
+    // We did not announce offload on A: a trailer from its peer is malformed.
+    let (reply, ro) = gso::build::tcp_v4(PLC, 101, TECH, 40000, 30_000, 1380);
+    assert!(rig.site_in_raw(A, &reply, &ro.to_trailer()).tun.is_empty());
+    assert_eq!(rig.drops(DropReason::BadOffload), 1);
+    // Plain packets still pass both ways.
+    let ack = tcp_ack(PLC, 101, TECH, 40000);
+    assert_eq!(rig.site_in(A, &ack).tun, vec![ack]);
+    // Tunnel B agreed on offload: whole, with its trailer.
+    assert_eq!(rig.tun_in(&tcp(TECH, 40000, DRIVE, 101)).far.len(), 1);
+    let (sp, o) = gso::build::tcp_v4(TECH, 40000, DRIVE, 101, 64_000, 1380);
+    assert_eq!(rig.tun_in_offload(&sp, o).far, vec![(B, sp.clone())]);
+    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+}
+
+#[test]
+fn a_relay_with_a_smaller_frame_limit_gets_super_packets_cut() {
+    let mut rig = Rig::client();
+    // The peer takes super-packets, but the relay forwards datagrams of at most 16 KiB.
+    rig.engine
+        .set_tunnel_offload(
+            A,
+            TunnelOffload {
+                send: Some(16 * 1024),
+                receive: true,
+            },
+        )
+        .expect("tunnel");
+    assert_eq!(rig.tun_in(&tcp(TECH, 40000, PLC, 101)).far.len(), 1);
+    let (big, o) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 64_000, 1380);
+    let out = rig.tun_in_offload(&big, o);
+    assert_eq!(out.far.len(), 64_000usize.div_ceil(1380));
+    let (fits, fo) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 13_800, 1380);
+    assert_eq!(rig.tun_in_offload(&fits, fo).far, vec![(A, fits.clone())]);
+    assert_eq!(
+        rig.engine.set_tunnel_offload(TunnelId(9), TunnelOffload::default()),
+        Err(EngineError::NoTunnel(TunnelId(9)))
+    );
 }
