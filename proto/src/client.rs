@@ -27,6 +27,10 @@ pub enum ClientEvent {
         session: u32,
         key: String,
         agent: Agent,
+        /// `Some(max_datagram)`: this client, the gateway and the site all announced offload
+        /// (see [`crate::message`]), so super-packets may go into the session's tunnel in
+        /// WireGuard messages of up to that many bytes. `None`: MTU-size packets only.
+        offload: Option<u32>,
     },
     SessionRefused {
         session: u32,
@@ -51,11 +55,22 @@ pub struct ClientCore {
     logged_in: bool,
     events: VecDeque<ClientEvent>,
     datagrams: DatagramPool,
+    /// This client's `hello` said `offload`.
+    offload: bool,
+    /// The gateway's `max_datagram` (its `welcome`): it relays super-packets.
+    max_datagram: Option<u32>,
 }
 
 impl ClientCore {
     /// A new link; the `hello` is queued at once.
     pub fn new(now: Instant, software: &str, heartbeat: Duration) -> Self {
+        Self::with_offload(now, software, heartbeat, true)
+    }
+
+    /// [`ClientCore::new`], saying in `hello` whether this client takes super-packets
+    /// (`offload`; see [`crate::message`]). Without, it behaves as a client that predates
+    /// offload: no offload field is sent, and none is granted.
+    pub fn with_offload(now: Instant, software: &str, heartbeat: Duration, offload: bool) -> Self {
         let mut link = Link::new(now, heartbeat);
         link.send(
             &Message::Hello {
@@ -65,6 +80,7 @@ impl ClientCore {
                 heartbeat_secs: u32::try_from(link.heartbeat().as_secs()).unwrap_or(u32::MAX),
                 boot_id: None,
                 agents: Vec::new(),
+                offload,
             },
             now,
         );
@@ -73,6 +89,8 @@ impl ClientCore {
             logged_in: false,
             events: VecDeque::new(),
             datagrams: DatagramPool::default(),
+            offload,
+            max_datagram: None,
         }
     }
 
@@ -113,9 +131,11 @@ impl ClientCore {
                     tunnel_ip,
                     inventory,
                     forbid_remembered_password,
+                    max_datagram,
                 },
             ) => {
                 self.logged_in = true;
+                self.max_datagram = max_datagram.filter(|_| self.offload);
                 self.events.push_back(ClientEvent::LoggedIn {
                     account: name,
                     tunnel_ip,
@@ -137,12 +157,14 @@ impl ClientCore {
                     session,
                     key,
                     agent,
+                    offload,
                 },
             ) => {
                 self.events.push_back(ClientEvent::SessionOpened {
                     session,
                     key,
                     agent,
+                    offload: self.max_datagram.filter(|_| offload && self.offload),
                 });
             }
             (true, Message::SessionRefused { session, reason }) => {
@@ -186,6 +208,8 @@ impl ClientCore {
                 agent: agent.into(),
                 key: key.into(),
                 tunnel_ip: None,
+                // The gateway knows from `hello`; the field is for the site.
+                offload: false,
             },
             now,
         );

@@ -36,6 +36,11 @@ pub const MAX_CONTROL_UNAUTHENTICATED: usize = 16 * 1024;
 /// gateway.
 pub const MAX_CONTROL_FROM_PEER: usize = 1024 * 1024;
 
+/// The largest WireGuard message this gateway relays in a data frame, in bytes: a data
+/// payload of [`crate::frame::MAX_DATA`] less its 4-byte session id. Announced in `welcome`
+/// (`max_datagram`) to peers that take super-packets.
+pub const MAX_DATAGRAM: u32 = (crate::frame::MAX_DATA - 4) as u32;
+
 /// Who the TLS handshake says the peer is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerAuth {
@@ -52,6 +57,8 @@ pub enum GatewayEvent {
     /// A technician said hello: check the account and answer.
     TechnicianHello {
         software: String,
+        /// The client's `hello` said `offload` (it takes super-packets).
+        offload: bool,
     },
     /// A site said hello: record it and answer.
     SiteHello {
@@ -59,6 +66,8 @@ pub enum GatewayEvent {
         boot_id: String,
         agents: Vec<Agent>,
         heartbeat: Duration,
+        /// The site's `hello` said `offload` (it takes super-packets).
+        offload: bool,
     },
     /// An anonymous peer wants to enroll.
     Enroll {
@@ -80,6 +89,8 @@ pub enum GatewayEvent {
         session: u32,
         key: String,
         agent: Agent,
+        /// The site takes super-packets on this session.
+        offload: bool,
     },
     SessionRefused {
         session: u32,
@@ -168,6 +179,8 @@ pub struct GatewayCore {
     phase: Phase,
     hello_deadline: Instant,
     events: VecDeque<GatewayEvent>,
+    /// The peer's `hello` said `offload`: it reads the offload fields.
+    peer_offload: bool,
 }
 
 impl GatewayCore {
@@ -187,6 +200,7 @@ impl GatewayCore {
             phase: Phase::AwaitHello,
             hello_deadline: now + hello_timeout,
             events: VecDeque::new(),
+            peer_offload: false,
         }
     }
 
@@ -285,6 +299,7 @@ impl GatewayCore {
                     heartbeat_secs,
                     boot_id,
                     agents,
+                    offload,
                 },
             ) => {
                 if version != PROTOCOL_VERSION {
@@ -296,17 +311,20 @@ impl GatewayCore {
                 match (role, &self.auth) {
                     (Role::Technician, PeerAuth::Technician(_)) => {
                         self.phase = Phase::AwaitDecision;
+                        self.peer_offload = offload;
                         self.events
-                            .push_back(GatewayEvent::TechnicianHello { software });
+                            .push_back(GatewayEvent::TechnicianHello { software, offload });
                     }
                     (Role::Site, PeerAuth::Site(_)) => {
                         self.phase = Phase::AwaitDecision;
+                        self.peer_offload = offload;
                         let heartbeat = self.link.heartbeat();
                         self.events.push_back(GatewayEvent::SiteHello {
                             software,
                             boot_id: boot_id.unwrap_or_default(),
                             agents,
                             heartbeat,
+                            offload,
                         });
                     }
                     _ => self.violation(
@@ -356,12 +374,15 @@ impl GatewayCore {
                     session,
                     key,
                     agent,
+                    offload,
                 },
             ) => {
                 self.events.push_back(GatewayEvent::SessionOpened {
                     session,
                     key,
                     agent,
+                    // Only from a site that announced offload (and so got `max_datagram`).
+                    offload: offload && self.peer_offload,
                 });
             }
             (Phase::Running, PeerAuth::Site(_), Message::SessionRefused { session, reason }) => {
@@ -391,6 +412,8 @@ impl GatewayCore {
 
     /// Accepts the peer after `hello`. A technician gets its tunnel address and inventory.
     /// `forbid_remembered_password`: the account's policy, for a technician (false for a site).
+    /// A peer whose `hello` said `offload` also learns the relay's data limit
+    /// ([`MAX_DATAGRAM`]: this gateway relays super-packets).
     pub fn welcome(
         &mut self,
         name: &str,
@@ -407,10 +430,16 @@ impl GatewayCore {
                     tunnel_ip,
                     inventory,
                     forbid_remembered_password,
+                    max_datagram: self.peer_offload.then_some(MAX_DATAGRAM),
                 },
                 now,
             );
         }
+    }
+
+    /// Whether the peer's `hello` said `offload` (false before it).
+    pub fn peer_offload(&self) -> bool {
+        self.peer_offload
     }
 
     /// Answers an enrollment and ends the link.
@@ -447,9 +476,14 @@ impl GatewayCore {
         self.link.send(&m, now);
     }
 
-    /// Forwards a session message to this peer.
+    /// Forwards a session message to this peer, without the offload fields if the peer did
+    /// not announce offload ([`Message::for_peer`]: a peer that predates them refuses them).
     pub fn send(&mut self, message: &Message, now: Instant) {
-        self.link.send(message, now);
+        if self.peer_offload {
+            self.link.send(message, now);
+        } else {
+            self.link.send(&message.clone().for_peer(false), now);
+        }
     }
 
     pub fn send_data(&mut self, session: u32, datagram: &[u8], now: Instant) {
@@ -631,6 +665,7 @@ mod tests {
             heartbeat_secs: 600,
             boot_id: Some("boot-1".into()),
             agents,
+            offload: false,
         }
     }
 
@@ -645,6 +680,7 @@ mod tests {
                 heartbeat_secs: 15,
                 boot_id: None,
                 agents: Vec::new(),
+                offload: false,
             },
         };
         gw.handle_input(&control(&hello), now, &mut no_data);
@@ -793,6 +829,7 @@ mod tests {
             heartbeat_secs: 600,
             boot_id: Some("b".repeat(65)),
             agents: Vec::new(),
+            offload: false,
         };
         refused(site(), false, &boot, "boot id is 65 bytes long");
 
@@ -824,6 +861,7 @@ mod tests {
             agent: agent.into(),
             key,
             tunnel_ip: None,
+            offload: false,
         };
         refused(
             tech(),
@@ -868,6 +906,7 @@ mod tests {
             session: 1,
             key,
             agent,
+            offload: false,
         };
         refused(
             site(),
@@ -948,6 +987,7 @@ mod tests {
             heartbeat_secs: u32::MAX,
             boot_id: Some("\"".repeat(crate::validate::MAX_BOOT_ID_LEN)),
             agents,
+            offload: false,
         };
         let len = hello.to_json().len();
         assert!(len <= MAX_CONTROL_FROM_PEER, "{len}");
@@ -1015,6 +1055,7 @@ mod tests {
                 boot_id: "b".into(),
                 heartbeat: Duration::from_secs(600),
                 agents: Vec::new(),
+                offload: false,
             },
         );
         let _hello = site.poll_transmit();

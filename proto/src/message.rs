@@ -22,6 +22,33 @@
 //!
 //! The gateway checks every field a peer controls against [`crate::validate`] before the
 //! message becomes an event.
+//!
+//! # Offload negotiation (super-packets)
+//!
+//! A WireGuard message may carry a GSO super-packet of up to 64 KiB with a 12-byte offload
+//! trailer (`pinhole_adapter::gso`, [`crate::frame`]). An end sends one into a session only
+//! when all three parties on the path said they take it, each in a field that peers which
+//! predate offload neither send nor receive:
+//!
+//! | field | in | meaning |
+//! |---|---|---|
+//! | `offload: true` | `hello` (client/site → gateway) | this end takes super-packets with the trailer, and reads the fields below |
+//! | `max_datagram: n` | `welcome` (gateway → client/site) | the relay forwards WireGuard messages of up to `n` bytes; sent only to a peer whose `hello` said `offload` |
+//! | `offload: true` | `session_open` (gateway → site) | the technician's client said `offload` in its `hello`; sent only to a site that did |
+//! | `offload: true` | `session_opened` (site → gateway → client) | the site takes super-packets on this session; sent by a site only after a `welcome` with `max_datagram`, and passed on only to a client that said `offload` |
+//!
+//! An end sends super-packets into a session when its own `hello` said `offload`, its
+//! `welcome` had `max_datagram`, and the other end's flag arrived (`session_open` at the site,
+//! `session_opened` at the client); then only those whose message fits `max_datagram`. Every
+//! other packet is cut into MTU-size segments before encryption. A field absent (a peer that
+//! predates it) reads as false or none (`#[serde(default)]`): no offload. An end that did not
+//! announce offload drops a trailer as a malformed packet (`bad-offload`).
+//!
+//! Every message is `deny_unknown_fields`, in old builds too: an old gateway refuses a `hello`
+//! with `offload`, so an end of this build needs a gateway of this build or later (upgrade the
+//! gateway first). The gateway, having read each peer's `hello`, never sends a field its peer
+//! did not announce ([`Message::for_peer`]), so old clients and sites keep working with a new
+//! gateway, without offload.
 
 use std::net::Ipv4Addr;
 
@@ -103,6 +130,11 @@ pub enum Message {
         boot_id: Option<String>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         agents: Vec<Agent>,
+        /// This end takes super-packets with the offload trailer and reads the offload fields
+        /// of `welcome`, `session_open` and `session_opened` (module documentation). Absent
+        /// (false) from peers that predate offload, and sent only when true.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        offload: bool,
     },
     Enroll {
         token: String,
@@ -128,6 +160,11 @@ pub enum Message {
         /// predate it read every other welcome unchanged.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         forbid_remembered_password: bool,
+        /// The largest WireGuard message, in bytes, the gateway relays in a data frame (its
+        /// trailer and WireGuard's overhead included): the gateway takes super-packets. Sent
+        /// only to a peer whose `hello` said `offload`; absent means no super-packets.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_datagram: Option<u32>,
     },
     List,
     Inventory {
@@ -151,12 +188,21 @@ pub enum Message {
         key: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tunnel_ip: Option<Ipv4Addr>,
+        /// Gateway → site: the technician's client takes super-packets (its `hello` said
+        /// `offload`). Sent only when true, and only to a site whose `hello` said `offload`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        offload: bool,
     },
     SessionOpened {
         session: u32,
         /// The site's WireGuard public key: 64 hex digits.
         key: String,
         agent: Agent,
+        /// The site takes super-packets on this session. Sent only when true, by a site that
+        /// said `offload` and got `max_datagram`; the gateway passes it on only to a client
+        /// whose `hello` said `offload`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        offload: bool,
     },
     SessionRefused {
         session: u32,
@@ -189,6 +235,22 @@ impl Message {
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(bytes)
+    }
+
+    /// The message as a peer may receive it: without the offload fields (module documentation)
+    /// if the peer's `hello` did not say `offload` (`peer_offload` false), so that a peer that
+    /// predates them, whose parser refuses unknown fields, reads it.
+    pub fn for_peer(mut self, peer_offload: bool) -> Self {
+        if !peer_offload {
+            match &mut self {
+                Message::Hello { offload, .. }
+                | Message::SessionOpen { offload, .. }
+                | Message::SessionOpened { offload, .. } => *offload = false,
+                Message::Welcome { max_datagram, .. } => *max_datagram = None,
+                _ => {}
+            }
+        }
+        self
     }
 
     /// The `type` tag, for logs.
@@ -234,6 +296,7 @@ mod tests {
                 "192.168.0.10".parse().expect("ip"),
                 [],
             )],
+            offload: false,
         };
         let json = String::from_utf8(m.to_json()).expect("utf8");
         assert!(
@@ -268,6 +331,7 @@ mod tests {
             tunnel_ip: Some("100.64.0.2".parse().expect("ip")),
             inventory: None,
             forbid_remembered_password: false,
+            max_datagram: None,
         };
         assert_eq!(allowed.to_json(), old.to_vec());
         let forbidden = Message::Welcome {
@@ -275,6 +339,7 @@ mod tests {
             tunnel_ip: None,
             inventory: None,
             forbid_remembered_password: true,
+            max_datagram: None,
         };
         let json = forbidden.to_json();
         assert!(
@@ -283,6 +348,46 @@ mod tests {
             String::from_utf8_lossy(&json)
         );
         assert_eq!(Message::from_json(&json).expect("parse"), forbidden);
+    }
+
+    /// What peers that predate offload send (their exact JSON) reads as no offload, and what
+    /// is sent without offload is byte for byte what they send, so they read it.
+    #[test]
+    fn messages_of_peers_that_predate_offload_read_as_no_offload() {
+        let old: [&[u8]; 4] = [
+            br#"{"type":"hello","role":"technician","version":1,"software":"0.1.0","heartbeat_secs":15}"#,
+            br#"{"type":"welcome","name":"alice","tunnel_ip":"100.64.0.2"}"#,
+            br#"{"type":"session_open","session":7,"site":"s","agent":"plc","key":"ab","tunnel_ip":"100.64.0.2"}"#,
+            br#"{"type":"session_opened","session":7,"key":"ab","agent":{"name":"plc","type":"siemens-s7","address":"192.168.0.10","ports":[{"transport":"tcp","port":102}]}}"#,
+        ];
+        for json in old {
+            let m = Message::from_json(json).expect("an old message");
+            match &m {
+                Message::Hello { offload, .. }
+                | Message::SessionOpen { offload, .. }
+                | Message::SessionOpened { offload, .. } => assert!(!offload),
+                Message::Welcome { max_datagram, .. } => assert_eq!(*max_datagram, None),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(m.to_json(), json.to_vec(), "{}", String::from_utf8_lossy(json));
+        }
+        // With offload: the fields are there, and read back.
+        let new = [
+            br#"{"type":"hello","role":"site","version":1,"software":"0.1.0","heartbeat_secs":15,"offload":true}"#.to_vec(),
+            br#"{"type":"welcome","name":"s","max_datagram":65614}"#.to_vec(),
+            br#"{"type":"session_open","session":7,"site":"s","agent":"plc","key":"ab","offload":true}"#.to_vec(),
+        ];
+        for json in new {
+            let m = Message::from_json(&json).expect("a new message");
+            assert_eq!(m.to_json(), json);
+            // For a peer that did not announce offload: the old form, which old peers parse.
+            let plain = m.for_peer(false).to_json();
+            let text = String::from_utf8_lossy(&plain).into_owned();
+            assert!(
+                !text.contains("offload") && !text.contains("max_datagram"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -23,6 +23,11 @@ pub enum SiteEvent {
         agent: String,
         key: String,
         tunnel_ip: Option<Ipv4Addr>,
+        /// `Some(max_datagram)`: this site, the gateway and the technician's client all
+        /// announced offload (see [`crate::message`]), so super-packets may go into the
+        /// session's tunnel in WireGuard messages of up to that many bytes. `None`: MTU-size
+        /// packets only.
+        offload: Option<u32>,
     },
     SessionClose {
         session: u32,
@@ -43,6 +48,9 @@ pub struct SiteHello {
     pub boot_id: String,
     pub heartbeat: Duration,
     pub agents: Vec<Agent>,
+    /// Say in `hello` that this site takes super-packets (see [`crate::message`]); false
+    /// behaves as a site that predates offload.
+    pub offload: bool,
 }
 
 /// Sans-IO site link; see [`crate::link`] for the calling contract.
@@ -53,11 +61,16 @@ pub struct SiteCore {
     welcomed: bool,
     events: VecDeque<SiteEvent>,
     datagrams: DatagramPool,
+    /// This site's `hello` said `offload`.
+    offload: bool,
+    /// The gateway's `max_datagram` (its `welcome`): it relays super-packets.
+    max_datagram: Option<u32>,
 }
 
 impl SiteCore {
     /// A running link of an enrolled site; the `hello` is queued at once.
     pub fn new(now: Instant, hello: SiteHello) -> Self {
+        let offload = hello.offload;
         let mut link = Link::new(now, hello.heartbeat);
         link.send(
             &Message::Hello {
@@ -67,6 +80,7 @@ impl SiteCore {
                 heartbeat_secs: u32::try_from(link.heartbeat().as_secs()).unwrap_or(u32::MAX),
                 boot_id: Some(hello.boot_id),
                 agents: hello.agents,
+                offload: hello.offload,
             },
             now,
         );
@@ -76,6 +90,8 @@ impl SiteCore {
             welcomed: false,
             events: VecDeque::new(),
             datagrams: DatagramPool::default(),
+            offload,
+            max_datagram: None,
         }
     }
 
@@ -96,6 +112,8 @@ impl SiteCore {
             welcomed: false,
             events: VecDeque::new(),
             datagrams: DatagramPool::default(),
+            offload: false,
+            max_datagram: None,
         }
     }
 
@@ -139,8 +157,9 @@ impl SiteCore {
                     _ => self.close(CloseReason::Protocol("enrolled: bad hex".into())),
                 }
             }
-            Message::Welcome { .. } if !self.enrolling && !self.welcomed => {
+            Message::Welcome { max_datagram, .. } if !self.enrolling && !self.welcomed => {
                 self.welcomed = true;
+                self.max_datagram = max_datagram.filter(|_| self.offload);
                 self.events.push_back(SiteEvent::Welcomed);
             }
             Message::SessionOpen {
@@ -148,6 +167,7 @@ impl SiteCore {
                 agent,
                 key,
                 tunnel_ip,
+                offload,
                 ..
             } if self.welcomed => {
                 self.events.push_back(SiteEvent::SessionOpen {
@@ -155,6 +175,7 @@ impl SiteCore {
                     agent,
                     key,
                     tunnel_ip,
+                    offload: self.max_datagram.filter(|_| offload),
                 });
             }
             Message::SessionClose {
@@ -197,6 +218,8 @@ impl SiteCore {
                 session,
                 key: key.into(),
                 agent,
+                // Only through a gateway that relays super-packets (and so reads the field).
+                offload: self.max_datagram.is_some(),
             },
             now,
         );
