@@ -151,6 +151,7 @@ impl Sim {
                 boot_id: "boot-1".into(),
                 heartbeat: SITE_HEARTBEAT,
                 agents: vec![plc()],
+                offload: true,
             },
         );
         self.add(Peer::Site(site), Role::Site, name, serial)
@@ -391,7 +392,7 @@ fn login_inventory_session_relay_and_close() {
     assert_eq!(inv.len(), 1, "plant-z is in an ungranted domain: {inv:?}");
     assert_eq!((inv[0].name.as_str(), inv[0].online), ("plant-a", true));
     assert!(sim.conns[c].client_events.iter().any(|e| matches!(e,
-        ClientEvent::SessionOpened { session: 1, agent, key } if *agent == plc() && *key == *SITE_KEY)));
+        ClientEvent::SessionOpened { session: 1, agent, key, offload: Some(pinhole_proto::gateway::MAX_DATAGRAM) } if *agent == plc() && *key == *SITE_KEY)));
 
     // Data both ways, through the hub's relay table.
     let now = sim.now;

@@ -453,6 +453,7 @@ async fn site_link(
             boot_id: "load".into(),
             heartbeat: IDLE_HEARTBEAT,
             agents: vec![agent.clone()],
+            offload: true,
         },
     );
     let mut tick = tokio::time::interval(DATA_EVERY);

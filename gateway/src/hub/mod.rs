@@ -231,6 +231,10 @@ struct Link<H> {
     /// A site link that left a session request unanswered: it is being ended, and takes no
     /// more requests.
     suspect: bool,
+    /// The peer's `hello` said `offload`: it takes super-packets (`pinhole_proto::message`).
+    /// A technician's flag goes to the site in `session_open`; the link's own core keeps any
+    /// offload field from a peer that did not announce it.
+    offload: bool,
 }
 
 impl<H> Link<H> {
@@ -466,6 +470,7 @@ impl<H: Clone> Hub<H> {
                 requests: (now, 0),
                 alarms: (now, 0),
                 suspect: false,
+                offload: false,
             },
         );
         Some(auth)
@@ -510,7 +515,13 @@ impl<H: Clone> Hub<H> {
             return out;
         };
         match (auth, event) {
-            (PeerAuth::Technician(name), GatewayEvent::TechnicianHello { software }) => {
+            (
+                PeerAuth::Technician(name),
+                GatewayEvent::TechnicianHello { software, offload },
+            ) => {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.offload = offload;
+                }
                 self.technician_hello(registry, link, &name, &software, &mut out);
             }
             (
@@ -638,8 +649,11 @@ impl<H: Clone> Hub<H> {
                     session,
                     key,
                     agent,
+                    offload,
                 },
-            ) => self.session_opened(registry, link, &site, session, key, &agent, &mut out),
+            ) => self.session_opened(
+                registry, link, &site, session, key, &agent, offload, &mut out,
+            ),
             (PeerAuth::Site(site), GatewayEvent::SessionRefused { session, reason }) => {
                 self.session_refused(registry, link, &site, session, &reason, &mut out);
             }
@@ -991,6 +1005,7 @@ impl<H: Clone> Hub<H> {
             return refuse(registry, out, no_answer(site));
         }
         let tunnel_ip = client.account.as_ref().map(|a| a.tunnel_ip);
+        let client_offload = client.offload;
         let (ch, sh) = (client.handle.clone(), site_l.handle.clone());
         let gsid = match self.relay.request(
             account,
@@ -1022,6 +1037,9 @@ impl<H: Clone> Hub<H> {
                 agent: agent.into(),
                 key: key.into(),
                 tunnel_ip,
+                // The technician's word; the site's core drops it for a site that did not
+                // announce offload.
+                offload: client_offload,
             }),
         });
         self.awaiting
@@ -1130,6 +1148,7 @@ impl<H: Clone> Hub<H> {
         gsid: u32,
         key: String,
         agent: &Agent,
+        offload: bool,
         out: &mut Vec<Command>,
     ) {
         // Only an agent this site was asked for, on this session.
@@ -1195,6 +1214,9 @@ impl<H: Clone> Hub<H> {
                         session: client_sid,
                         key,
                         agent: a,
+                        // The site's word; the client's core drops it for a client that
+                        // did not announce offload.
+                        offload,
                     }),
                 });
             }

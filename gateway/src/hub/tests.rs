@@ -114,17 +114,24 @@ impl World {
                 boot_id: "b1".into(),
                 agents,
                 heartbeat: Duration::from_secs(10),
+                offload: false,
             },
         )
     }
 
     fn alice_in(&mut self, link: LinkId) -> Vec<Command> {
+        self.alice_in_with(link, false)
+    }
+
+    /// alice logs in; `offload`: her client's `hello` said it takes super-packets.
+    fn alice_in_with(&mut self, link: LinkId, offload: bool) -> Vec<Command> {
         self.connect(link, Role::Technician, "alice", &ALICE_SERIAL)
             .expect("alice auth");
         self.event(
             link,
             GatewayEvent::TechnicianHello {
                 software: "1.0".into(),
+                offload,
             },
         )
     }
@@ -152,6 +159,51 @@ impl World {
     }
 }
 
+/// The hub passes each end's offload word to the other: the technician's in `session_open`,
+/// the site's in `session_opened` (each link's core then drops it for a peer that did not
+/// announce offload).
+#[test]
+fn each_ends_offload_word_goes_to_the_other_end() {
+    for (client, site) in [(true, true), (true, false), (false, true), (false, false)] {
+        let mut w = World::new();
+        w.site_online(2, vec![plc()]);
+        w.alice_in_with(1, client);
+        let cmds = w.event(
+            1,
+            GatewayEvent::SessionOpen {
+                session: 5,
+                site: "plant-a".into(),
+                agent: "plc".into(),
+                key: "c1".repeat(32),
+            },
+        );
+        let [Command::Send { link: 2, message }] = cmds.as_slice() else {
+            panic!("{cmds:?}")
+        };
+        let Message::SessionOpen {
+            session, offload, ..
+        } = &**message
+        else {
+            panic!("{message:?}")
+        };
+        assert_eq!(*offload, client);
+        let cmds = w.event(
+            2,
+            GatewayEvent::SessionOpened {
+                session: *session,
+                key: "5e".repeat(32),
+                agent: plc(),
+                offload: site,
+            },
+        );
+        assert!(
+            matches!(cmds.as_slice(), [Command::Send { link: 1, message }]
+                if matches!(&**message, Message::SessionOpened { offload, .. } if *offload == site)),
+            "{cmds:?}"
+        );
+    }
+}
+
 #[test]
 fn a_session_opens_with_the_registered_agent_and_relays() {
     let mut w = World::new();
@@ -162,6 +214,7 @@ fn a_session_opens_with_the_registered_agent_and_relays() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     assert!(
@@ -213,6 +266,7 @@ fn a_site_confirming_another_address_is_refused() {
             session: gsid,
             key: "5e".repeat(32),
             agent: forged,
+            offload: false,
         },
     );
     assert!(
@@ -276,6 +330,7 @@ fn a_session_that_cannot_be_recorded_is_refused() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     assert!(
@@ -410,6 +465,7 @@ fn withdrawing_a_grant_ends_the_session_and_account_close_the_link() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     w.store
@@ -447,6 +503,7 @@ fn a_reissued_certificate_ends_the_old_bundles_link() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     w.store
@@ -506,6 +563,7 @@ fn inventory_updates_only_for_concerned_technicians() {
         4,
         GatewayEvent::TechnicianHello {
             software: "1".into(),
+            offload: false,
         },
     );
     let _ = w.site_online(2, vec![plc()]);
@@ -537,6 +595,7 @@ fn an_admin_sees_live_sessions_with_their_bytes() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     let _ = w.hub.route(1, 5, 100);
@@ -803,6 +862,7 @@ fn an_answered_request_sets_off_nothing_when_its_deadline_passes() {
             session: gsid,
             key: "5e".repeat(32),
             agent: plc(),
+            offload: false,
         },
     );
     assert!(!cmds.is_empty());
