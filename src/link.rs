@@ -486,12 +486,13 @@ impl Handler for ClientLink<'_> {
                 session,
                 key,
                 agent,
+                offload,
             } => {
                 let now = Instant::now();
                 let name = agent.name.clone();
                 let result = self
                     .plane
-                    .opened(session, &key, agent)
+                    .opened(session, &key, agent, offload)
                     .await
                     .map_err(|e| e.to_string());
                 self.plane.flush(core, now).await;

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use pinhole_adapter::tun::Tun;
 use pinhole_adapter::wg::{Keypair, Peer};
-use pinhole_adapter::{Dest, Engine, Side, TunnelId};
+use pinhole_adapter::{Dest, Engine, Side, TunnelId, TunnelOffload};
 use pinhole_proto::{Agent, ClientCore};
 use pinhole_routes::Routes;
 use tracing::{debug, info, warn};
@@ -240,11 +240,14 @@ impl Plane {
 
     /// The site's answer for an agent: it must be exactly the agent asked for. Then the tunnel,
     /// the engine's rules, the host route (once per device).
+    /// `offload`: what the session agreed about super-packets (`ClientEvent::SessionOpened`),
+    /// set on the tunnel when it is made.
     pub async fn opened(
         &mut self,
         sid: u32,
         site_key: &str,
         agent: Agent,
+        offload: Option<u32>,
     ) -> Result<String, ConnectError> {
         let t = self.tunnels.get_mut(&sid).ok_or(ConnectError::NoSession)?;
         let Some(asked) = t.pending.remove(&agent.name) else {
@@ -273,6 +276,18 @@ impl Plane {
                 engine
                     .add_tunnel(id, peer, None)
                     .map_err(|_| ConnectError::NoSession)?;
+                // This client's `hello` said `offload` (`ClientCore::new`), so it takes
+                // super-packets; it sends them only where the site and the gateway agreed.
+                engine
+                    .set_tunnel_offload(
+                        id,
+                        TunnelOffload {
+                            send: offload.map(|max| max as usize),
+                            receive: true,
+                        },
+                    )
+                    .map_err(|_| ConnectError::NoSession)?;
+                debug!(session = sid, offload = ?offload, "tunnel offload agreed");
                 // Start the handshake now: the first packet then finds the tunnel ready.
                 engine.initiate(id);
                 t.site_key = Some(site_key.to_owned());
@@ -566,7 +581,7 @@ mod tests {
         let forged = plc("192.0.2.99");
         let key = Keypair::from_secret([3; 32]).public_hex();
         let e = rt
-            .block_on(p.opened(sid, &key, forged))
+            .block_on(p.opened(sid, &key, forged, None))
             .expect_err("forged");
         assert!(matches!(e, ConnectError::NotAsked { .. }), "{e}");
         assert!(e.to_string().contains("192.0.2.10"), "{e}");
@@ -574,6 +589,6 @@ mod tests {
         p.request(sid, &plc("192.0.2.10")).expect("request");
         let mut other = plc("192.0.2.10");
         other.name = "other".into();
-        assert!(rt.block_on(p.opened(sid, &key, other)).is_err());
+        assert!(rt.block_on(p.opened(sid, &key, other, None)).is_err());
     }
 }

@@ -557,6 +557,7 @@ impl SiteAgent {
             boot_id: boot_id(),
             heartbeat: self.config.heartbeat,
             agents: self.config.agents.clone(),
+            offload: self.config.offload,
         };
         let mut core = SiteCore::new(Instant::now(), hello);
         let span = tracing::info_span!("link", gateway = %dialed.address);
@@ -623,6 +624,7 @@ impl SiteAgent {
         agent: &str,
         key: &str,
         tunnel_ip: Option<std::net::Ipv4Addr>,
+        offload: Option<u32>,
     ) {
         let now = Instant::now();
         let Some(a) = self.config.agents.iter().find(|a| a.name == agent).cloned() else {
@@ -643,6 +645,11 @@ impl SiteAgent {
             key,
             tunnel_ip.into(),
             pinhole_certs::random::<32>(),
+            // What this site announced, and what the client and the gateway agreed to.
+            pinhole_adapter::TunnelOffload {
+                send: offload.map(|max| max as usize),
+                receive: self.config.offload,
+            },
         ) {
             Ok(site_key) => {
                 info!(session, agent = %a.name, device = %a.address, "session opened");
@@ -819,10 +826,11 @@ impl Handler for SiteLink<'_> {
                 agent: name,
                 key,
                 tunnel_ip,
+                offload,
             } => {
                 let span = tracing::info_span!("session", session);
                 tracing::Instrument::instrument(
-                    agent.open_session(core, session, &name, &key, tunnel_ip),
+                    agent.open_session(core, session, &name, &key, tunnel_ip, offload),
                     span,
                 )
                 .await;

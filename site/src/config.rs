@@ -6,6 +6,7 @@
 //! token = "…@sha256:…"            # from `site-token create`; remove it after enrollment
 //! device_interface = "eth1"      # the interface towards the machines
 //! heartbeat = "10m"              # default 10m
+//! offload = true                 # default true: take GSO super-packets (see below)
 //!
 //! [switch]                       # optional "remote access allowed" input
 //! path = "/sys/class/gpio/gpio17/value"
@@ -29,6 +30,11 @@
 //!
 //! Unknown keys, bad addresses and bad ports are refused with an error that names the key and
 //! the value.
+//!
+//! `offload = false` makes the site announce no offload to the gateway (its `hello` then reads
+//! as one from a site that predates offload): technicians send it MTU-size packets only, and a
+//! super-packet's trailer that arrives anyway is dropped (`pinhole_proto::message`, offload
+//! negotiation).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -109,6 +115,7 @@ struct RawConfig {
     token: Option<String>,
     device_interface: Option<String>,
     heartbeat: Option<String>,
+    offload: Option<bool>,
     switch: Option<RawSwitch>,
     light: Option<RawLight>,
     proxy: Option<RawProxy>,
@@ -202,6 +209,8 @@ pub struct Config {
     pub token: Option<EnrollmentToken>,
     pub device_interface: Option<IfName>,
     pub heartbeat: Duration,
+    /// Announce offload (take GSO super-packets with their trailer); default true.
+    pub offload: bool,
     pub switch: Option<Switch>,
     pub light: Option<Light>,
     /// The corporate proxy the link goes through, if any.
@@ -379,6 +388,7 @@ impl Config {
             token,
             device_interface,
             heartbeat,
+            offload: raw.offload.unwrap_or(true),
             switch,
             light,
             proxy,
@@ -427,6 +437,10 @@ ports = ["tcp/8080", "udp/161"]
         assert_eq!(c.name, "plant-a");
         assert_eq!(c.gateways.len(), 2);
         assert_eq!(c.heartbeat, Duration::from_secs(30));
+        assert!(c.offload, "offload is announced unless switched off");
+        let off = Config::parse(&format!("offload = false\n{GOOD}"), Path::new("site.toml"))
+            .expect("offload = false");
+        assert!(!off.offload);
         assert_eq!(c.agents[0].ports_text(), "tcp/102");
         assert_eq!(c.agents[1].ports_text(), "tcp/8080,udp/161");
         assert_eq!(

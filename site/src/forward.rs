@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use pinhole_adapter::tun::Tun;
 use pinhole_adapter::wg::{Keypair, Peer};
-use pinhole_adapter::{Engine, Side, Transmit, TunOffload, TunnelId};
+use pinhole_adapter::{Engine, Side, Transmit, TunOffload, TunnelId, TunnelOffload};
 use pinhole_proto::Agent;
 
 use crate::firewall::Policy;
@@ -62,7 +62,8 @@ impl Forwarder {
     }
 
     /// Opens a session (or adds `agent` to it). `secret` seeds a fresh WireGuard key for a new
-    /// session. Returns the site's public key.
+    /// session; `offload` is what the session agreed about super-packets, set on a new
+    /// session's tunnel. Returns the site's public key.
     pub fn open(
         &mut self,
         session: u32,
@@ -70,6 +71,7 @@ impl Forwarder {
         client_key: &str,
         tunnel_ip: IpAddr,
         secret: [u8; 32],
+        offload: TunnelOffload,
     ) -> Result<String, OpenError> {
         let id = TunnelId(session);
         if let Some(s) = self.sessions.get_mut(&session) {
@@ -84,6 +86,7 @@ impl Forwarder {
         let keys = Keypair::from_secret(secret);
         let peer = Peer::new(&keys, client_key, session).map_err(|_| OpenError::BadKey)?;
         self.engine.add_tunnel(id, peer, Some(tunnel_ip))?;
+        self.engine.set_tunnel_offload(id, offload)?;
         if let Err(e) = self
             .engine
             .connect(id, &agent.name, agent.address, agent.ports.clone())
