@@ -203,6 +203,10 @@ pub struct SuperPackets {
     pub received: u64,
     /// Their bytes (whole IP packets).
     pub received_bytes: u64,
+    /// Read from the TUN and cut into MTU-size packets before encryption: the site or the
+    /// gateway did not announce offload (absent from daemons that predate it).
+    #[serde(default)]
+    pub split: u64,
 }
 
 /// What a connected device's agents refused: the technician's tools got a RST or an ICMP

@@ -515,6 +515,7 @@ impl Plane {
                         sent_bytes: o.sent_bytes,
                         received: o.received,
                         received_bytes: o.received_bytes,
+                        split: o.split,
                     },
                     passed,
                     answered,

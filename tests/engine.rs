@@ -248,6 +248,62 @@ fn bulk_tcp_arrives_intact_both_ways_with_offload() {
     assert!(dropped.get("bad-offload").is_none(), "{dropped}");
 }
 
+/// A site that announces no offload (`offload = false` in its `site.toml`, as a site that
+/// predates offload): the technician's engine cuts every super-packet its kernel makes into
+/// MTU-size packets before encryption, and every byte still arrives, both ways.
+#[test]
+#[ignore = "needs root"]
+fn a_site_without_offload_gets_mtu_packets_and_every_byte() {
+    let dir = tempfile::tempdir().expect("dir");
+    let options = common::netns::Options {
+        site_config: "offload = false\n".into(),
+        ..Default::default()
+    };
+    let mut sys = System::start_with(dir.path(), &options, |_| {});
+    let alice = sys.technician("tech", "alice", "acme");
+    alice.ok(&["connect", "plant-a/press-4-plc"]);
+    alice.ok(&["connect", "plant-a/press-4-modbus"]);
+    // Technician → device: 2 MB (the kernel makes super-packets of it), digest checked.
+    assert_eq!(sys.lab.tcp_check("tech", PLC, 2_000_000, 30.0), "OK");
+    // Device → technician and back (the echo on tcp/502): 200 KB, digests compared.
+    let script = dir.path().join("echo_check.py");
+    std::fs::write(&script, ECHO_CHECK).expect("script");
+    let out = sys.lab.exec(
+        "tech",
+        &[
+            "/usr/bin/python3",
+            script.to_str().expect("utf8"),
+            PLC,
+            "200000",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK",
+        "{}",
+        common::text(&out)
+    );
+    // The client cut its super-packets and sent none whole.
+    let status = alice.status();
+    let sp = &status["filter"]["super_packets"];
+    assert_eq!(sp["sent"], 0, "{sp}");
+    assert!(sp["split"].as_u64().unwrap_or(0) > 0, "{sp}");
+    assert!(
+        status["filter"]["dropped"].get("bad-offload").is_none(),
+        "{status}"
+    );
+    // The site received no trailer, so none was refused, and no super-packet came whole.
+    alice.ok(&["disconnect", "--all"]);
+    assert!(
+        wait_until(T, || sys.log("plant-a.log").contains("data plane counters")),
+        "{}",
+        sys.log("plant-a.log")
+    );
+    let log = sys.log("plant-a.log");
+    assert!(!log.contains("bad-offload"), "{log}");
+    assert!(log.contains("super_received=0"), "{log}");
+}
+
 /// Relays one connection at a time from a UNIX socket (not namespaced: the test reaches it
 /// from outside) to the gateway, from inside the technician's namespace.
 const RELAY: &str = r#"

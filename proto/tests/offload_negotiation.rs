@@ -50,7 +50,7 @@ fn negotiate(client_offload: bool, site_offload: bool) -> (Option<u32>, Option<u
     ));
     gc.welcome("alice", Some("100.64.0.2".parse().expect("ip")), None, false, now);
     gs.welcome("plant-a", None, None, false, now);
-    let mut flush = |gw: &mut GatewayCore, wire: &mut Vec<u8>| -> Vec<Vec<u8>> {
+    let flush = |gw: &mut GatewayCore, wire: &mut Vec<u8>| -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(b) = gw.poll_transmit() {
             wire.extend_from_slice(&b);

@@ -143,6 +143,7 @@ impl Forwarder {
             super_sent_bytes = o.sent_bytes,
             super_received = o.received,
             super_received_bytes = o.received_bytes,
+            super_split = o.split,
             "data plane counters (all sessions)"
         );
     }

@@ -242,14 +242,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             let sp = &s.filter.super_packets;
-            if sp.sent + sp.received > 0 {
+            if sp.sent + sp.received + sp.split > 0 {
                 let avg = |bytes: u64, n: u64| bytes.checked_div(n).unwrap_or(0);
                 println!(
-                    "offload:     {} super-packets sent (avg {} B), {} received (avg {} B)",
+                    "offload:     {} super-packets sent (avg {} B), {} received (avg {} B), {} cut for a peer without offload",
                     sp.sent,
                     avg(sp.sent_bytes, sp.sent),
                     sp.received,
-                    avg(sp.received_bytes, sp.received)
+                    avg(sp.received_bytes, sp.received),
+                    sp.split
                 );
             }
             for r in &s.refused {
