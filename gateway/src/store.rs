@@ -104,6 +104,52 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Every column a migration may add, as (table, column): SQLite cannot bind identifiers, so
+/// [`add_column_if_missing`] puts names into its `ALTER TABLE` only from this list.
+const ADDED_COLUMNS: &[(&str, &str)] = &[
+    ("sites", "revoked"),
+    ("sites", "switched_off"),
+    ("accounts", "expires"),
+    ("accounts", "forbid_remembered_password"),
+    ("accounts", "domain"),
+    ("tokens", "site"),
+    ("admins", "role"),
+    ("admins", "domain"),
+    ("admins", "totp_secret"),
+    ("admins", "totp_last_step"),
+    ("admins", "closed"),
+];
+
+/// Adds `column` with `declaration` (its type and constraints, say `INTEGER NOT NULL
+/// DEFAULT 0`) to `table` unless the table has it already (SQLite's `pragma_table_info`): the
+/// one migration step of the schema upgrades. The names must be a pair of [`ADDED_COLUMNS`]
+/// and the declaration a constant of the code, so no SQL is built from input; another pair is
+/// [`StoreError::Invalid`] and changes nothing. Returns whether the column was added.
+pub(crate) fn add_column_if_missing(
+    conn: &Connection,
+    table: &'static str,
+    column: &'static str,
+    declaration: &'static str,
+) -> Result<bool> {
+    if !ADDED_COLUMNS.contains(&(table, column)) {
+        return Err(StoreError::Invalid(format!(
+            "{table}.{column} is not a column a migration adds"
+        )));
+    }
+    let has: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get(0),
+    )?;
+    if has {
+        return Ok(false);
+    }
+    conn.execute_batch(&format!(
+        "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+    ))?;
+    Ok(true)
+}
+
 pub fn now_rfc3339() -> String {
     rfc3339(OffsetDateTime::now_utc())
 }
@@ -322,55 +368,22 @@ impl Store {
         self
     }
 
-    /// Brings a database created by an older gateway to the current schema.
+    /// Brings a database created by an older gateway to the current schema: each column
+    /// added since the first schema, if missing ([`add_column_if_missing`]).
     fn upgrade(conn: &Connection) -> Result<()> {
-        let has_revoked: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('sites') WHERE name = 'revoked'",
-            [],
-            |r| r.get(0),
+        // Sites and accounts stored before a column existed read as its default: not revoked,
+        // no expiry shown until re-issued, a token for any site, switched on, a remembered
+        // password allowed.
+        add_column_if_missing(conn, "sites", "revoked", "TEXT")?;
+        add_column_if_missing(conn, "accounts", "expires", "TEXT")?;
+        add_column_if_missing(conn, "tokens", "site", "TEXT")?;
+        add_column_if_missing(conn, "sites", "switched_off", "INTEGER NOT NULL DEFAULT 0")?;
+        add_column_if_missing(
+            conn,
+            "accounts",
+            "forbid_remembered_password",
+            "INTEGER NOT NULL DEFAULT 0",
         )?;
-        if !has_revoked {
-            conn.execute_batch("ALTER TABLE sites ADD COLUMN revoked TEXT")?;
-        }
-        let has_expires: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('accounts') WHERE name = 'expires'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_expires {
-            // Accounts created before the column existed show no expiry until re-issued.
-            conn.execute_batch("ALTER TABLE accounts ADD COLUMN expires TEXT")?;
-        }
-        let has_token_site: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('tokens') WHERE name = 'site'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_token_site {
-            conn.execute_batch("ALTER TABLE tokens ADD COLUMN site TEXT")?;
-        }
-        let has_switch: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('sites') WHERE name = 'switched_off'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_switch {
-            conn.execute_batch(
-                "ALTER TABLE sites ADD COLUMN switched_off INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
-        let has_forbid: bool = conn.query_row(
-            "SELECT count(*) FROM pragma_table_info('accounts') WHERE name = 'forbid_remembered_password'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_forbid {
-            // Accounts stored before the column existed allow a remembered password, as the
-            // default does.
-            conn.execute_batch(
-                "ALTER TABLE accounts ADD COLUMN forbid_remembered_password INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
         crate::portal::admins::upgrade(conn)?;
         Ok(())
     }
@@ -1616,6 +1629,58 @@ mod tests {
         assert!(s.remove_site(&ADMIN, "s1").is_err());
         assert!(!s.site_revoked("s1").expect("state"));
         assert!(s.revoked().expect("revoked").is_empty());
+    }
+
+    /// The one migration step: adds a listed column once, and refuses any other name without
+    /// touching the database.
+    #[test]
+    fn a_column_is_added_once_and_only_from_the_list() {
+        let c = Connection::open_in_memory().expect("open");
+        c.execute_batch("CREATE TABLE sites (name TEXT); CREATE TABLE tokens (hash BLOB);")
+            .expect("old tables");
+        let columns = |table: &str| -> Vec<String> {
+            let mut q = c
+                .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
+                .expect("q");
+            q.query_map([table], |r| r.get(0))
+                .expect("rows")
+                .collect::<rusqlite::Result<_>>()
+                .expect("names")
+        };
+        assert!(
+            add_column_if_missing(&c, "sites", "switched_off", "INTEGER NOT NULL DEFAULT 0")
+                .expect("added")
+        );
+        assert!(
+            !add_column_if_missing(&c, "sites", "switched_off", "INTEGER NOT NULL DEFAULT 0")
+                .expect("there already")
+        );
+        assert_eq!(columns("sites"), ["name", "switched_off"]);
+        for (table, column) in [
+            ("sites", "evil"),
+            ("tokens", "revoked"),
+            ("sites; DROP TABLE tokens; --", "revoked"),
+            ("sites", "x TEXT; DROP TABLE tokens; --"),
+        ] {
+            let e = add_column_if_missing(&c, table, column, "TEXT").expect_err(column);
+            assert!(matches!(e, StoreError::Invalid(_)), "{e}");
+        }
+        assert_eq!(columns("sites"), ["name", "switched_off"]);
+        assert_eq!(columns("tokens"), ["hash"]);
+        // Every listed pair names a table of the schema.
+        let full = Connection::open_in_memory().expect("open");
+        full.execute_batch(SCHEMA).expect("schema");
+        crate::portal::admins::upgrade(&full).expect("portal");
+        for (table, _) in ADDED_COLUMNS {
+            let n: i64 = full
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )
+                .expect("count");
+            assert_eq!(n, 1, "{table}");
+        }
     }
 
     #[test]

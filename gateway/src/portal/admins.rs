@@ -36,38 +36,15 @@ CREATE INDEX IF NOT EXISTS login_failures_key ON login_failures (scope, key, at)
 ";
 
 /// Brings `admins` and `accounts` to the portal's columns.
-pub(crate) fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+pub(crate) fn upgrade(conn: &Connection) -> crate::store::Result<()> {
+    use crate::store::add_column_if_missing;
     conn.execute_batch(SCHEMA)?;
-    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
-        conn.query_row(
-            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
-            params![table, column],
-            |r| r.get(0),
-        )
-    };
-    for (column, ddl) in [
-        (
-            "role",
-            "ALTER TABLE admins ADD COLUMN role TEXT NOT NULL DEFAULT 'gateway'",
-        ),
-        ("domain", "ALTER TABLE admins ADD COLUMN domain TEXT"),
-        (
-            "totp_secret",
-            "ALTER TABLE admins ADD COLUMN totp_secret BLOB",
-        ),
-        (
-            "totp_last_step",
-            "ALTER TABLE admins ADD COLUMN totp_last_step INTEGER NOT NULL DEFAULT 0",
-        ),
-        ("closed", "ALTER TABLE admins ADD COLUMN closed TEXT"),
-    ] {
-        if !has("admins", column)? {
-            conn.execute_batch(ddl)?;
-        }
-    }
-    if !has("accounts", "domain")? {
-        conn.execute_batch("ALTER TABLE accounts ADD COLUMN domain TEXT")?;
-    }
+    add_column_if_missing(conn, "admins", "role", "TEXT NOT NULL DEFAULT 'gateway'")?;
+    add_column_if_missing(conn, "admins", "domain", "TEXT")?;
+    add_column_if_missing(conn, "admins", "totp_secret", "BLOB")?;
+    add_column_if_missing(conn, "admins", "totp_last_step", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column_if_missing(conn, "admins", "closed", "TEXT")?;
+    add_column_if_missing(conn, "accounts", "domain", "TEXT")?;
     Ok(())
 }
 
