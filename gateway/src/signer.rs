@@ -583,8 +583,26 @@ pub async fn run_signer(
 
 // ---------------------------------------------------------------- the client
 
-/// Asks a signer for certificates (blocking; each read and write on the socket waits at most
-/// [`CALL_TIMEOUT`], and a call takes milliseconds when the signer is up).
+/// Connects to the signer's socket with both timeouts at [`CALL_TIMEOUT`], set *before* the
+/// connect: a Unix stream connect to a listener whose backlog is full (a signer that stopped
+/// accepting) waits for room at most the socket's send timeout (`SO_SNDTIMEO`, Linux
+/// `unix_stream_connect`), then fails with `EAGAIN`, reported as a timeout of the connect.
+fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_write_timeout(Some(CALL_TIMEOUT))?;
+    s.set_read_timeout(Some(CALL_TIMEOUT))?;
+    match s.connect(&socket2::SockAddr::unix(path)?) {
+        Ok(()) => Ok(std::os::fd::OwnedFd::from(s).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect: not accepted within {} s", CALL_TIMEOUT.as_secs()),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// Asks a signer for certificates (blocking; the connect and each read and write on the socket
+/// wait at most [`CALL_TIMEOUT`], and a call takes milliseconds when the signer is up).
 #[derive(Debug, Clone)]
 pub struct SignerClient {
     socket: PathBuf,
@@ -607,9 +625,7 @@ impl SignerClient {
             path: self.socket.display().to_string(),
             source,
         };
-        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).map_err(io)?;
-        s.set_read_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
-        s.set_write_timeout(Some(CALL_TIMEOUT)).map_err(io)?;
+        let mut s = connect(&self.socket).map_err(io)?;
         let body =
             serde_json::to_vec(request).map_err(|e| SignerError::Malformed(e.to_string()))?;
         s.write_all(&frame(&body)).map_err(io)?;
@@ -884,6 +900,37 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A signer that stopped accepting (its backlog full): the connect gives up after
+    /// [`CALL_TIMEOUT`] instead of stalling the gateway's decisions for good.
+    #[test]
+    fn a_connect_to_a_signer_that_does_not_accept_gives_up_in_time() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("signer.sock");
+        let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener
+            .bind(&socket2::SockAddr::unix(&path).expect("addr"))
+            .expect("bind");
+        // A backlog of 0 holds one waiting connection; it never gets accepted.
+        listener.listen(0).expect("listen");
+        let _first = std::os::unix::net::UnixStream::connect(&path).expect("first");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client = SignerClient::new(&path);
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let result = client.ca_certificate();
+            let _ = tx.send((result, started.elapsed()));
+        });
+        let (result, took) = rx
+            .recv_timeout(CALL_TIMEOUT * 5)
+            .expect("the connect to a stuck signer never gave up");
+        let e = result.expect_err("no signer answered");
+        assert!(matches!(e, SignerError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("connect"), "{e}");
+        assert!(took >= CALL_TIMEOUT / 2, "{took:?}");
+        drop(listener);
+    }
 
     fn info() -> GatewayInfo {
         GatewayInfo::new(

@@ -369,7 +369,12 @@ mod tests {
                 Message::Welcome { max_datagram, .. } => assert_eq!(*max_datagram, None),
                 other => panic!("{other:?}"),
             }
-            assert_eq!(m.to_json(), json.to_vec(), "{}", String::from_utf8_lossy(json));
+            assert_eq!(
+                m.to_json(),
+                json.to_vec(),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
         }
         // With offload: the fields are there, and read back.
         let new = [

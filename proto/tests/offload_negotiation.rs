@@ -18,9 +18,13 @@ fn no_data() -> impl FnMut(u32, &[u8]) {
 
 /// What the session grants at the client and at the site, and every byte the gateway sent to
 /// each end.
-fn negotiate(client_offload: bool, site_offload: bool) -> (Option<u32>, Option<u32>, String, String) {
+fn negotiate(
+    client_offload: bool,
+    site_offload: bool,
+) -> (Option<u32>, Option<u32>, String, String) {
     let now = Instant::now();
-    let mut client = ClientCore::with_offload(now, "0.1.0", Duration::from_secs(15), client_offload);
+    let mut client =
+        ClientCore::with_offload(now, "0.1.0", Duration::from_secs(15), client_offload);
     let mut site = SiteCore::new(
         now,
         SiteHello {
@@ -48,7 +52,13 @@ fn negotiate(client_offload: bool, site_offload: bool) -> (Option<u32>, Option<u
         gs.poll_event(),
         Some(GatewayEvent::SiteHello { offload, .. }) if offload == site_offload
     ));
-    gc.welcome("alice", Some("100.64.0.2".parse().expect("ip")), None, false, now);
+    gc.welcome(
+        "alice",
+        Some("100.64.0.2".parse().expect("ip")),
+        None,
+        false,
+        now,
+    );
     gs.welcome("plant-a", None, None, false, now);
     let flush = |gw: &mut GatewayCore, wire: &mut Vec<u8>| -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -65,13 +75,19 @@ fn negotiate(client_offload: bool, site_offload: bool) -> (Option<u32>, Option<u
         client.handle_input(&b, now);
     }
     assert_eq!(site.poll_event(), Some(SiteEvent::Welcomed));
-    assert!(matches!(client.poll_event(), Some(ClientEvent::LoggedIn { .. })));
+    assert!(matches!(
+        client.poll_event(),
+        Some(ClientEvent::LoggedIn { .. })
+    ));
     // The client asks; the hub forwards with the client's flag.
     client.open_session(1, "plant-a", "plc", &"ab".repeat(32), now);
     while let Some(b) = client.poll_transmit() {
         gc.handle_input(&b, now, &mut no_data());
     }
-    assert!(matches!(gc.poll_event(), Some(GatewayEvent::SessionOpen { .. })));
+    assert!(matches!(
+        gc.poll_event(),
+        Some(GatewayEvent::SessionOpen { .. })
+    ));
     gs.send(
         &Message::SessionOpen {
             session: 9,
@@ -179,7 +195,12 @@ fn a_gateway_that_predates_offload_grants_nothing() {
         site.poll_event(),
         Some(SiteEvent::SessionOpen { offload: None, .. })
     ));
-    let agent = Agent::new("plc", AgentType::SiemensS7, "192.168.0.10".parse().expect("ip"), []);
+    let agent = Agent::new(
+        "plc",
+        AgentType::SiemensS7,
+        "192.168.0.10".parse().expect("ip"),
+        [],
+    );
     site.session_opened(9, &"cd".repeat(32), agent, now);
     let sent = site.poll_transmit().expect("session_opened");
     assert!(!String::from_utf8_lossy(&sent).contains("offload"));

@@ -736,7 +736,10 @@ fn a_peer_that_did_not_announce_offload_gets_only_mtu_packets_and_refuses_traile
     assert_eq!(rig.tun_in(&tcp(TECH, 40000, DRIVE, 101)).far.len(), 1);
     let (sp, o) = gso::build::tcp_v4(TECH, 40000, DRIVE, 101, 64_000, 1380);
     assert_eq!(rig.tun_in_offload(&sp, o).far, vec![(B, sp.clone())]);
-    assert_eq!(rig.rests.last().map(Vec::as_slice), Some(&o.to_trailer()[..]));
+    assert_eq!(
+        rig.rests.last().map(Vec::as_slice),
+        Some(&o.to_trailer()[..])
+    );
 }
 
 #[test]
@@ -759,7 +762,8 @@ fn a_relay_with_a_smaller_frame_limit_gets_super_packets_cut() {
     let (fits, fo) = gso::build::tcp_v4(TECH, 40000, PLC, 101, 13_800, 1380);
     assert_eq!(rig.tun_in_offload(&fits, fo).far, vec![(A, fits.clone())]);
     assert_eq!(
-        rig.engine.set_tunnel_offload(TunnelId(9), TunnelOffload::default()),
+        rig.engine
+            .set_tunnel_offload(TunnelId(9), TunnelOffload::default()),
         Err(EngineError::NoTunnel(TunnelId(9)))
     );
 }

@@ -515,10 +515,7 @@ impl<H: Clone> Hub<H> {
             return out;
         };
         match (auth, event) {
-            (
-                PeerAuth::Technician(name),
-                GatewayEvent::TechnicianHello { software, offload },
-            ) => {
+            (PeerAuth::Technician(name), GatewayEvent::TechnicianHello { software, offload }) => {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.offload = offload;
                 }

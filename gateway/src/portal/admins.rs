@@ -42,7 +42,12 @@ pub(crate) fn upgrade(conn: &Connection) -> crate::store::Result<()> {
     add_column_if_missing(conn, "admins", "role", "TEXT NOT NULL DEFAULT 'gateway'")?;
     add_column_if_missing(conn, "admins", "domain", "TEXT")?;
     add_column_if_missing(conn, "admins", "totp_secret", "BLOB")?;
-    add_column_if_missing(conn, "admins", "totp_last_step", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column_if_missing(
+        conn,
+        "admins",
+        "totp_last_step",
+        "INTEGER NOT NULL DEFAULT 0",
+    )?;
     add_column_if_missing(conn, "admins", "closed", "TEXT")?;
     add_column_if_missing(conn, "accounts", "domain", "TEXT")?;
     Ok(())
