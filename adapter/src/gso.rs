@@ -18,6 +18,12 @@
 //! without metadata (what every WireGuard implementation sends); with exactly [`TRAILER`]
 //! bytes, it is this trailer; anything else is dropped (`bad-offload`).
 //!
+//! A trailer is sent only into a tunnel whose peer and relay agreed to take it, and accepted
+//! only on a tunnel where this end announced it
+//! ([`crate::engine::TunnelOffload`]; the announcement is in the session messages, see
+//! `pinhole_proto::message`); elsewhere super-packets are cut into their segments before
+//! encryption, and a trailer that arrives is dropped (`bad-offload`).
+//!
 //! ```text
 //! offset  size  field
 //! 0       1     magic        0xB1 (version 1 of this trailer)

@@ -17,7 +17,9 @@
 //! GSO type and segment size, header length, checksum state). The trailer is inside the
 //! encryption, so the gateway relays the frame as it relays any other: it neither sees nor
 //! can alter the metadata; the receiving end checks it against the packet before its TUN
-//! takes it. Layout and checks: `pinhole_adapter::gso`.
+//! takes it. Layout and checks: `pinhole_adapter::gso`. Only on a session whose two ends and
+//! gateway all announced offload ([`crate::message`], offload negotiation); elsewhere the
+//! sender cuts super-packets into MTU-size packets first.
 //! A control payload is one UTF-8 JSON object, a [`crate::Message`].
 //!
 //! The decoder never allocates more than one payload's worth, and refuses a header that
