@@ -244,8 +244,13 @@ fn bulk_tcp_arrives_intact_both_ways_with_offload() {
         common::text(&out)
     );
     // Nothing the kernels gave was refused as bad offload metadata.
-    let dropped = &alice.status()["filter"]["dropped"];
+    let status = alice.status();
+    let dropped = &status["filter"]["dropped"];
     assert!(dropped.get("bad-offload").is_none(), "{dropped}");
+    // Client, gateway and site all announced offload: super-packets went whole, none was cut.
+    let sp = &status["filter"]["super_packets"];
+    assert!(sp["sent"].as_u64().unwrap_or(0) > 0, "{sp}");
+    assert_eq!(sp["split"], 0, "{sp}");
 }
 
 /// A site that announces no offload (`offload = false` in its `site.toml`, as a site that
