@@ -35,7 +35,7 @@
 //! whole, with its metadata in [`Transmit::offload`]; a TUN without offload
 //! ([`Engine::set_tun_offload`]) gets its segments, cut here, with their checksums complete.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,7 @@ use crate::filter::{Device, DropReason, FlowKey, Flows};
 use crate::gso::{self, Offload, TunOffload};
 use crate::packet::{self, L4, Parsed, Summary};
 use crate::wg::{self, Decapsulated, Peer};
+use sched::{NO_FLOW, Sched, flow_key};
 
 /// How often [`Engine::handle_timeout`] should run: WireGuard's timers have a granularity of a
 /// quarter second, and flow and fragment expiry need no finer.
@@ -56,6 +57,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// through the tunnel is answered like a host would and a flood cannot turn into one.
 pub const ANSWERS_PER_SECOND: u64 = 1000;
 pub const ANSWER_BURST: u64 = 100;
+
+/// What each flow may send per round of the output's deficit round robin, in bytes of
+/// datagrams (or packets): one MTU-size packet and its WireGuard overhead.
+pub const QUANTUM: usize = 1600;
 
 /// WireGuard handshake messages are at most 148 bytes.
 const HANDSHAKE: usize = 148;
@@ -168,7 +173,10 @@ pub struct Engine {
     /// Client: device → its tunnel. Site: technician's tunnel address → its tunnel.
     owners: HashMap<IpAddr, TunnelId>,
     answers: RateLimit,
-    out: VecDeque<Transmit>,
+    /// What to write, by flow ([`sched`]).
+    out: Sched,
+    /// Keys the flow hash: per engine, so that nobody can choose packets whose flows collide.
+    hasher: std::collections::hash_map::RandomState,
     pool: Vec<Vec<u8>>,
     tun_offload: TunOffload,
     drops: BTreeMap<DropReason, u64>,
@@ -221,7 +229,8 @@ impl Engine {
                 tokens: ANSWER_BURST,
                 last: None,
             },
-            out: VecDeque::new(),
+            out: Sched::default(),
+            hasher: std::collections::hash_map::RandomState::new(),
             pool: Vec::new(),
             tun_offload: TunOffload::default(),
             drops: BTreeMap::new(),
@@ -377,13 +386,19 @@ impl Engine {
             let n = d.len();
             buf.truncate(n);
             t.bytes_out += n as u64;
-            self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
+            self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), buf));
         }
     }
 
-    /// The next packet or datagram to write.
+    /// The next packet or datagram to write: flows take turns ([`sched`]), a flow's own
+    /// packets in their order.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_front()
+        self.out.pop()
+    }
+
+    /// Bytes waiting in [`Engine::poll_transmit`]'s queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
     }
 
     /// Gives a written transmit's buffer back. Its contents stay: a buffer taken again at
@@ -494,7 +509,8 @@ impl Engine {
             Got::Packet(n, Ok((offload, Parsed::Whole(s)))) => {
                 let p = &buf[..n];
                 if self.judge(id, p, p, offload, &s, false, now) {
-                    return self.write_tun_owned(buf, n, offload);
+                    let flow = flow_key(&self.hasher, &s);
+                    return self.write_tun_owned(buf, n, offload, flow);
                 }
             }
             Got::Packet(n, Ok((offload, parsed))) => {
@@ -510,13 +526,13 @@ impl Engine {
                     return;
                 };
                 t.bytes_out += n as u64;
-                self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
+                self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 buf.resize(wg::BUFFER, 0);
                 while let Some(d) = t.peer.flush(&mut buf) {
                     let mut reply = take(&mut self.pool, d.len());
                     reply.extend_from_slice(d);
                     t.bytes_out += reply.len() as u64;
-                    self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
+                    self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 }
             }
             Got::Nothing => {}
@@ -534,7 +550,7 @@ impl Engine {
                 let n = d.len();
                 buf.truncate(n);
                 t.bytes_out += n as u64;
-                self.out.push_back(Transmit::new(Dest::Tunnel(*id), buf));
+                self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(*id), buf));
             }
             t.flows.expire(now);
             timed_out += t.defrag_in.expire(now) + t.defrag_out.expire(now);
@@ -558,7 +574,7 @@ impl Engine {
         match parsed {
             Parsed::Whole(s) => {
                 if self.judge(id, packet, wire, offload, &s, from_tun, now) && !from_tun {
-                    self.write_tun(packet, offload);
+                    self.write_tun(packet, offload, flow_key(&self.hasher, &s));
                 }
             }
             Parsed::Fragment(f) => {
@@ -579,7 +595,8 @@ impl Engine {
                                 if self.judge(id, &whole, &whole, Offload::NONE, &s, from_tun, now)
                                     && !from_tun
                                 {
-                                    self.write_tun(&whole, Offload::NONE);
+                                    let flow = flow_key(&self.hasher, &s);
+                                    self.write_tun(&whole, Offload::NONE, flow);
                                 }
                             }
                             Ok(Parsed::Fragment(_)) => {
@@ -635,7 +652,7 @@ impl Engine {
                     }
                 }
                 if from_tun {
-                    self.encapsulate(id, wire);
+                    self.encapsulate(id, wire, flow_key(&self.hasher, s));
                 }
                 true
             }
@@ -677,10 +694,11 @@ impl Engine {
             _ => packet::admin_prohibited(packet, s, &mut buf),
         }
         self.answered += 1;
-        self.out.push_back(Transmit::new(Dest::Tun, buf));
+        let flow = flow_key(&self.hasher, s);
+        self.out.push(flow, Transmit::new(Dest::Tun, buf));
     }
 
-    fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
+    fn encapsulate(&mut self, id: TunnelId, packet: &[u8], flow: u64) {
         let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
@@ -699,15 +717,15 @@ impl Engine {
         }
         buf.truncate(n);
         t.bytes_out += n as u64;
-        self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
+        self.out.push(flow, Transmit::new(Dest::Tunnel(id), buf));
     }
 
     /// Writes a packet to the TUN; an IPv4 datagram larger than the TUN's MTU that may be
     /// fragmented is fragmented to it. A packet with offload metadata goes whole to a TUN that
     /// takes it, and is cut into its segments (checksums completed) for one that does not.
-    fn write_tun(&mut self, packet: &[u8], offload: Offload) {
+    fn write_tun(&mut self, packet: &[u8], offload: Offload, flow: u64) {
         if !offload.is_none() {
-            return self.write_tun_offload(packet, offload);
+            return self.write_tun_offload(packet, offload, flow);
         }
         let mtu = usize::from(crate::tun::MTU);
         if packet.len() > mtu && packet[0] >> 4 == 4 && !packet::dont_fragment(packet) {
@@ -715,13 +733,13 @@ impl Engine {
             packet::fragment(packet, mtu, &mut |f| {
                 let mut buf = take(pool, f.len());
                 buf.extend_from_slice(f);
-                out.push_back(Transmit::new(Dest::Tun, buf));
+                out.push(flow, Transmit::new(Dest::Tun, buf));
             });
             return;
         }
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
-        self.out.push_back(Transmit::new(Dest::Tun, buf));
+        self.out.push(flow, Transmit::new(Dest::Tun, buf));
     }
 }
 
@@ -737,7 +755,7 @@ impl Engine {
 
     /// [`Engine::write_tun`] for a packet that is `buf[..len]`: the buffer itself goes to the
     /// TUN when the packet needs no cutting (no copy).
-    fn write_tun_owned(&mut self, mut buf: Vec<u8>, len: usize, offload: Offload) {
+    fn write_tun_owned(&mut self, mut buf: Vec<u8>, len: usize, offload: Offload, flow: u64) {
         let whole = if offload.is_none() {
             len <= usize::from(crate::tun::MTU)
                 || buf[0] >> 4 != 4
@@ -746,11 +764,11 @@ impl Engine {
             self.tun_takes(offload)
         };
         if !whole {
-            self.write_tun(&buf[..len], offload);
+            self.write_tun(&buf[..len], offload, flow);
             return self.recycle(buf);
         }
         buf.truncate(len);
-        self.out.push_back(Transmit {
+        self.out.push(flow, Transmit {
             dest: Dest::Tun,
             bytes: buf,
             offload,
@@ -758,12 +776,12 @@ impl Engine {
     }
 
     /// [`Engine::write_tun`] for a (validated) packet with metadata.
-    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
+    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload, flow: u64) {
         let takes = self.tun_takes(offload);
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
         if takes {
-            self.out.push_back(Transmit {
+            self.out.push(flow, Transmit {
                 dest: Dest::Tun,
                 bytes: buf,
                 offload,
@@ -776,7 +794,7 @@ impl Engine {
                 usize::from(offload.csum_start),
                 usize::from(offload.csum_offset),
             );
-            self.out.push_back(Transmit::new(Dest::Tun, buf));
+            self.out.push(flow, Transmit::new(Dest::Tun, buf));
             return;
         }
         // The segments, as the kernel would cut them (validate bounded their number and size).
@@ -804,7 +822,7 @@ impl Engine {
             Ok(k) => {
                 for (mut b, size) in segs.drain(..k).zip(sizes) {
                     b.truncate(size);
-                    self.out.push_back(Transmit::new(Dest::Tun, b));
+                    self.out.push(flow, Transmit::new(Dest::Tun, b));
                 }
             }
             Err(_) => self.drop_packet(DropReason::BadOffload, 1),
@@ -959,6 +977,8 @@ fn to_technician(side: Side, t: &mut Tunnel, s: &Summary, now: Instant) -> Resul
         Err(DropReason::NoFlow)
     }
 }
+
+mod sched;
 
 #[cfg(test)]
 mod tests;
