@@ -9,6 +9,11 @@
 //! [`Engine::poll_transmit`] — packets for the TUN, datagrams for a tunnel — write them, and give
 //! the buffers back with [`Engine::recycle`]. Nothing here does I/O or reads the clock.
 //!
+//! What waits to be written is handed out flow by flow ([`sched`]: deficit round robin by
+//! 5-tuple, a flow with nothing queued first), so that a request of an interactive protocol
+//! read late in a burst is not written behind a bulk transfer's megabytes; one flow's packets
+//! keep their order.
+//!
 //! Per packet: one parse ([`crate::packet`]); IPv4 fragments reassembled under bounds
 //! ([`crate::defrag`]) and judged whole; then the checks, by direction:
 //!
