@@ -531,13 +531,15 @@ impl Engine {
                     return;
                 };
                 t.bytes_out += n as u64;
-                self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
+                self.out
+                    .push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 buf.resize(wg::BUFFER, 0);
                 while let Some(d) = t.peer.flush(&mut buf) {
                     let mut reply = take(&mut self.pool, d.len());
                     reply.extend_from_slice(d);
                     t.bytes_out += reply.len() as u64;
-                    self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
+                    self.out
+                        .push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 }
             }
             Got::Nothing => {}
@@ -555,7 +557,8 @@ impl Engine {
                 let n = d.len();
                 buf.truncate(n);
                 t.bytes_out += n as u64;
-                self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(*id), buf));
+                self.out
+                    .push(NO_FLOW, Transmit::new(Dest::Tunnel(*id), buf));
             }
             t.flows.expire(now);
             timed_out += t.defrag_in.expire(now) + t.defrag_out.expire(now);
@@ -773,11 +776,14 @@ impl Engine {
             return self.recycle(buf);
         }
         buf.truncate(len);
-        self.out.push(flow, Transmit {
-            dest: Dest::Tun,
-            bytes: buf,
-            offload,
-        });
+        self.out.push(
+            flow,
+            Transmit {
+                dest: Dest::Tun,
+                bytes: buf,
+                offload,
+            },
+        );
     }
 
     /// [`Engine::write_tun`] for a (validated) packet with metadata.
@@ -786,11 +792,14 @@ impl Engine {
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
         if takes {
-            self.out.push(flow, Transmit {
-                dest: Dest::Tun,
-                bytes: buf,
-                offload,
-            });
+            self.out.push(
+                flow,
+                Transmit {
+                    dest: Dest::Tun,
+                    bytes: buf,
+                    offload,
+                },
+            );
             return;
         }
         if !offload.is_gso() {

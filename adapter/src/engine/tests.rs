@@ -746,7 +746,11 @@ fn a_small_flows_packet_goes_ahead_of_bulk_flows_super_packets_in_one_burst() {
             .map(|(_, p)| p)
             .filter(|p| p[9] == PROTO_TCP && sport(p) == *port)
             .collect();
-        assert_eq!(got, sent.iter().collect::<Vec<_>>(), "flow {port} reordered");
+        assert_eq!(
+            got,
+            sent.iter().collect::<Vec<_>>(),
+            "flow {port} reordered"
+        );
     }
 }
 
