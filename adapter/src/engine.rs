@@ -9,6 +9,11 @@
 //! [`Engine::poll_transmit`] — packets for the TUN, datagrams for a tunnel — write them, and give
 //! the buffers back with [`Engine::recycle`]. Nothing here does I/O or reads the clock.
 //!
+//! What waits to be written is handed out flow by flow ([`sched`]: deficit round robin by
+//! 5-tuple, a flow with nothing queued first), so that a request of an interactive protocol
+//! read late in a burst is not written behind a bulk transfer's megabytes; one flow's packets
+//! keep their order.
+//!
 //! Per packet: one parse ([`crate::packet`]); IPv4 fragments reassembled under bounds
 //! ([`crate::defrag`]) and judged whole; then the checks, by direction:
 //!
@@ -43,7 +48,7 @@
 //! offload gets. A tunnel on which this end did not announce offload takes no trailer: bytes
 //! after the IP packet are dropped as `bad-offload`. A new tunnel has agreed nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -54,6 +59,7 @@ use crate::filter::{Device, DropReason, FlowKey, Flows};
 use crate::gso::{self, Offload, TunOffload};
 use crate::packet::{self, L4, Parsed, Summary};
 use crate::wg::{self, Decapsulated, Peer};
+use sched::{NO_FLOW, Sched, flow_key};
 
 /// How often [`Engine::handle_timeout`] should run: WireGuard's timers have a granularity of a
 /// quarter second, and flow and fragment expiry need no finer.
@@ -64,6 +70,10 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// through the tunnel is answered like a host would and a flood cannot turn into one.
 pub const ANSWERS_PER_SECOND: u64 = 1000;
 pub const ANSWER_BURST: u64 = 100;
+
+/// What each flow may send per round of the output's deficit round robin, in bytes of
+/// datagrams (or packets): one MTU-size packet and its WireGuard overhead.
+pub const QUANTUM: usize = 1600;
 
 /// WireGuard handshake messages are at most 148 bytes.
 const HANDSHAKE: usize = 148;
@@ -201,7 +211,10 @@ pub struct Engine {
     /// Client: device → its tunnel. Site: technician's tunnel address → its tunnel.
     owners: HashMap<IpAddr, TunnelId>,
     answers: RateLimit,
-    out: VecDeque<Transmit>,
+    /// What to write, by flow ([`sched`]).
+    out: Sched,
+    /// Keys the flow hash: per engine, so that nobody can choose packets whose flows collide.
+    hasher: std::collections::hash_map::RandomState,
     pool: Vec<Vec<u8>>,
     tun_offload: TunOffload,
     drops: BTreeMap<DropReason, u64>,
@@ -257,7 +270,8 @@ impl Engine {
                 tokens: ANSWER_BURST,
                 last: None,
             },
-            out: VecDeque::new(),
+            out: Sched::default(),
+            hasher: std::collections::hash_map::RandomState::new(),
             pool: Vec::new(),
             tun_offload: TunOffload::default(),
             drops: BTreeMap::new(),
@@ -426,13 +440,19 @@ impl Engine {
             let n = d.len();
             buf.truncate(n);
             t.bytes_out += n as u64;
-            self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
+            self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), buf));
         }
     }
 
-    /// The next packet or datagram to write.
+    /// The next packet or datagram to write: flows take turns ([`sched`]), a flow's own
+    /// packets in their order.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.out.pop_front()
+        self.out.pop()
+    }
+
+    /// Bytes waiting in [`Engine::poll_transmit`]'s queue.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
     }
 
     /// Gives a written transmit's buffer back. Its contents stay: a buffer taken again at
@@ -550,7 +570,8 @@ impl Engine {
             Got::Packet(n, Ok((offload, Parsed::Whole(s)))) => {
                 let p = &buf[..n];
                 if self.judge(id, p, p, offload, &s, false, now) {
-                    return self.write_tun_owned(buf, n, offload);
+                    let flow = flow_key(&self.hasher, &s);
+                    return self.write_tun_owned(buf, n, offload, flow);
                 }
             }
             Got::Packet(n, Ok((offload, parsed))) => {
@@ -566,13 +587,15 @@ impl Engine {
                     return;
                 };
                 t.bytes_out += n as u64;
-                self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
+                self.out
+                    .push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 buf.resize(wg::BUFFER, 0);
                 while let Some(d) = t.peer.flush(&mut buf) {
                     let mut reply = take(&mut self.pool, d.len());
                     reply.extend_from_slice(d);
                     t.bytes_out += reply.len() as u64;
-                    self.out.push_back(Transmit::new(Dest::Tunnel(id), reply));
+                    self.out
+                        .push(NO_FLOW, Transmit::new(Dest::Tunnel(id), reply));
                 }
             }
             Got::Nothing => {}
@@ -590,7 +613,8 @@ impl Engine {
                 let n = d.len();
                 buf.truncate(n);
                 t.bytes_out += n as u64;
-                self.out.push_back(Transmit::new(Dest::Tunnel(*id), buf));
+                self.out
+                    .push(NO_FLOW, Transmit::new(Dest::Tunnel(*id), buf));
             }
             t.flows.expire(now);
             timed_out += t.defrag_in.expire(now) + t.defrag_out.expire(now);
@@ -614,7 +638,7 @@ impl Engine {
         match parsed {
             Parsed::Whole(s) => {
                 if self.judge(id, packet, wire, offload, &s, from_tun, now) && !from_tun {
-                    self.write_tun(packet, offload);
+                    self.write_tun(packet, offload, flow_key(&self.hasher, &s));
                 }
             }
             Parsed::Fragment(f) => {
@@ -635,7 +659,8 @@ impl Engine {
                                 if self.judge(id, &whole, &whole, Offload::NONE, &s, from_tun, now)
                                     && !from_tun
                                 {
-                                    self.write_tun(&whole, Offload::NONE);
+                                    let flow = flow_key(&self.hasher, &s);
+                                    self.write_tun(&whole, Offload::NONE, flow);
                                 }
                             }
                             Ok(Parsed::Fragment(_)) => {
@@ -681,7 +706,8 @@ impl Engine {
             Ok(()) => {
                 self.passed += 1;
                 if from_tun {
-                    self.send_tunnel(id, packet, wire, offload);
+                    let flow = flow_key(&self.hasher, s);
+                    self.send_tunnel(id, packet, wire, offload, flow);
                 } else if offload.is_gso() {
                     let c = &mut self.offload_counters;
                     c.received += 1;
@@ -727,15 +753,23 @@ impl Engine {
             _ => packet::admin_prohibited(packet, s, &mut buf),
         }
         self.answered += 1;
-        self.out.push_back(Transmit::new(Dest::Tun, buf));
+        let flow = flow_key(&self.hasher, s);
+        self.out.push(flow, Transmit::new(Dest::Tun, buf));
     }
 
     /// Encrypts a packet that passed from the TUN into tunnel `id`: `wire` (the packet and its
     /// trailer) when the tunnel agreed on super-packets of its size; else the packet itself
     /// if it has no metadata, or its segments (checksums complete, no trailer).
-    fn send_tunnel(&mut self, id: TunnelId, packet: &[u8], wire: &[u8], offload: Offload) {
+    fn send_tunnel(
+        &mut self,
+        id: TunnelId,
+        packet: &[u8],
+        wire: &[u8],
+        offload: Offload,
+        flow: u64,
+    ) {
         if offload.is_none() {
-            return self.encapsulate(id, packet);
+            return self.encapsulate(id, packet, flow);
         }
         let send = self.tunnels.get(&id).and_then(|t| t.offload.send);
         if send.is_some_and(|max| wire.len() + wg::OVERHEAD <= max) {
@@ -744,7 +778,7 @@ impl Engine {
                 c.sent += 1;
                 c.sent_bytes += packet.len() as u64;
             }
-            return self.encapsulate(id, wire);
+            return self.encapsulate(id, wire, flow);
         }
         let Some(segments) = self.cut(packet, offload) else {
             return;
@@ -753,12 +787,12 @@ impl Engine {
             self.offload_counters.split += 1;
         }
         for s in segments {
-            self.encapsulate(id, &s);
+            self.encapsulate(id, &s, flow);
             self.recycle(s);
         }
     }
 
-    fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
+    fn encapsulate(&mut self, id: TunnelId, packet: &[u8], flow: u64) {
         let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
@@ -777,15 +811,15 @@ impl Engine {
         }
         buf.truncate(n);
         t.bytes_out += n as u64;
-        self.out.push_back(Transmit::new(Dest::Tunnel(id), buf));
+        self.out.push(flow, Transmit::new(Dest::Tunnel(id), buf));
     }
 
     /// Writes a packet to the TUN; an IPv4 datagram larger than the TUN's MTU that may be
     /// fragmented is fragmented to it. A packet with offload metadata goes whole to a TUN that
     /// takes it, and is cut into its segments (checksums completed) for one that does not.
-    fn write_tun(&mut self, packet: &[u8], offload: Offload) {
+    fn write_tun(&mut self, packet: &[u8], offload: Offload, flow: u64) {
         if !offload.is_none() {
-            return self.write_tun_offload(packet, offload);
+            return self.write_tun_offload(packet, offload, flow);
         }
         let mtu = usize::from(crate::tun::MTU);
         if packet.len() > mtu && packet[0] >> 4 == 4 && !packet::dont_fragment(packet) {
@@ -793,13 +827,13 @@ impl Engine {
             packet::fragment(packet, mtu, &mut |f| {
                 let mut buf = take(pool, f.len());
                 buf.extend_from_slice(f);
-                out.push_back(Transmit::new(Dest::Tun, buf));
+                out.push(flow, Transmit::new(Dest::Tun, buf));
             });
             return;
         }
         let mut buf = take(&mut self.pool, packet.len());
         buf.extend_from_slice(packet);
-        self.out.push_back(Transmit::new(Dest::Tun, buf));
+        self.out.push(flow, Transmit::new(Dest::Tun, buf));
     }
 }
 
@@ -815,7 +849,7 @@ impl Engine {
 
     /// [`Engine::write_tun`] for a packet that is `buf[..len]`: the buffer itself goes to the
     /// TUN when the packet needs no cutting (no copy).
-    fn write_tun_owned(&mut self, mut buf: Vec<u8>, len: usize, offload: Offload) {
+    fn write_tun_owned(&mut self, mut buf: Vec<u8>, len: usize, offload: Offload, flow: u64) {
         let whole = if offload.is_none() {
             len <= usize::from(crate::tun::MTU)
                 || buf[0] >> 4 != 4
@@ -824,32 +858,38 @@ impl Engine {
             self.tun_takes(offload)
         };
         if !whole {
-            self.write_tun(&buf[..len], offload);
+            self.write_tun(&buf[..len], offload, flow);
             return self.recycle(buf);
         }
         buf.truncate(len);
-        self.out.push_back(Transmit {
-            dest: Dest::Tun,
-            bytes: buf,
-            offload,
-        });
-    }
-
-    /// [`Engine::write_tun`] for a (validated) packet with metadata.
-    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload) {
-        if self.tun_takes(offload) {
-            let mut buf = take(&mut self.pool, packet.len());
-            buf.extend_from_slice(packet);
-            self.out.push_back(Transmit {
+        self.out.push(
+            flow,
+            Transmit {
                 dest: Dest::Tun,
                 bytes: buf,
                 offload,
-            });
+            },
+        );
+    }
+
+    /// [`Engine::write_tun`] for a (validated) packet with metadata.
+    fn write_tun_offload(&mut self, packet: &[u8], offload: Offload, flow: u64) {
+        if self.tun_takes(offload) {
+            let mut buf = take(&mut self.pool, packet.len());
+            buf.extend_from_slice(packet);
+            self.out.push(
+                flow,
+                Transmit {
+                    dest: Dest::Tun,
+                    bytes: buf,
+                    offload,
+                },
+            );
             return;
         }
         if let Some(segments) = self.cut(packet, offload) {
             for b in segments {
-                self.out.push_back(Transmit::new(Dest::Tun, b));
+                self.out.push(flow, Transmit::new(Dest::Tun, b));
             }
         }
     }
@@ -1054,6 +1094,8 @@ fn to_technician(side: Side, t: &mut Tunnel, s: &Summary, now: Instant) -> Resul
         Err(DropReason::NoFlow)
     }
 }
+
+mod sched;
 
 #[cfg(test)]
 mod tests;

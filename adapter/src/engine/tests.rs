@@ -767,3 +767,112 @@ fn a_relay_with_a_smaller_frame_limit_gets_super_packets_cut() {
         Err(EngineError::NoTunnel(TunnelId(9)))
     );
 }
+
+impl Rig {
+    /// Reads `p` from the TUN as part of a burst: nothing is written until [`Rig::pump`].
+    fn tun_burst(&mut self, p: &[u8], o: Offload) {
+        let mut buf = p.to_vec();
+        buf.resize(p.len() + gso::TRAILER, 0);
+        self.engine
+            .handle_tun_offload(&mut buf, p.len(), o, self.now);
+    }
+}
+
+/// The TCP source port of an IPv4 packet (the flow a test packet belongs to).
+fn sport(p: &[u8]) -> u16 {
+    let ip = usize::from(p[0] & 0x0f) * 4;
+    u16::from_be_bytes([p[ip], p[ip + 1]])
+}
+
+/// What went to the far ends before `p`, in bytes of IP packets.
+fn bytes_ahead_of(out: &Out, p: &[u8]) -> usize {
+    let at = out
+        .far
+        .iter()
+        .position(|(_, q)| q == p)
+        .expect("the packet went out");
+    out.far[..at].iter().map(|(_, q)| q.len()).sum()
+}
+
+#[test]
+fn a_small_flows_packet_goes_ahead_of_bulk_flows_super_packets_in_one_burst() {
+    let mut rig = Rig::client();
+    for port in [40000, 40001] {
+        assert_eq!(rig.tun_in(&tcp(TECH, port, PLC, 101)).far.len(), 1);
+    }
+    // One burst read from the TUN: two bulk flows' super-packets (~1 MB), a request of an
+    // interactive protocol late in it, then more bulk.
+    let request = udp(TECH, 5000, PLC, 102, b"read coil 7");
+    let mut bulk: BTreeMap<u16, Vec<Vec<u8>>> = BTreeMap::new();
+    for i in 0..10usize {
+        for port in [40000u16, 40001] {
+            let len = 60_000 + 100 * i + usize::from(port - 40000);
+            let (sp, o) = gso::build::tcp_v4(TECH, port, PLC, 101, len, 1380);
+            rig.tun_burst(&sp, o);
+            bulk.entry(port).or_default().push(sp);
+        }
+        if i == 7 {
+            rig.tun_burst(&request, Offload::NONE);
+        }
+    }
+    let out = rig.pump();
+    assert_eq!(out.far.len(), 21, "everything went out");
+    // Behind no super-packet: a flow with nothing queued goes first.
+    let ahead = bytes_ahead_of(&out, &request);
+    assert!(ahead <= QUANTUM, "{ahead} bytes of bulk went first");
+    // Each flow's packets in the order they were read.
+    for (port, sent) in &bulk {
+        let got: Vec<&Vec<u8>> = out
+            .far
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p[9] == PROTO_TCP && sport(p) == *port)
+            .collect();
+        assert_eq!(
+            got,
+            sent.iter().collect::<Vec<_>>(),
+            "flow {port} reordered"
+        );
+    }
+}
+
+#[test]
+fn without_offload_a_small_flows_packet_waits_for_at_most_one_packet_per_bulk_flow() {
+    let mut rig = Rig::client();
+    let flows = [40000u16, 40001, 40002, 40003];
+    for port in flows {
+        assert_eq!(rig.tun_in(&tcp(TECH, port, PLC, 101)).far.len(), 1);
+    }
+    // MTU-size segments of four bulk flows, 64 each, then an interactive request.
+    let mut sent: Vec<Vec<u8>> = Vec::new();
+    for i in 0..64u8 {
+        for port in flows {
+            let mut p = tcp_ack(TECH, port, PLC, 101);
+            // A payload that tells the segments apart (the filter reads only the headers).
+            p.extend(std::iter::repeat_n(i, 1380));
+            let total = u16::try_from(p.len()).expect("len");
+            p[2..4].copy_from_slice(&total.to_be_bytes());
+            rig.engine.handle_tun_packet(&p, rig.now);
+            sent.push(p);
+        }
+    }
+    let request = udp(TECH, 5000, PLC, 102, b"read coil 7");
+    rig.engine.handle_tun_packet(&request, rig.now);
+    let out = rig.pump();
+    assert_eq!(out.far.len(), sent.len() + 1);
+    let ahead = bytes_ahead_of(&out, &request);
+    assert!(
+        ahead <= flows.len() * 1420,
+        "{ahead} bytes of bulk went first"
+    );
+    for port in flows {
+        let got: Vec<&Vec<u8>> = out
+            .far
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p[9] == PROTO_TCP && sport(p) == port)
+            .collect();
+        let want: Vec<&Vec<u8>> = sent.iter().filter(|p| sport(p) == port).collect();
+        assert_eq!(got, want, "flow {port} reordered");
+    }
+}

@@ -1,0 +1,207 @@
+//! The engine's output queue: deficit round robin between flows (RFC 8290's flow queueing,
+//! without its AQM), so that an interactive flow's packet is not written behind a bulk flow's
+//! burst.
+//!
+//! A burst read from the TUN can hold megabytes of one bulk transfer's super-packets; written
+//! in the order they were read, a request of an interactive protocol read late in the burst
+//! waits for all of it (milliseconds at the link's rate). Here every transmit is queued by its
+//! flow (a hash of the 5-tuple the engine already parsed, [`flow_key`]); [`Sched::pop`] takes
+//! from the flows in turn, each allowed [`QUANTUM`] bytes per round, and a flow that had
+//! nothing queued goes ahead of the flows that did (RFC 8290 §4.1.1's new flows). A small
+//! flow's packet therefore waits for at most one packet of at most [`QUANTUM`] bytes per other
+//! flow, and never for a super-packet that was queued before it. One flow's packets keep their
+//! order (one FIFO per flow); packets of different flows may change places, which WireGuard's
+//! replay window (1 024 messages, far more than a burst) and the TUN both accept. Packets
+//! without a flow (WireGuard handshakes and keepalives) are one flow of their own.
+//!
+//! Nothing is dropped here: the queue holds what one burst produced and the caller drains it
+//! before it reads more, so its bytes are bounded by what one burst reads.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use super::{QUANTUM, Transmit};
+use crate::packet::{L4, Summary};
+
+/// The flow of packets that have none (handshakes, keepalives, cookie replies).
+pub(crate) const NO_FLOW: u64 = 0;
+
+/// The flow `s` belongs to: its protocol, addresses and ports (ICMP echo: its id), hashed, and
+/// never [`NO_FLOW`]. Both directions of a connection get different keys, which is fine: the
+/// queue of one engine carries each direction separately (to the TUN, into a tunnel).
+pub(crate) fn flow_key(hasher: &impl BuildHasher, s: &Summary) -> u64 {
+    let mut h = hasher.build_hasher();
+    s.proto().hash(&mut h);
+    s.src.hash(&mut h);
+    s.dst.hash(&mut h);
+    match s.l4 {
+        L4::Tcp {
+            src_port, dst_port, ..
+        }
+        | L4::Udp { src_port, dst_port } => (src_port, dst_port).hash(&mut h),
+        L4::Echo { id, .. } => id.hash(&mut h),
+        // An ICMP error goes with the flow it is about.
+        L4::Error(q) => (q.src, q.dst, q.proto, q.src_port, q.dst_port).hash(&mut h),
+        L4::OtherIcmp | L4::Other(_) => {}
+    }
+    h.finish().max(1)
+}
+
+#[derive(Debug, Default)]
+struct Flow {
+    key: u64,
+    queue: VecDeque<Transmit>,
+    deficit: usize,
+}
+
+/// Which round-robin list a flow is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum List {
+    New,
+    Old,
+}
+
+/// The transmits waiting, by flow, in deficit round robin. See the module documentation.
+#[derive(Debug, Default)]
+pub(crate) struct Sched {
+    /// Flow slots; the active ones are on `new` or `old`, the others on `free`.
+    flows: Vec<Flow>,
+    free: Vec<usize>,
+    by_key: HashMap<u64, usize>,
+    /// Flows that had nothing queued when their first packet came: served first.
+    new: VecDeque<usize>,
+    old: VecDeque<usize>,
+    len: usize,
+    bytes: usize,
+}
+
+impl Sched {
+    /// Queues `t` behind the other packets of flow `key`.
+    pub(crate) fn push(&mut self, key: u64, t: Transmit) {
+        let i = match self.by_key.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = self.free.pop().unwrap_or_else(|| {
+                    self.flows.push(Flow::default());
+                    self.flows.len() - 1
+                });
+                self.by_key.insert(key, i);
+                let f = &mut self.flows[i];
+                f.key = key;
+                f.deficit = QUANTUM;
+                self.new.push_back(i);
+                i
+            }
+        };
+        self.len += 1;
+        self.bytes += t.bytes.len();
+        self.flows[i].queue.push_back(t);
+    }
+
+    /// The next transmit: from the first flow (new flows before old) whose deficit covers its
+    /// head packet; flows passed over get [`QUANTUM`] more and go to the end of the old list.
+    pub(crate) fn pop(&mut self) -> Option<Transmit> {
+        if self.len == 0 {
+            return None;
+        }
+        loop {
+            let (list, i) = match self.new.front() {
+                Some(&i) => (List::New, i),
+                None => (List::Old, *self.old.front()?),
+            };
+            let only = self.new.len() + self.old.len() == 1;
+            let f = &mut self.flows[i];
+            let size = f.queue.front().map_or(0, |t| t.bytes.len());
+            if f.deficit < size {
+                if !only {
+                    f.deficit += QUANTUM;
+                    self.rotate(list);
+                    continue;
+                }
+                // Nobody else to wait for: no rounds of empty turns.
+                f.deficit = size;
+            }
+            f.deficit -= size;
+            let t = f.queue.pop_front()?;
+            self.len -= 1;
+            self.bytes -= t.bytes.len();
+            if f.queue.is_empty() {
+                let key = f.key;
+                self.take_front(list);
+                self.by_key.remove(&key);
+                self.free.push(i);
+            }
+            return Some(t);
+        }
+    }
+
+    /// Bytes queued.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn take_front(&mut self, list: List) -> Option<usize> {
+        match list {
+            List::New => self.new.pop_front(),
+            List::Old => self.old.pop_front(),
+        }
+    }
+
+    /// Moves the front flow of `list` to the end of the old list.
+    fn rotate(&mut self, list: List) {
+        if let Some(i) = self.take_front(list) {
+            self.old.push_back(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Dest, TunnelId};
+
+    fn t(tag: u8, len: usize) -> Transmit {
+        let mut bytes = vec![0u8; len];
+        bytes[0] = tag;
+        Transmit::new(Dest::Tunnel(TunnelId(1)), bytes)
+    }
+
+    #[test]
+    fn flows_take_turns_each_keeps_its_order_and_the_bytes_are_counted() {
+        let mut s = Sched::default();
+        for i in 0..5 {
+            s.push(1, t(10 + i, 60_000));
+            s.push(2, t(20 + i, 1_400));
+        }
+        s.push(3, t(30, 100));
+        assert_eq!(s.bytes(), 5 * 61_400 + 100);
+        let mut order = Vec::new();
+        while let Some(x) = s.pop() {
+            order.push(x.bytes[0]);
+        }
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(order.len(), 11);
+        // The small flows go first; the bulk flow's packets after, in their order.
+        let pos = |tag| order.iter().position(|&x| x == tag).expect("tag");
+        assert!(pos(30) < pos(10) && pos(20) < pos(10), "{order:?}");
+        for flow in [10u8, 20] {
+            let mine: Vec<u8> = order
+                .iter()
+                .copied()
+                .filter(|x| (flow..flow + 5).contains(x))
+                .collect();
+            assert_eq!(mine, (flow..flow + 5).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_lone_flow_goes_out_without_empty_rounds_and_slots_are_reused() {
+        let mut s = Sched::default();
+        for round in 0..3u8 {
+            s.push(7, t(round, 65_000));
+            assert_eq!(s.pop().map(|x| x.bytes[0]), Some(round));
+            assert!(s.pop().is_none());
+        }
+        assert_eq!(s.flows.len(), 1);
+    }
+}
