@@ -597,7 +597,7 @@ fn list_in_a_loop_is_answered_once_then_coalesced() {
     let mut w = World::new();
     w.alice_in(1);
     let answers: usize = (0..1000)
-        .map(|_| w.event(1, GatewayEvent::List).len())
+        .map(|_| w.event(1, GatewayEvent::List { changes: false }).len())
         .sum();
     assert_eq!(answers, 1);
     let cmds = w
