@@ -263,13 +263,13 @@ struct Link<H> {
 }
 
 impl<H> Link<H> {
-    /// `site`'s view changed: owed as a change, or (past [`MAX_PENDING_CHANGES`], or to a
-    /// client that takes no changes) as part of a whole inventory.
+    /// `site`'s view changed: owed as a change, or (past [`MAX_PENDING_CHANGES`]) as part of
+    /// a whole inventory. A client that takes no changes gets the whole inventory anyway.
     fn owe_site(&mut self, site: &str) {
         if self.full_owed {
             return;
         }
-        if !self.changes || self.pending.len() >= MAX_PENDING_CHANGES {
+        if self.pending.len() >= MAX_PENDING_CHANGES {
             self.owe_all();
         } else {
             self.pending.insert(site.to_owned());
@@ -1858,7 +1858,7 @@ impl<H: Clone> Hub<H> {
                 let Some(name) = l.account.as_ref().map(|a| a.name.clone()) else {
                     continue;
                 };
-                let full = std::mem::replace(&mut l.full_owed, false);
+                let full = std::mem::replace(&mut l.full_owed, false) || !l.changes;
                 let owed = std::mem::take(&mut l.pending);
                 if !full && let Some(c) = self.changes_for(registry, id, &owed, &mut views) {
                     out.push(c);
