@@ -48,6 +48,26 @@ impl Trimmer {
     }
 }
 
+/// Arenas glibc's allocator may keep: one per thread by default (up to 8 per core), and the
+/// runtime's blocking threads come and go in hundreds during a burst of decisions. Memory freed
+/// in one arena cannot serve another's allocations, so many arenas keep more resident.
+pub const ARENAS: i32 = 2;
+
+/// Limits the allocator to [`ARENAS`] arenas; call before threads start. Whether it took.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // an FFI call with two integers; see SAFETY
+pub fn limit_arenas() -> bool {
+    // SAFETY: `mallopt` takes two integers and only sets glibc's own tunables; `M_ARENA_MAX`
+    // is a documented parameter, valid at any time (arenas already made stay).
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENAS) == 1 }
+}
+
+/// Limits the allocator's arenas: nothing to do outside glibc.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn limit_arenas() -> bool {
+    false
+}
+
 /// Returns the allocator's free memory to the system; whether any was. Takes milliseconds
 /// on a large heap and holds each arena's lock meanwhile: call it off the runtime's workers.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
