@@ -39,13 +39,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use common::{LiveTraffic, SimSite, SimTech, SiteNote, TechNote, percentile_ms, round1};
+use common::{Gateway, LiveTraffic, SimSite, SimTech, SiteNote, TechNote, percentile_ms, round1};
 use rustls::ClientConfig;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -129,67 +129,25 @@ fn log(msg: impl AsRef<str>) {
 
 // --- the gateway process --------------------------------------------------------------------
 
-struct Gateway {
-    child: Child,
-    log: PathBuf,
+/// The gateway under test, started and stopped with SIGTERM by this tool.
+fn start_gateway(a: &Args) -> anyhow::Result<Gateway> {
+    let log = a.state.with_extension("log");
+    Gateway::start(
+        &a.gateway_bin,
+        &a.state,
+        a.listen,
+        &log,
+        Duration::from_secs(30),
+    )
 }
 
-impl Gateway {
-    /// Starts `serve` and waits until it listens.
-    fn start(a: &Args) -> anyhow::Result<(Self, Instant)> {
-        let log = a.state.with_extension("log");
-        let from = std::fs::metadata(&log).map_or(0, |m| m.len());
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let started = Instant::now();
-        let child = Command::new(&a.gateway_bin)
-            .arg("--state")
-            .arg(&a.state)
-            .arg("serve")
-            .arg("--listen")
-            .arg(a.listen.to_string())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", a.gateway_bin.display()))?;
-        let gw = Self { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read(&gw.log).unwrap_or_default();
-            let new = String::from_utf8_lossy(&text[usize::try_from(from)?.min(text.len())..])
-                .into_owned();
-            if new.contains("listening") {
-                return Ok((gw, started));
-            }
-            if Instant::now() > deadline {
-                bail!("the gateway did not start:\n{new}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+/// SIGTERM; logs an exit that was not clean. Returns how long the stop took.
+fn stop_gateway(gw: Gateway) -> anyhow::Result<Duration> {
+    let (took, status) = gw.stop()?;
+    if !status.success() {
+        log(format!("the gateway exited with {status}"));
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then waits for the exit; returns how long the stop took.
-    fn stop(mut self) -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()?
-            .success();
-        if !ok {
-            bail!("kill -TERM {} failed", self.pid());
-        }
-        let status = self.child.wait()?;
-        if !status.success() {
-            log(format!("the gateway exited with {status}"));
-        }
-        Ok(t.elapsed())
-    }
+    Ok(took)
 }
 
 /// Warnings and errors in the gateway's log, by message, counted.
@@ -874,7 +832,7 @@ async fn main() -> anyhow::Result<()> {
         fx.techs.len()
     ));
 
-    let (gw, _) = Gateway::start(&a)?;
+    let gw = start_gateway(&a)?;
     let gw_pid = gw.pid();
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let sampling = Arc::new(AtomicU64::new(u64::from(gw_pid)));
@@ -1139,7 +1097,7 @@ async fn main() -> anyhow::Result<()> {
     sampling.store(0, Ordering::Relaxed);
     let gw_log = gw.log.clone();
     let t_sigterm = Instant::now();
-    let stop_s = gw.stop()?.as_secs_f64();
+    let stop_s = stop_gateway(gw)?.as_secs_f64();
     // Sites welcomed again by the gateway that was stopping (they dial again within a second).
     let welcomed_while_stopping = notes.welcomed_since(t_sigterm).len();
     let audit = audit_added(&conn, audit_before)?;
@@ -1150,8 +1108,8 @@ async fn main() -> anyhow::Result<()> {
     // Restart: every site comes back by itself.
     let mut restart = Value::Null;
     if a.restart {
-        let (gw, t_restart) = Gateway::start(&a)?;
-        let up_s = t_restart.elapsed().as_secs_f64();
+        let gw = start_gateway(&a)?;
+        let (t_restart, up_s) = (gw.started, gw.up.as_secs_f64());
         sampling.store(u64::from(gw.pid()), Ordering::Relaxed);
         let back = wait_for("every site back", Duration::from_secs(900), || {
             notes.welcomed_since(t_restart).len() == a.sites
@@ -1180,7 +1138,7 @@ async fn main() -> anyhow::Result<()> {
             "gateway_threads": common::threads(gw.pid()),
         });
         log(format!("restart: {restart}"));
-        gw.stop()?;
+        stop_gateway(gw)?;
     }
 
     let out = json!({

@@ -22,13 +22,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use common::{LiveTraffic, SimSite, SimTech, SiteNote, TechNote, round1};
+use common::{Gateway, LiveTraffic, SimSite, SimTech, SiteNote, TechNote, round1};
 use pinhole_gateway::audit::Actor;
 use pinhole_gateway::state::StateDir;
 
@@ -127,71 +126,15 @@ fn raise_nofile_to_nr_open() -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-/// The gateway under test, started by this tool so that it can be restarted.
-struct Gateway {
-    child: Child,
-}
-
-impl Gateway {
-    /// Starts `serve` and waits until it listens; returns it with the time it took.
-    fn start(a: &Args, log: &Path) -> anyhow::Result<(Self, Duration)> {
-        let from = std::fs::metadata(log).map_or(0, |m| m.len());
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let t = Instant::now();
-        let child = Command::new(&a.gateway_bin)
-            .arg("--state")
-            .arg(&a.state)
-            .arg("serve")
-            .arg("--listen")
-            .arg(a.listen.to_string())
-            .stdout(Stdio::null())
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {}", a.gateway_bin.display()))?;
-        let gw = Self { child };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let text = std::fs::read(log).unwrap_or_default();
-            let new = String::from_utf8_lossy(&text[usize::try_from(from)?.min(text.len())..])
-                .into_owned();
-            if new.contains("listening") {
-                return Ok((gw, t.elapsed()));
-            }
-            if Instant::now() > deadline {
-                bail!("the gateway did not start:\n{new}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then waits for the exit; returns how long the stop took.
-    fn stop(mut self) -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()?
-            .success();
-        if !ok {
-            bail!("kill -TERM {} failed", self.pid());
-        }
-        self.child.wait()?;
-        Ok(t.elapsed())
-    }
-}
-
-impl Drop for Gateway {
-    /// A tool that fails leaves no gateway behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The gateway under test; a large state may take a while to open.
+fn start_gateway(a: &Args, log: &std::path::Path) -> anyhow::Result<Gateway> {
+    Gateway::start(
+        &a.gateway_bin,
+        &a.state,
+        a.listen,
+        log,
+        Duration::from_secs(120),
+    )
 }
 
 /// Waits until `n` sites were welcomed (counting from now); returns the welcome times, sorted,
@@ -239,7 +182,8 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let fx = common::fixture_grouped(&a.state, a.sites, a.sessions, Some(GROUP))?;
     let setup_s = t0.elapsed().as_secs_f64();
-    let (gw, start) = Gateway::start(&a, &log)?;
+    let gw = start_gateway(&a, &log)?;
+    let start = gw.up;
     // Let the start settle (the audit checkpoint, the first watcher round).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = gw.pid();
@@ -355,11 +299,11 @@ async fn main() -> anyhow::Result<()> {
     let gw = if a.restart {
         while site_rx.try_recv().is_ok() {}
         let t_term = Instant::now();
-        let stop = gw.stop()?;
+        let (stop, _) = gw.stop()?;
         // Sites that were welcomed again by the stopping gateway do not count.
         while site_rx.try_recv().is_ok() {}
-        let (gw, up) = Gateway::start(&a, &log)?;
-        let t_start = Instant::now() - up;
+        let gw = start_gateway(&a, &log)?;
+        let (up, t_start) = (gw.up, gw.started);
         let (times, failed) = welcomes(&mut site_rx, n_sites, Duration::from_secs(600)).await;
         let all = times.len() == n_sites;
         restart = serde_json::json!({

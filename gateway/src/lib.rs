@@ -22,6 +22,7 @@ pub mod disk;
 pub mod hub;
 pub(crate) mod link;
 pub mod listen;
+pub mod memory;
 pub mod operator;
 pub mod outbox;
 pub mod portal;

@@ -15,8 +15,9 @@ use pinhole_certs::PeerIdentity;
 use pinhole_proto::link::MISSED_HEARTBEATS;
 use pinhole_proto::{CloseReason, ErrorCode, GatewayCore, GatewayEvent};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::hub::{Command, LinkId, Presented};
@@ -56,7 +57,12 @@ pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, t
     if let Err(e) = pinhole_shell::socket::tune(&tcp) {
         debug!(%peer, error = %e, "cannot set the link's socket options");
     }
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.acceptor.accept(tcp));
+    // Boxed: the handshake's state (a whole TLS connection) is freed when it ends, instead of
+    // sizing the link's task for the link's whole life (see `drive`).
+    let handshake = Box::pin(tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        shared.acceptor.accept(tcp),
+    ));
     let handshake = async {
         tokio::select! {
             r = handshake => r,
@@ -103,7 +109,11 @@ pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, t
     let span = tracing::info_span!("link", link, auth = ?auth);
     debug!(parent: &span, %peer, "connected");
     let core = GatewayCore::new(now, auth);
-    drive(shared, link, outbox, stream, core, ticket)
+    // Split here, not in `drive`: an async fn keeps its arguments for its whole life, and the
+    // stream by value (the TLS connection, a kilobyte) would sit in every idle link's task
+    // next to the halves that own it.
+    let (rd, wr) = tokio::io::split(stream);
+    drive(shared, link, outbox, rd, wr, core, ticket)
         .instrument(span)
         .await;
 }
@@ -138,12 +148,12 @@ async fn drive(
     shared: Arc<Shared>,
     link: LinkId,
     outbox: Arc<Outbox>,
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    mut rd: ReadHalf<TlsStream<TcpStream>>,
+    mut wr: WriteHalf<TlsStream<TcpStream>>,
     mut core: GatewayCore,
     ticket: Ticket,
 ) {
     let mut ticket = Some(ticket);
-    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut commands: Vec<Command> = Vec::new();
     let mut data: Vec<u8> = Vec::new();
     let mut events: Vec<GatewayEvent> = Vec::new();

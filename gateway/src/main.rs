@@ -440,6 +440,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 cert: admin_cert.zip(admin_key),
                 hosts: admin_hosts,
             };
+            // Before the runtime's threads: each would get an arena of its own.
+            pinhole_gateway::memory::limit_arenas();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -5,7 +5,11 @@
 //! whole and writes in one go: no allocation per datagram once the two buffers have grown. A
 //! receiver that reads slower than its sessions send loses its own datagrams (WireGuard and
 //! the TCP inside recover), and nobody else waits. Commands are never dropped: a link whose
-//! commands pile up past [`MAX_COMMAND_BYTES`] is not reading at all and is ended.
+//! commands pile up past [`MAX_COMMAND_BYTES`] is not reading at all and is ended. Inventory
+//! pushes are folded instead of queued: a newer whole inventory replaces a queued one (and
+//! queued changes), changes are applied to a queued inventory or merged with queued changes,
+//! so a technician whose link is slow holds at most one inventory's worth, however many sites
+//! change meanwhile.
 //!
 //! The datagram bytes are shared fairly between the sessions that send to the link (a site
 //! link carries every technician's session to that site; a technician's link, one per site):
@@ -39,8 +43,80 @@ pub const RESERVE_BYTES: usize = MAX_DATA_BYTES / 6;
 /// much of the reserve each.
 pub const INTERACTIVE_BYTES: usize = RESERVE_BYTES / 8;
 
-/// Command bytes queued towards one link: four of the largest inventories.
-pub const MAX_COMMAND_BYTES: usize = 4 * frame::MAX_CONTROL;
+/// Command bytes queued towards one link: two of the largest inventories (a welcome and one
+/// folded update).
+pub const MAX_COMMAND_BYTES: usize = 2 * frame::MAX_CONTROL;
+
+/// Folds an inventory push `c` into the inventory command already queued (the last one), if
+/// there is one; returns `c` when it is to be queued as it is. Returns the change in queued
+/// bytes.
+fn fold_inventory(commands: &mut VecDeque<Command>, c: Command) -> (Option<Command>, isize) {
+    let is_inventory = |q: &Command| {
+        matches!(
+            q,
+            Command::Inventory { .. } | Command::InventoryChanges { .. }
+        )
+    };
+    let size = |q: &Command| isize::try_from(q.approx_size()).unwrap_or(isize::MAX);
+    match c {
+        Command::Inventory { .. } => {
+            // A whole inventory supersedes every inventory message still queued.
+            let mut freed = 0;
+            commands.retain(|q| {
+                let old = is_inventory(q);
+                if old {
+                    freed += size(q);
+                }
+                !old
+            });
+            (Some(c), -freed)
+        }
+        Command::InventoryChanges {
+            link,
+            sites,
+            removed,
+        } => {
+            let Some(q) = commands.iter_mut().rev().find(|q| is_inventory(q)) else {
+                return (
+                    Some(Command::InventoryChanges {
+                        link,
+                        sites,
+                        removed,
+                    }),
+                    0,
+                );
+            };
+            let before = size(q);
+            match q {
+                Command::Inventory { sites: whole, .. } => {
+                    pinhole_proto::apply_inventory_changes(whole, sites, &removed);
+                }
+                Command::InventoryChanges {
+                    sites: qs,
+                    removed: qr,
+                    ..
+                } => {
+                    for r in removed {
+                        qs.retain(|s| s.name != r);
+                        if !qr.contains(&r) {
+                            qr.push(r);
+                        }
+                    }
+                    for site in sites {
+                        qr.retain(|r| *r != site.name);
+                        match qs.iter_mut().find(|s| s.name == site.name) {
+                            Some(s) => *s = site,
+                            None => qs.push(site),
+                        }
+                    }
+                }
+                _ => {}
+            }
+            (None, size(q) - before)
+        }
+        other => (Some(other), 0),
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -79,14 +155,18 @@ impl Outbox {
         let ends;
         {
             let mut s = self.state();
-            s.command_bytes += c.approx_size();
             if matches!(c, Command::Close { .. } | Command::Enrolled { .. }) {
                 s.closing = true;
             }
-            if s.command_bytes > MAX_COMMAND_BYTES {
-                s.killed = true;
-            } else {
-                s.commands.push_back(c);
+            let (c, delta) = fold_inventory(&mut s.commands, c);
+            s.command_bytes = s.command_bytes.saturating_add_signed(delta);
+            if let Some(c) = c {
+                s.command_bytes += c.approx_size();
+                if s.command_bytes > MAX_COMMAND_BYTES {
+                    s.killed = true;
+                } else {
+                    s.commands.push_back(c);
+                }
             }
             ends = s.closing || s.killed;
         }
@@ -295,26 +375,23 @@ mod tests {
         }
     }
 
+    fn site(name: &str, online: bool) -> pinhole_proto::SiteView {
+        pinhole_proto::SiteView {
+            name: name.into(),
+            domain: "d".into(),
+            online,
+            agents: Vec::new(),
+        }
+    }
+
     #[test]
     fn commands_overflowing_kill_the_link() {
         let o = Outbox::default();
-        let big = Command::Inventory {
+        let big = Command::Enrolled {
             link: 1,
-            sites: vec![
-                pinhole_proto::SiteView {
-                    name: "s".into(),
-                    domain: "d".into(),
-                    online: true,
-                    agents: Vec::new(),
-                };
-                20_000
-            ],
-            update: true,
+            certificate: vec![0; frame::MAX_CONTROL / 4],
+            ca: Vec::new(),
         };
-        for _ in 0..4 {
-            o.push_command(big.clone());
-        }
-        assert!(!o.is_closing());
         let (mut cmds, mut data) = (Vec::new(), Vec::new());
         for _ in 0..20 {
             o.push_command(big.clone());
@@ -331,5 +408,79 @@ mod tests {
             text: "closed".into(),
         });
         assert!(o.is_closing());
+    }
+
+    /// A technician that reads slowly while thousands of sites reconnect holds one inventory's
+    /// worth, not one inventory per change (the gateway grew to 1.5 GB of queued inventories).
+    #[test]
+    fn inventory_pushes_to_a_slow_link_are_folded_not_queued() {
+        let o = Outbox::default();
+        let whole: Vec<_> = (0..2_000)
+            .map(|i| site(&format!("s{i:04}"), false))
+            .collect();
+        let one = Command::Inventory {
+            link: 1,
+            sites: whole.clone(),
+            update: true,
+        }
+        .approx_size();
+        for _ in 0..100 {
+            o.push_command(Command::Inventory {
+                link: 1,
+                sites: whole.clone(),
+                update: true,
+            });
+        }
+        // Then each site comes online, one change at a time, and one leaves.
+        for i in 0..2_000 {
+            o.push_command(Command::InventoryChanges {
+                link: 1,
+                sites: vec![site(&format!("s{i:04}"), true)],
+                removed: Vec::new(),
+            });
+        }
+        o.push_command(Command::InventoryChanges {
+            link: 1,
+            sites: Vec::new(),
+            removed: vec!["s0007".into()],
+        });
+        o.push_command(Command::Send {
+            link: 1,
+            message: Box::new(pinhole_proto::Message::Heartbeat),
+        });
+        assert!(
+            o.state().command_bytes <= one + 1024,
+            "{} queued bytes for one inventory of {one}",
+            o.state().command_bytes
+        );
+        let (mut cmds, mut data) = (Vec::new(), Vec::new());
+        assert!(!o.take(&mut cmds, &mut data), "the link was not ended");
+        assert_eq!(cmds.len(), 2, "one inventory and the other command");
+        let Command::Inventory { sites, .. } = &cmds[0] else {
+            panic!("{:?}", cmds[0]);
+        };
+        assert_eq!(sites.len(), 1_999);
+        assert!(sites.iter().all(|s| s.online && s.name != "s0007"));
+        // Changes with nothing queued are queued; more changes merge into them.
+        o.push_command(Command::InventoryChanges {
+            link: 1,
+            sites: vec![site("a", true), site("b", true)],
+            removed: Vec::new(),
+        });
+        o.push_command(Command::InventoryChanges {
+            link: 1,
+            sites: vec![site("a", false), site("c", true)],
+            removed: vec!["b".into()],
+        });
+        cmds.clear();
+        o.take(&mut cmds, &mut data);
+        assert_eq!(
+            cmds,
+            [Command::InventoryChanges {
+                link: 1,
+                sites: vec![site("a", false), site("c", true)],
+                removed: vec!["b".into()],
+            }]
+        );
     }
 }

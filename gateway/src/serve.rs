@@ -20,7 +20,7 @@ use pinhole_certs::tls::{self, Anonymous};
 use pinhole_certs::{GatewayClientVerifier, RevocationList};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::audit::Actor;
 use crate::hub::{Command, EndSessionError, Hub, LinkId, LiveSession};
@@ -393,6 +393,7 @@ pub async fn serve(
     tasks.spawn(watch_loop(shared.clone(), revoked, watcher_store));
     tasks.spawn(housekeeping(shared.clone(), state.clone(), audit_key));
     tasks.spawn(hello_batches(shared.clone(), wal));
+    tasks.spawn(trim_memory(shared.clone()));
 
     wait_for_signal().await?;
     info!("stopping: closing every link");
@@ -552,6 +553,26 @@ async fn hello_batches(shared: Arc<Shared>, wal: Option<std::path::PathBuf>) {
             for h in batch {
                 let _ = h.done.send(());
             }
+        }
+    }
+}
+
+/// Gives the memory that bursts of handshakes and logins freed back to the system
+/// ([`crate::memory`]).
+async fn trim_memory(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(crate::memory::TRIM_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut trimmer = crate::memory::Trimmer::default();
+    loop {
+        tick.tick().await;
+        if trimmer.due(shared.next_link.load(Ordering::Relaxed)) {
+            let t = Instant::now();
+            let trimmed = tokio::task::spawn_blocking(crate::memory::trim).await;
+            debug!(
+                took_ms = t.elapsed().as_millis(),
+                ?trimmed,
+                "allocator trimmed"
+            );
         }
     }
 }

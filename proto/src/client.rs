@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::agent::Agent;
 use crate::frame::PROTOCOL_VERSION;
 use crate::link::{CloseReason, DatagramPool, Input, Link};
-use crate::message::{Message, Role, SiteView};
+use crate::message::{Message, Role, SiteView, apply_inventory_changes};
 
 /// The client's heartbeat: frequent enough that a dead gateway is noticed within a minute
 /// (3 × 15 s) even when no TCP reset arrives.
@@ -22,6 +22,7 @@ pub enum ClientEvent {
         /// The account forbids remembering its password (see [`Message::Welcome`]).
         forbid_remembered_password: bool,
     },
+    /// The whole inventory, after a `list`, an update, or changes applied to the last one.
     Inventory(Vec<SiteView>),
     SessionOpened {
         session: u32,
@@ -59,6 +60,8 @@ pub struct ClientCore {
     offload: bool,
     /// The gateway's `max_datagram` (its `welcome`): it relays super-packets.
     max_datagram: Option<u32>,
+    /// The inventory as last received, with the changes since applied.
+    inventory: Vec<SiteView>,
 }
 
 impl ClientCore {
@@ -91,6 +94,7 @@ impl ClientCore {
             datagrams: DatagramPool::default(),
             offload,
             max_datagram: None,
+            inventory: Vec::new(),
         }
     }
 
@@ -111,7 +115,7 @@ impl ClientCore {
                     session,
                     datagram: self.datagrams.copy(datagram),
                 }),
-                Input::Message(m) => self.on_message(m),
+                Input::Message(m) => self.on_message(m, now),
             }
         }
     }
@@ -122,7 +126,7 @@ impl ClientCore {
         self.events.push_back(ClientEvent::Closed(reason));
     }
 
-    fn on_message(&mut self, m: Message) {
+    fn on_message(&mut self, m: Message, now: Instant) {
         match (self.logged_in, m) {
             (
                 false,
@@ -136,12 +140,18 @@ impl ClientCore {
             ) => {
                 self.logged_in = true;
                 self.max_datagram = max_datagram.filter(|_| self.offload);
+                let sites = inventory.unwrap_or_default();
+                self.inventory.clone_from(&sites);
                 self.events.push_back(ClientEvent::LoggedIn {
                     account: name,
                     tunnel_ip,
-                    sites: inventory.unwrap_or_default(),
+                    sites,
                     forbid_remembered_password,
                 });
+                // From now on only what changes, not the whole inventory at every change (a
+                // gateway that predates changes answers with the inventory, and keeps sending
+                // whole ones).
+                self.link.send(&Message::List { changes: true }, now);
             }
             (_, Message::Error { code, text }) => {
                 let reason = CloseReason::Error { code, text };
@@ -149,7 +159,13 @@ impl ClientCore {
                 self.events.push_back(ClientEvent::Closed(reason));
             }
             (true, Message::Inventory { sites } | Message::InventoryUpdate { sites }) => {
+                self.inventory.clone_from(&sites);
                 self.events.push_back(ClientEvent::Inventory(sites));
+            }
+            (true, Message::InventoryChanges { sites, removed }) => {
+                apply_inventory_changes(&mut self.inventory, sites, &removed);
+                self.events
+                    .push_back(ClientEvent::Inventory(self.inventory.clone()));
             }
             (
                 true,
@@ -196,7 +212,7 @@ impl ClientCore {
 
     /// Asks for the current inventory.
     pub fn list(&mut self, now: Instant) {
-        self.link.send(&Message::List, now);
+        self.link.send(&Message::List { changes: true }, now);
     }
 
     /// Asks the gateway to open a session.

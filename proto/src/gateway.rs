@@ -75,7 +75,10 @@ pub enum GatewayEvent {
         site: String,
         public_key: Vec<u8>,
     },
-    List,
+    /// A technician asks for its inventory; `changes`: it applies `inventory_changes`.
+    List {
+        changes: bool,
+    },
     Agents(Vec<Agent>),
     /// A site restored its firewall table.
     FirewallRestored(FirewallChange),
@@ -160,9 +163,10 @@ fn check_fields(m: &Message) -> Result<(), Invalid> {
         }
         Message::Enrolled { .. }
         | Message::Welcome { .. }
-        | Message::List
+        | Message::List { .. }
         | Message::Inventory { .. }
         | Message::InventoryUpdate { .. }
+        | Message::InventoryChanges { .. }
         | Message::FirewallRestored { .. }
         | Message::Heartbeat
         | Message::Logout
@@ -333,8 +337,8 @@ impl GatewayCore {
                     ),
                 }
             }
-            (Phase::Running, PeerAuth::Technician(_), Message::List) => {
-                self.events.push_back(GatewayEvent::List)
+            (Phase::Running, PeerAuth::Technician(_), Message::List { changes }) => {
+                self.events.push_back(GatewayEvent::List { changes })
             }
             (Phase::Running, PeerAuth::Technician(_), Message::Logout) => {
                 self.link.close(CloseReason::Local);
@@ -474,6 +478,13 @@ impl GatewayCore {
             Message::Inventory { sites }
         };
         self.link.send(&m, now);
+    }
+
+    /// Only what changed since the last inventory message (see [`Message::InventoryChanges`]);
+    /// for a client that asked for changes.
+    pub fn inventory_changes(&mut self, sites: Vec<SiteView>, removed: Vec<String>, now: Instant) {
+        self.link
+            .send(&Message::InventoryChanges { sites, removed }, now);
     }
 
     /// Forwards a session message to this peer, without the offload fields if the peer did
@@ -1010,7 +1021,7 @@ mod tests {
         let mut gw = running(PeerAuth::Technician("alice".into()), now);
         let mut wire = Vec::new();
         frame::encode_data(1, b"one", &mut wire);
-        wire.extend(control(&Message::List));
+        wire.extend(control(&Message::List { changes: false }));
         frame::encode_data(2, b"two", &mut wire);
         frame::encode_data(1, b"", &mut wire);
         let mut got = Vec::new();
@@ -1023,7 +1034,7 @@ mod tests {
             got,
             [(1, b"one".to_vec()), (2, b"two".to_vec()), (1, Vec::new())]
         );
-        assert_eq!(events(&mut gw), [GatewayEvent::List]);
+        assert_eq!(events(&mut gw), [GatewayEvent::List { changes: false }]);
         assert!(!gw.is_closed());
     }
 

@@ -27,6 +27,6 @@ pub use client::{ClientCore, ClientEvent};
 pub use frame::{Frame, FrameDecoder, FrameError, MAX_PAYLOAD, PROTOCOL_VERSION};
 pub use gateway::{GatewayCore, GatewayEvent, PeerAuth};
 pub use link::CloseReason;
-pub use message::{ErrorCode, FirewallChange, Message, Role, SiteView};
+pub use message::{ErrorCode, FirewallChange, Message, Role, SiteView, apply_inventory_changes};
 pub use site::{SiteCore, SiteEvent, SiteHello};
 pub use validate::Invalid;

@@ -344,9 +344,12 @@ mod tests {
             for _ in 0..1_000_000 {
                 frame::encode_control(&heartbeat, &mut wire);
             }
-            frame::encode_control(&Message::List.to_json(), &mut wire);
+            frame::encode_control(&Message::List { changes: false }.to_json(), &mut wire);
             link.push_input(&wire, now);
-            let first = matches!(link.next_input(), Some(Input::Message(Message::List)));
+            let first = matches!(
+                link.next_input(),
+                Some(Input::Message(Message::List { .. }))
+            );
             first && link.next_input().is_none() && link.closed().is_none()
         };
         let thread = std::thread::Builder::new()

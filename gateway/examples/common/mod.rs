@@ -8,7 +8,8 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -50,6 +51,97 @@ pub fn loopback(second: u8, n: u32) -> IpAddr {
     let third = u8::try_from(n / 250).expect("below 250");
     let fourth = u8::try_from(n % 250 + 1).expect("below 251");
     IpAddr::V4(Ipv4Addr::new(127, second, third, fourth))
+}
+
+/// A gateway under test, started as its own process (`serve`) so that it can be stopped with
+/// SIGTERM and started again on the same state. Killed if dropped while it runs: a tool or
+/// test that fails leaves no gateway behind.
+pub struct Gateway {
+    child: Child,
+    /// Where its standard error (the log) is appended.
+    pub log: PathBuf,
+    /// When it was started.
+    pub started: Instant,
+    /// From the start until it said it is listening.
+    pub up: Duration,
+}
+
+impl Gateway {
+    /// Starts `bin --state STATE serve --listen LISTEN`, its log appended to `log`, and waits
+    /// until the log says "listening"; an error if that takes longer than `limit`.
+    pub fn start(
+        bin: &Path,
+        state: &Path,
+        listen: SocketAddr,
+        log: &Path,
+        limit: Duration,
+    ) -> anyhow::Result<Self> {
+        let from = std::fs::metadata(log).map_or(0, |m| m.len());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let started = Instant::now();
+        let child = Command::new(bin)
+            .arg("--state")
+            .arg(state)
+            .arg("serve")
+            .arg("--listen")
+            .arg(listen.to_string())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut gw = Self {
+            child,
+            log: log.to_owned(),
+            started,
+            up: Duration::ZERO,
+        };
+        let deadline = started + limit;
+        loop {
+            let text = std::fs::read(log).unwrap_or_default();
+            let new = String::from_utf8_lossy(&text[usize::try_from(from)?.min(text.len())..])
+                .into_owned();
+            if new.contains("listening") {
+                gw.up = started.elapsed();
+                return Ok(gw);
+            }
+            if let Some(status) = gw.child.try_wait()? {
+                bail!("the gateway exited ({status}) before listening:\n{new}");
+            }
+            if Instant::now() > deadline {
+                bail!("the gateway did not start:\n{new}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long the stop took and how it exited.
+    pub fn stop(mut self) -> anyhow::Result<(Duration, ExitStatus)> {
+        let t = Instant::now();
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill -TERM {pid} failed");
+        }
+        let status = self.child.wait()?;
+        Ok((t.elapsed(), status))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Raises this process's descriptor limit to the hard one (thousands of links per tool).

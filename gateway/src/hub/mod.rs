@@ -96,6 +96,11 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// An inventory must fit one control frame with room to spare for the message around it.
 const MAX_INVENTORY_JSON: usize = pinhole_proto::frame::MAX_CONTROL - 64 * 1024;
 
+/// Sites one technician link may owe changes for; past this many, it is owed the whole
+/// inventory instead (as small as that many changes, and one query to build). Bounds what the
+/// hub keeps per technician between two flushes.
+pub const MAX_PENDING_CHANGES: usize = 1024;
+
 /// Issues site certificates at enrollment (the gateway CA, or a subordinate signer).
 pub trait Issuer {
     /// A certificate for `site`'s key (`public_key`: DER SubjectPublicKeyInfo).
@@ -135,6 +140,13 @@ pub enum Command {
         sites: Vec<SiteView>,
         update: bool,
     },
+    /// What changed in the technician's inventory since its last inventory message (to a
+    /// client that asked for changes): `sites` added or changed, `removed` no longer visible.
+    InventoryChanges {
+        link: LinkId,
+        sites: Vec<SiteView>,
+        removed: Vec<String>,
+    },
     /// Answer an enrollment with the site's certificate and the CA; then the link ends.
     Enrolled {
         link: LinkId,
@@ -156,6 +168,7 @@ impl Command {
             Command::Send { link, .. }
             | Command::Welcome { link, .. }
             | Command::Inventory { link, .. }
+            | Command::InventoryChanges { link, .. }
             | Command::Enrolled { link, .. }
             | Command::Close { link, .. } => *link,
         }
@@ -175,6 +188,11 @@ impl Command {
             Command::Inventory { sites, update, .. } => {
                 if core.is_running() {
                     core.inventory(sites, update, now);
+                }
+            }
+            Command::InventoryChanges { sites, removed, .. } => {
+                if core.is_running() {
+                    core.inventory_changes(sites, removed, now);
                 }
             }
             Command::Enrolled {
@@ -199,6 +217,9 @@ impl Command {
             },
             Command::Welcome { inventory, .. } => inventory.as_deref().map_or(0, sites),
             Command::Inventory { sites: s, .. } => sites(s),
+            Command::InventoryChanges {
+                sites: s, removed, ..
+            } => sites(s) + removed.iter().map(|r| 4 + r.len()).sum::<usize>(),
             Command::Enrolled {
                 certificate, ca, ..
             } => 2 * (certificate.len() + ca.len()),
@@ -224,6 +245,14 @@ struct Link<H> {
     domain: Option<String>,
     /// When the last `list` was answered.
     last_list: Option<Instant>,
+    /// A technician's client applies `inventory_changes` (it sent `list` with `changes`).
+    changes: bool,
+    /// Sites whose view changed since the technician's last inventory message (at most
+    /// [`MAX_PENDING_CHANGES`]).
+    pending: BTreeSet<String>,
+    /// The technician is owed its whole inventory (its grants may have changed, it asked
+    /// again too soon, too many sites changed, or its client takes no changes).
+    full_owed: bool,
     /// Requests in the current rate window: (window start, count).
     requests: (Instant, u32),
     /// A site's firewall reports in the current rate window: (window start, count).
@@ -238,6 +267,30 @@ struct Link<H> {
 }
 
 impl<H> Link<H> {
+    /// `site`'s view changed: owed as a change, or (past [`MAX_PENDING_CHANGES`]) as part of
+    /// a whole inventory. A client that takes no changes gets the whole inventory anyway.
+    fn owe_site(&mut self, site: &str) {
+        if self.full_owed {
+            return;
+        }
+        if self.pending.len() >= MAX_PENDING_CHANGES {
+            self.owe_all();
+        } else {
+            self.pending.insert(site.to_owned());
+        }
+    }
+
+    /// Owed the whole inventory.
+    fn owe_all(&mut self) {
+        self.full_owed = true;
+        self.pending = BTreeSet::new();
+    }
+
+    /// An inventory message of the current state is on its way: nothing is owed.
+    fn owe_nothing(&mut self) {
+        self.full_owed = false;
+        self.pending = BTreeSet::new();
+    }
     /// Counts one request; `false` once more than `max` arrived within [`RATE_WINDOW`].
     fn within_rate(&mut self, max: u32, now: Instant) -> bool {
         if now.saturating_duration_since(self.requests.0) >= RATE_WINDOW {
@@ -467,6 +520,9 @@ impl<H: Clone> Hub<H> {
                 account: None,
                 domain: None,
                 last_list: None,
+                changes: false,
+                pending: BTreeSet::new(),
+                full_owed: false,
                 requests: (now, 0),
                 alarms: (now, 0),
                 suspect: false,
@@ -540,7 +596,36 @@ impl<H: Clone> Hub<H> {
                     public_key,
                 },
             ) => self.enroll(registry, link, &token, &site, &public_key, now, &mut out),
-            (PeerAuth::Technician(name), GatewayEvent::List) => {
+            (PeerAuth::Technician(name), GatewayEvent::List { changes }) => {
+                // The first `list` with `changes` (a client sends it right after its welcome)
+                // is answered with what changed since the welcome: usually nothing.
+                if changes
+                    && let Some(l) = self.links.get_mut(&link)
+                    && l.welcomed
+                    && !l.changes
+                {
+                    l.changes = true;
+                    l.last_list = Some(now);
+                    let owed = std::mem::take(&mut l.pending);
+                    let full = std::mem::replace(&mut l.full_owed, false);
+                    self.dirty.remove(&link);
+                    if full {
+                        match self.inventory_of(registry, &name) {
+                            Ok(sites) => out.push(Command::Inventory {
+                                link,
+                                sites,
+                                update: false,
+                            }),
+                            Err(e) => warn!(error = %e, "inventory"),
+                        }
+                    } else {
+                        let mut views = BTreeMap::new();
+                        if let Some(c) = self.changes_for(registry, link, &owed, &mut views) {
+                            out.push(c);
+                        }
+                    }
+                    return out;
+                }
                 let recent = self.links.get_mut(&link).is_some_and(|l| {
                     let recent = l
                         .last_list
@@ -554,16 +639,25 @@ impl<H: Clone> Hub<H> {
                     // Folded into one coalesced update: a peer asking in a loop (and not
                     // reading) cannot make the gateway build and queue inventory after
                     // inventory.
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.owe_all();
+                    }
                     self.dirty.insert(link);
                     self.dirty_since.get_or_insert(now);
                     return out;
                 }
                 match self.inventory_of(registry, &name) {
-                    Ok(sites) => out.push(Command::Inventory {
-                        link,
-                        sites,
-                        update: false,
-                    }),
+                    Ok(sites) => {
+                        if let Some(l) = self.links.get_mut(&link) {
+                            l.owe_nothing();
+                        }
+                        self.dirty.remove(&link);
+                        out.push(Command::Inventory {
+                            link,
+                            sites,
+                            update: false,
+                        });
+                    }
                     Err(e) => warn!(error = %e, "inventory"),
                 }
             }
@@ -833,7 +927,7 @@ impl<H: Clone> Hub<H> {
             inventory: None,
             forbid_remembered_password: false,
         });
-        self.mark_concerned(&site.domain, now);
+        self.mark_concerned(&site.domain, name, now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -931,7 +1025,7 @@ impl<H: Clone> Hub<H> {
                 );
             }
         }
-        self.mark_concerned(&before.domain, now);
+        self.mark_concerned(&before.domain, name, now);
     }
 
     /// A technician asks for `site/agent`: check the grant, the site and the agent, then ask
@@ -1456,13 +1550,66 @@ impl<H: Clone> Hub<H> {
         }
     }
 
-    /// Technicians that may see a site of `domain` get an update (coalesced).
-    fn mark_concerned(&mut self, domain: &str, now: Instant) {
+    /// The `owed` sites' changes for technician link `id`, from `views` (each site's view and
+    /// its size in JSON, read from the registry once per flush). `None` when a whole inventory
+    /// must go instead: the changes would not fit one message, or the registry failed.
+    fn changes_for(
+        &self,
+        registry: &mut dyn Registry,
+        id: LinkId,
+        owed: &BTreeSet<String>,
+        views: &mut BTreeMap<String, Option<(SiteView, usize)>>,
+    ) -> Option<Command> {
+        let account = self.links.get(&id)?.account.as_ref()?;
+        let (mut sites, mut removed, mut size) = (Vec::new(), Vec::new(), 0);
+        for name in owed {
+            if !views.contains_key(name) {
+                let view = match registry.site(name) {
+                    Ok(Some(s)) => {
+                        let v = SiteView {
+                            online: self.sites.contains_key(name),
+                            name: s.name,
+                            domain: s.domain,
+                            agents: s.agents,
+                        };
+                        let n = serde_json::to_vec(&v).map_or(usize::MAX / 2, |j| j.len() + 1);
+                        Some((v, n))
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(error = %e, "inventory changes");
+                        return None;
+                    }
+                };
+                views.insert(name.clone(), view);
+            }
+            match views.get(name) {
+                Some(Some((v, n))) if account.may_see(&v.domain) => {
+                    size += n;
+                    sites.push(v.clone());
+                }
+                _ => {
+                    size += name.len() + 3;
+                    removed.push(name.clone());
+                }
+            }
+        }
+        (size <= MAX_INVENTORY_JSON).then_some(Command::InventoryChanges {
+            link: id,
+            sites,
+            removed,
+        })
+    }
+
+    /// Technicians that may see `site` (of `domain`) get an update (coalesced): the site's
+    /// change, or their whole inventory.
+    fn mark_concerned(&mut self, domain: &str, site: &str, now: Instant) {
         for id in &self.technicians {
-            if let Some(l) = self.links.get(id)
+            if let Some(l) = self.links.get_mut(id)
                 && l.welcomed
                 && l.account.as_ref().is_some_and(|a| a.may_see(domain))
             {
+                l.owe_site(site);
                 self.dirty.insert(*id);
             }
         }
@@ -1522,7 +1669,7 @@ impl<H: Clone> Hub<H> {
                 if self.sites.get(name) == Some(&link) {
                     self.sites.remove(name);
                     if let Some(d) = &l.domain {
-                        self.mark_concerned(d, now);
+                        self.mark_concerned(d, name, now);
                     }
                     registry.site_disconnected(name, l.switched_off, &rec)
                 } else {
@@ -1589,6 +1736,7 @@ impl<H: Clone> Hub<H> {
                         if l.welcomed {
                             if let Some(l) = self.links.get_mut(&id) {
                                 l.account = Some(a);
+                                l.owe_all();
                             }
                             self.dirty.insert(id);
                             self.dirty_since.get_or_insert(now);
@@ -1720,15 +1868,21 @@ impl<H: Clone> Hub<H> {
             .is_some_and(|t| now >= t + INVENTORY_COALESCE)
         {
             self.dirty_since = None;
+            // Each changed site's view is read once, whatever the technicians it concerns.
+            let mut views = BTreeMap::new();
             for id in std::mem::take(&mut self.dirty) {
-                let Some(name) = self
-                    .links
-                    .get(&id)
-                    .and_then(|l| l.account.as_ref())
-                    .map(|a| a.name.clone())
-                else {
+                let Some(l) = self.links.get_mut(&id) else {
                     continue;
                 };
+                let Some(name) = l.account.as_ref().map(|a| a.name.clone()) else {
+                    continue;
+                };
+                let full = std::mem::replace(&mut l.full_owed, false) || !l.changes;
+                let owed = std::mem::take(&mut l.pending);
+                if !full && let Some(c) = self.changes_for(registry, id, &owed, &mut views) {
+                    out.push(c);
+                    continue;
+                }
                 match self.inventory_of(registry, &name) {
                     Ok(sites) => out.push(Command::Inventory {
                         link: id,

@@ -585,6 +585,73 @@ fn inventory_updates_only_for_concerned_technicians() {
     assert_eq!(to, [1], "alice sees plant-a, bob has no grant");
 }
 
+/// A client that asked for changes gets the changed site only, first in the answer to its
+/// subscription (what changed since its welcome), then in coalesced pushes; a client that did
+/// not ask still gets whole inventories.
+#[test]
+fn a_subscribed_technician_gets_changes_not_whole_inventories() {
+    let mut w = World::new();
+    w.store
+        .create_account(&Actor::System, "bob", &[0xb0], 365)
+        .expect("bob");
+    w.store
+        .set_grant(&Actor::System, "bob", &"acme".parse().expect("d"), true)
+        .expect("grant");
+    w.alice_in(1);
+    w.connect(4, Role::Technician, "bob", &[0xb0]).expect("bob");
+    let _ = w.event(
+        4,
+        GatewayEvent::TechnicianHello {
+            software: "1".into(),
+            offload: false,
+        },
+    );
+    // plant-a comes online between alice's welcome and her subscription.
+    let _ = w.site_online(2, vec![plc()]);
+    let answer = w.event(1, GatewayEvent::List { changes: true });
+    match answer.as_slice() {
+        [
+            Command::InventoryChanges {
+                link: 1,
+                sites,
+                removed,
+            },
+        ] => {
+            assert_eq!(sites.len(), 1);
+            assert_eq!(sites[0].name, "plant-a");
+            assert!(sites[0].online);
+            assert!(removed.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    // Then it goes offline: alice gets that change, bob (no subscription) the whole list.
+    let _ = w
+        .hub
+        .handle_closed(&mut w.store, 2, &CloseReason::Local, w.now);
+    let cmds = w
+        .hub
+        .handle_timeout(&mut w.store, w.now + INVENTORY_COALESCE);
+    let mut to_alice = 0;
+    let mut to_bob = 0;
+    for c in &cmds {
+        match c {
+            Command::InventoryChanges { link: 1, sites, .. } => {
+                to_alice += 1;
+                assert_eq!(sites.len(), 1);
+                assert!(!sites[0].online, "{sites:?}");
+            }
+            Command::Inventory {
+                link: 4,
+                update: true,
+                ..
+            } => to_bob += 1,
+            other if other.link() == 1 || other.link() == 4 => panic!("{other:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!((to_alice, to_bob), (1, 1), "{cmds:?}");
+}
+
 #[test]
 fn an_admin_sees_live_sessions_with_their_bytes() {
     let mut w = World::new();
@@ -656,7 +723,7 @@ fn list_in_a_loop_is_answered_once_then_coalesced() {
     let mut w = World::new();
     w.alice_in(1);
     let answers: usize = (0..1000)
-        .map(|_| w.event(1, GatewayEvent::List).len())
+        .map(|_| w.event(1, GatewayEvent::List { changes: false }).len())
         .sum();
     assert_eq!(answers, 1);
     let cmds = w
