@@ -34,6 +34,12 @@
 //! the filter ([`crate::gso::Offload::validate`], else `bad-offload`) and given to the TUN
 //! whole, with its metadata in [`Transmit::offload`]; a TUN without offload
 //! ([`Engine::set_tun_offload`]) gets its segments, cut here, with their checksums complete.
+//!
+//! A tunnel can be *held* ([`Engine::hold`]): what its datagrams carry toward the TUN is kept
+//! back, in order and bounded ([`HOLD_PACKETS`], [`HOLD_BYTES`]; beyond them dropped as
+//! `hold-full`), until [`Engine::release`] queues it for the TUN; a tunnel removed while held
+//! drops it (`held-discarded`). Its handshakes, keepalives and what goes the other way are not
+//! held. The site holds a new session until its firewall table is loaded.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -56,6 +62,14 @@ pub const TICK: Duration = Duration::from_millis(250);
 /// through the tunnel is answered like a host would and a flood cannot turn into one.
 pub const ANSWERS_PER_SECOND: u64 = 1000;
 pub const ANSWER_BURST: u64 = 100;
+
+/// A held tunnel ([`Engine::hold`]) keeps at most this many packets toward the TUN; more are
+/// dropped (`hold-full`). A connect's first packets are a SYN or a few datagrams: this leaves
+/// room for a burst while a site's firewall table loads (a few ms, tens under load).
+pub const HOLD_PACKETS: usize = 128;
+
+/// ... and at most this many bytes of them (whole IP packets; a GSO super-packet counts whole).
+pub const HOLD_BYTES: usize = 256 * 1024;
 
 /// WireGuard handshake messages are at most 148 bytes.
 const HANDSHAKE: usize = 148;
@@ -135,6 +149,15 @@ struct Tunnel {
     defrag_out: Defrag,
     bytes_in: u64,
     bytes_out: u64,
+    /// While held: the packets toward the TUN, in order, not yet released.
+    held: Option<Held>,
+}
+
+/// A held tunnel's packets toward the TUN and their bytes.
+#[derive(Debug, Default)]
+struct Held {
+    packets: VecDeque<Transmit>,
+    bytes: usize,
 }
 
 /// A token bucket for local answers.
@@ -175,6 +198,8 @@ pub struct Engine {
     passed: u64,
     answered: u64,
     offload_counters: OffloadCounters,
+    /// How many tunnels are held (none: the per-datagram path skips the hold).
+    holding: usize,
 }
 
 /// How many GSO super-packets (packets with [`gso::Offload`] metadata that a TUN cuts into
@@ -228,6 +253,7 @@ impl Engine {
             passed: 0,
             answered: 0,
             offload_counters: OffloadCounters::default(),
+            holding: 0,
         }
     }
 
@@ -270,18 +296,97 @@ impl Engine {
                 defrag_out: Defrag::new(),
                 bytes_in: 0,
                 bytes_out: 0,
+                held: None,
             },
         );
         Ok(())
     }
 
-    /// Removes a tunnel with its devices and flows; returns the devices it had.
+    /// Removes a tunnel with its devices and flows; returns the devices it had. Packets it
+    /// held are dropped (`held-discarded`).
     pub fn remove_tunnel(&mut self, id: TunnelId) -> Vec<IpAddr> {
-        let Some(t) = self.tunnels.remove(&id) else {
+        let Some(mut t) = self.tunnels.remove(&id) else {
             return Vec::new();
         };
         self.owners.retain(|_, owner| *owner != id);
+        if let Some(held) = t.held.take() {
+            self.holding -= 1;
+            let n = held.packets.len() as u64;
+            if n > 0 {
+                self.drop_packet(DropReason::HeldDiscarded, n);
+            }
+            for p in held.packets {
+                self.recycle(p.bytes);
+            }
+        }
         t.devices.into_keys().collect()
+    }
+
+    /// Holds tunnel `id`: from now on, the packets its datagrams carry toward the TUN (those
+    /// the filter passed) are kept back until [`Engine::release`], at most [`HOLD_PACKETS`]
+    /// packets and [`HOLD_BYTES`] bytes (more are dropped, `hold-full`). Handshakes,
+    /// keepalives and packets toward the tunnel go on as before. Returns false if there is no
+    /// such tunnel; holding a held tunnel changes nothing.
+    pub fn hold(&mut self, id: TunnelId) -> bool {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return false;
+        };
+        if t.held.is_none() {
+            t.held = Some(Held::default());
+            self.holding += 1;
+        }
+        true
+    }
+
+    /// Ends tunnel `id`'s hold: what it held is queued for the TUN, in the order it came,
+    /// before anything that arrives later. Returns how many packets were held (0 if the tunnel
+    /// was not held or does not exist).
+    pub fn release(&mut self, id: TunnelId) -> usize {
+        let Some(held) = self.tunnels.get_mut(&id).and_then(|t| t.held.take()) else {
+            return 0;
+        };
+        self.holding -= 1;
+        let n = held.packets.len();
+        self.out.extend(held.packets);
+        n
+    }
+
+    /// Whether tunnel `id` is held ([`Engine::hold`]).
+    pub fn is_held(&self, id: TunnelId) -> bool {
+        self.tunnels.get(&id).is_some_and(|t| t.held.is_some())
+    }
+
+    /// Moves what tunnel `id` queued for the TUN since `mark` (a length of the output queue)
+    /// into its hold, if it is held; bounded.
+    fn hold_new(&mut self, id: TunnelId, mark: usize) {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return;
+        };
+        let Some(held) = t.held.as_mut() else {
+            return;
+        };
+        if self.out.len() <= mark {
+            return;
+        }
+        let mut full = 0u64;
+        for tx in self.out.split_off(mark) {
+            if tx.dest != Dest::Tun {
+                self.out.push_back(tx);
+            } else if held.packets.len() >= HOLD_PACKETS
+                || held.bytes + tx.bytes.len() > HOLD_BYTES
+            {
+                full += 1;
+                if self.pool.len() < POOL {
+                    self.pool.push(tx.bytes);
+                }
+            } else {
+                held.bytes += tx.bytes.len();
+                held.packets.push_back(tx);
+            }
+        }
+        if full > 0 {
+            self.drop_packet(DropReason::HoldFull, full);
+        }
     }
 
     /// Connects `agent` (its `ports` of `device`) through tunnel `id`: the device's allowed set
@@ -460,8 +565,18 @@ impl Engine {
     }
 
     /// A datagram from tunnel `id`'s peer. It is decrypted into a pooled buffer that goes to
-    /// the TUN as it is when the packet passes (no copy).
+    /// the TUN as it is when the packet passes (no copy), or into the tunnel's hold while it
+    /// is held ([`Engine::hold`]).
     pub fn handle_datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
+        if self.holding == 0 {
+            return self.datagram(id, datagram, now);
+        }
+        let mark = self.out.len();
+        self.datagram(id, datagram, now);
+        self.hold_new(id, mark);
+    }
+
+    fn datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
         enum Got {
             Packet(usize, Result<(Offload, Parsed), DropReason>),
             Send(usize, usize),
