@@ -119,7 +119,10 @@ fn count_plc_udp(lab: &Lab) {
 }
 
 fn plc_udp_packets(lab: &Lab) -> u64 {
-    let out = lab.exec("plant", &["nft", "list", "counter", "inet", "probe", "plc_udp"]);
+    let out = lab.exec(
+        "plant",
+        &["nft", "list", "counter", "inet", "probe", "plc_udp"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let listing = String::from_utf8_lossy(&out.stdout);
     listing
@@ -137,7 +140,14 @@ fn udp_probe(lab: &Lab, ns: &str, payload: &str, timeout: f64) -> Child {
         "import socket\nu=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nu.settimeout({timeout})\nu.sendto(b'{payload}',('{PLC}',161))\ntry:\n    print('OK', u.recvfrom(100)[0].decode(), flush=True)\nexcept socket.timeout:\n    print('TIMEOUT', flush=True)\n"
     );
     Command::new("ip")
-        .args(["netns", "exec", &lab.ns(ns), "/usr/bin/python3", "-c", &code])
+        .args([
+            "netns",
+            "exec",
+            &lab.ns(ns),
+            "/usr/bin/python3",
+            "-c",
+            &code,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -191,8 +201,15 @@ fn device_packets_wait_for_the_table_and_the_handshake_does_not() {
     // The datagram went through the tunnel (the handshake was done), and waits at the site:
     // nothing reaches the device before the table allows it.
     std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(plc_udp_packets(&sys.lab), 0, "a packet passed before the table");
-    assert!(!finished(&mut probe), "answered before the table was loaded");
+    assert_eq!(
+        plc_udp_packets(&sys.lab),
+        0,
+        "a packet passed before the table"
+    );
+    assert!(
+        !finished(&mut probe),
+        "answered before the table was loaded"
+    );
 
     // Once loaded, the held datagram goes on and is answered.
     nft.set("hold", false);

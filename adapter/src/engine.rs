@@ -372,8 +372,7 @@ impl Engine {
         for tx in self.out.split_off(mark) {
             if tx.dest != Dest::Tun {
                 self.out.push_back(tx);
-            } else if held.packets.len() >= HOLD_PACKETS
-                || held.bytes + tx.bytes.len() > HOLD_BYTES
+            } else if held.packets.len() >= HOLD_PACKETS || held.bytes + tx.bytes.len() > HOLD_BYTES
             {
                 full += 1;
                 if self.pool.len() < POOL {

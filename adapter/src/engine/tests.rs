@@ -444,10 +444,18 @@ fn a_held_tunnel_shakes_hands_and_keeps_its_packets_until_released_in_order() {
     assert_eq!(rig.drops(DropReason::PortNotAllowed), 1);
     assert_eq!(rig.engine.release(id), 2);
     assert!(!rig.engine.is_held(id));
-    assert_eq!(rig.pump().tun, vec![first, second], "in order, once released");
+    assert_eq!(
+        rig.pump().tun,
+        vec![first, second],
+        "in order, once released"
+    );
     assert_eq!(rig.engine.release(id), 0);
     let third = udp(TECH, 40001, PLC, 161, b"again");
-    assert_eq!(rig.site_in(id, &third).tun, vec![third], "not held any more");
+    assert_eq!(
+        rig.site_in(id, &third).tun,
+        vec![third],
+        "not held any more"
+    );
 }
 
 #[test]
@@ -465,7 +473,11 @@ fn a_hold_is_bounded_and_a_removed_tunnel_drops_what_it_held() {
     assert_eq!(rig.engine.release(id), HOLD_PACKETS);
     let out = rig.pump().tun;
     assert_eq!(out.len(), HOLD_PACKETS);
-    assert_eq!(&out[0][out[0].len() - 4..], &0u32.to_be_bytes(), "the first are kept");
+    assert_eq!(
+        &out[0][out[0].len() - 4..],
+        &0u32.to_be_bytes(),
+        "the first are kept"
+    );
     // ... and in bytes.
     rig.engine.hold(id);
     let big = udp(TECH, 40000, PLC, 161, &vec![7u8; 8000]);
