@@ -47,8 +47,14 @@
 //! (checksums complete, no trailer) before encryption, by the same cutter a TUN without
 //! offload gets. A tunnel on which this end did not announce offload takes no trailer: bytes
 //! after the IP packet are dropped as `bad-offload`. A new tunnel has agreed nothing.
+//!
+//! A tunnel can be *held* ([`Engine::hold`]): what its datagrams carry toward the TUN is kept
+//! back, in order and bounded ([`HOLD_PACKETS`], [`HOLD_BYTES`]; beyond them dropped as
+//! `hold-full`), until [`Engine::release`] queues it for the TUN; a tunnel removed while held
+//! drops it (`held-discarded`). Its handshakes, keepalives and what goes the other way are not
+//! held. The site holds a new session until its firewall table is loaded.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -74,6 +80,13 @@ pub const ANSWER_BURST: u64 = 100;
 /// What each flow may send per round of the output's deficit round robin, in bytes of
 /// datagrams (or packets): one MTU-size packet and its WireGuard overhead.
 pub const QUANTUM: usize = 1600;
+/// A held tunnel ([`Engine::hold`]) keeps at most this many packets toward the TUN; more are
+/// dropped (`hold-full`). A connect's first packets are a SYN or a few datagrams: this leaves
+/// room for a burst while a site's firewall table loads (a few ms, tens under load).
+pub const HOLD_PACKETS: usize = 128;
+
+/// ... and at most this many bytes of them (whole IP packets; a GSO super-packet counts whole).
+pub const HOLD_BYTES: usize = 256 * 1024;
 
 /// WireGuard handshake messages are at most 148 bytes.
 const HANDSHAKE: usize = 148;
@@ -178,6 +191,16 @@ struct Tunnel {
     bytes_in: u64,
     bytes_out: u64,
     offload: TunnelOffload,
+    /// While held: the packets toward the TUN, in order, not yet released.
+    held: Option<Held>,
+}
+
+/// A held tunnel's packets toward the TUN and their bytes.
+#[derive(Debug, Default)]
+struct Held {
+    /// With their flows ([`sched`]).
+    packets: VecDeque<(u64, Transmit)>,
+    bytes: usize,
 }
 
 /// A token bucket for local answers.
@@ -221,6 +244,8 @@ pub struct Engine {
     passed: u64,
     answered: u64,
     offload_counters: OffloadCounters,
+    /// How many tunnels are held (none: the per-datagram path skips the hold).
+    holding: usize,
 }
 
 /// How many GSO super-packets (packets with [`gso::Offload`] metadata that a TUN cuts into
@@ -278,6 +303,7 @@ impl Engine {
             passed: 0,
             answered: 0,
             offload_counters: OffloadCounters::default(),
+            holding: 0,
         }
     }
 
@@ -321,6 +347,7 @@ impl Engine {
                 bytes_in: 0,
                 bytes_out: 0,
                 offload: TunnelOffload::default(),
+                held: None,
             },
         );
         Ok(())
@@ -338,13 +365,85 @@ impl Engine {
         Ok(())
     }
 
-    /// Removes a tunnel with its devices and flows; returns the devices it had.
+    /// Removes a tunnel with its devices and flows; returns the devices it had. Packets it
+    /// held are dropped (`held-discarded`).
     pub fn remove_tunnel(&mut self, id: TunnelId) -> Vec<IpAddr> {
-        let Some(t) = self.tunnels.remove(&id) else {
+        let Some(mut t) = self.tunnels.remove(&id) else {
             return Vec::new();
         };
         self.owners.retain(|_, owner| *owner != id);
+        if let Some(held) = t.held.take() {
+            self.holding -= 1;
+            let n = held.packets.len() as u64;
+            if n > 0 {
+                self.drop_packet(DropReason::HeldDiscarded, n);
+            }
+            for (_, p) in held.packets {
+                self.recycle(p.bytes);
+            }
+        }
         t.devices.into_keys().collect()
+    }
+
+    /// Holds tunnel `id`: from now on, the packets its datagrams carry toward the TUN (those
+    /// the filter passed) are kept back until [`Engine::release`], at most [`HOLD_PACKETS`]
+    /// packets and [`HOLD_BYTES`] bytes (more are dropped, `hold-full`). Handshakes,
+    /// keepalives and packets toward the tunnel go on as before. Returns false if there is no
+    /// such tunnel; holding a held tunnel changes nothing.
+    pub fn hold(&mut self, id: TunnelId) -> bool {
+        let Some(t) = self.tunnels.get_mut(&id) else {
+            return false;
+        };
+        if t.held.is_none() {
+            t.held = Some(Held::default());
+            self.holding += 1;
+        }
+        true
+    }
+
+    /// Ends tunnel `id`'s hold: what it held is queued for the TUN, in the order it came,
+    /// before anything that arrives later. Returns how many packets were held (0 if the tunnel
+    /// was not held or does not exist).
+    pub fn release(&mut self, id: TunnelId) -> usize {
+        let Some(held) = self.tunnels.get_mut(&id).and_then(|t| t.held.take()) else {
+            return 0;
+        };
+        self.holding -= 1;
+        let n = held.packets.len();
+        for (flow, tx) in held.packets {
+            self.out.push(flow, tx);
+        }
+        n
+    }
+
+    /// Whether tunnel `id` is held ([`Engine::hold`]).
+    pub fn is_held(&self, id: TunnelId) -> bool {
+        self.tunnels.get(&id).is_some_and(|t| t.held.is_some())
+    }
+
+    /// Puts what tunnel `id`'s datagram produced (`got`, with flows, in order) into its hold
+    /// if it is held, bounded; what goes elsewhere is queued as usual.
+    fn hold_new(&mut self, id: TunnelId, got: Vec<(u64, Transmit)>) {
+        let mut full = 0u64;
+        let mut held = self.tunnels.get_mut(&id).and_then(|t| t.held.as_mut());
+        for (flow, tx) in got {
+            let Some(held) = held.as_mut().filter(|_| tx.dest == Dest::Tun) else {
+                self.out.push(flow, tx);
+                continue;
+            };
+            if held.packets.len() >= HOLD_PACKETS || held.bytes + tx.bytes.len() > HOLD_BYTES {
+                full += 1;
+                if self.pool.len() < POOL {
+                    self.pool.push(tx.bytes);
+                }
+            } else {
+                held.bytes += tx.bytes.len();
+                held.packets.push_back((flow, tx));
+            }
+        }
+        if full > 0 {
+            self.drop_packet(DropReason::HoldFull, full);
+        }
     }
 
     /// Connects `agent` (its `ports` of `device`) through tunnel `id`: the device's allowed set
@@ -529,8 +628,19 @@ impl Engine {
     }
 
     /// A datagram from tunnel `id`'s peer. It is decrypted into a pooled buffer that goes to
-    /// the TUN as it is when the packet passes (no copy).
+    /// the TUN as it is when the packet passes (no copy), or into the tunnel's hold while it
+    /// is held ([`Engine::hold`]).
     pub fn handle_datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
+        if self.holding == 0 {
+            return self.datagram(id, datagram, now);
+        }
+        self.out.capture();
+        self.datagram(id, datagram, now);
+        let got = self.out.captured();
+        self.hold_new(id, got);
+    }
+
+    fn datagram(&mut self, id: TunnelId, datagram: &[u8], now: Instant) {
         enum Got {
             Packet(usize, Result<(Offload, Parsed), DropReason>),
             Send(usize, usize),

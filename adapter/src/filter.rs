@@ -64,10 +64,16 @@ pub enum DropReason {
     /// Offload metadata (GSO, partial checksum) that does not match its packet, or a broken
     /// metadata trailer (see [`crate::gso`]).
     BadOffload,
+    /// A packet toward the TUN held for its tunnel ([`crate::Engine::hold`]) beyond the hold's
+    /// bounds ([`crate::engine::HOLD_PACKETS`], [`crate::engine::HOLD_BYTES`]).
+    HoldFull,
+    /// A held packet whose tunnel was removed before it was released (at the site: the
+    /// session's firewall table did not load, and nothing goes to the device network).
+    HeldDiscarded,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Malformed,
         DropReason::FragmentRefused,
         DropReason::FragmentTimeout,
@@ -83,6 +89,8 @@ impl DropReason {
         DropReason::FlowTableFull,
         DropReason::NoTunnel,
         DropReason::BadOffload,
+        DropReason::HoldFull,
+        DropReason::HeldDiscarded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -102,6 +110,8 @@ impl DropReason {
             DropReason::FlowTableFull => "flow-table-full",
             DropReason::NoTunnel => "no-tunnel",
             DropReason::BadOffload => "bad-offload",
+            DropReason::HoldFull => "hold-full",
+            DropReason::HeldDiscarded => "held-discarded",
         }
     }
 }

@@ -158,8 +158,10 @@ pub trait Registry {
     /// Appends `records` in one durable transaction.
     fn record(&mut self, records: &[AuditRecord]) -> Result<(), RegistryError>;
 
-    /// Appends `records` in one transaction that is not flushed to disk by itself: the next
-    /// durable one flushes it with its own (the log is written in order). Only for the record
+    /// Appends `records` in one transaction that is not flushed to disk before this returns:
+    /// the store flushes it in the background at once (durable while the site works on the
+    /// request), and the next durable commit flushes it with its own at the latest (the log is
+    /// written in order). Only for the record
     /// of a step that nobody is told about and whose outcome is recorded durably before
     /// anyone is (a session request: its `session opened` or `session refused` follows), so
     /// the audit log is still durable before the action it records is acknowledged, at one

@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -308,6 +308,9 @@ fn agents_change(old: &str, new: &str) -> String {
 pub struct Store {
     conn: Connection,
     syslog: Syslog,
+    /// The background flusher of the write-ahead log ([`Store::sync_wal_soon`]), started at
+    /// its first use.
+    flusher: std::sync::OnceLock<std::sync::mpsc::Sender<PathBuf>>,
 }
 
 /// A write transaction whose audit records go to the system log once it commits.
@@ -358,7 +361,11 @@ impl Store {
         } else {
             Syslog::from_env()
         };
-        Ok(Self { conn, syslog })
+        Ok(Self {
+            conn,
+            syslog,
+            flusher: std::sync::OnceLock::new(),
+        })
     }
 
     /// Sends committed audit records to `syslog` instead of `$PINHOLE_SYSLOG_SOCKET` or
@@ -440,6 +447,38 @@ impl Store {
             last_id,
             syslog: &self.syslog,
         })
+    }
+
+    /// Starts an `fsync` of the write-ahead log in a thread of its own and returns at once: the
+    /// commits written so far become durable while the caller goes on (relays a session
+    /// request to its site, say), instead of after ([`Store::unflushed`] alone) or before (a
+    /// `synchronous=FULL` commit, on the caller's way). Requests made while one runs are
+    /// served by one more `fsync`. A failure is logged: the next `synchronous=FULL` commit
+    /// syncs the same frames again and reports its own failure to its caller.
+    pub(crate) fn sync_wal_soon(&self) {
+        let Some(wal) = self.wal_path() else {
+            return;
+        };
+        let tx = self.flusher.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+            let spawned = std::thread::Builder::new()
+                .name("wal-flusher".into())
+                .spawn(move || {
+                    while let Ok(mut wal) = rx.recv() {
+                        while let Ok(next) = rx.try_recv() {
+                            wal = next;
+                        }
+                        if let Err(e) = Store::sync_wal(&wal) {
+                            tracing::warn!(error = %e, "cannot sync the database's log in the background");
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the log flusher: records wait for the next durable commit");
+            }
+            tx
+        });
+        let _ = tx.send(wal);
     }
 
     /// Runs `f` with `synchronous=NORMAL`: its commits reach the write-ahead log but are not

@@ -143,6 +143,9 @@ impl Registry for Store {
     }
 
     fn record_pending(&mut self, records: &[AuditRecord]) -> Result<(), RegistryError> {
-        self.unflushed(|s| Registry::record(s, records))
+        self.unflushed(|s| Registry::record(s, records))?;
+        // Durable while the site works on it, off the technician's way.
+        self.sync_wal_soon();
+        Ok(())
     }
 }

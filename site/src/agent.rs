@@ -10,6 +10,7 @@
 //! gateway certificate of the CA received at enrollment **and** the pinned key; after `repin`
 //! the next gateway of that CA is pinned.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,8 @@ use pinhole_proto::{
 use pinhole_shell::{DialError, Dialer, Handler, Lost, Refused, Stream, drive};
 use rustls::pki_types::CertificateDer;
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 use zeroize::Zeroizing;
 
@@ -82,12 +84,116 @@ struct Plane {
     guard: Option<Arc<Mutex<Guard>>>,
     fwd: Forwarder,
     light_on: Option<bool>,
-    /// Sessions changed and the firewall and the light are not updated yet: a session's
-    /// answer goes to the gateway first, so that the technician's side (the gateway's record,
-    /// the route, the WireGuard handshake) runs while `nft` loads the table, and nothing of
-    /// that session reaches the device network before the table allows it (see
-    /// [`SiteLink::wait`]).
-    sync_due: bool,
+    /// The firewall table's loads; `None` without a device interface (and so no sessions).
+    tables: Option<Tables>,
+}
+
+/// The firewall table's loads, run by [`load_tables`] in a task of their own, so that the
+/// site's loop goes on with the tunnels while `nft` runs (3–5 ms on a quiet machine, tens of
+/// ms under load): a new session's WireGuard handshake, other sessions' packets, keepalives.
+///
+/// A session whose table is not loaded yet is held ([`Forwarder::hold`]): its packets toward
+/// the device network wait, in order and bounded (`hold-full` drops beyond
+/// [`pinhole_adapter::engine::HOLD_PACKETS`] / [`pinhole_adapter::engine::HOLD_BYTES`]), and go
+/// once a table that lets them through is loaded. If that load fails, they are dropped
+/// (`held-discarded`) and the session ends: nothing of it reaches the device network before
+/// the table allows it (fail closed; forwarding is off until the watcher restores the table).
+struct Tables {
+    /// The latest policy to load and its generation. The task loads the latest: requests made
+    /// while a load runs are coalesced into the next one.
+    requests: watch::Sender<(u64, firewall::Policy)>,
+    /// The latest load done. A load of generation `g` that succeeded put in place a policy that
+    /// allows every session held at or before `g` and still open (the policy is taken from the
+    /// sessions when it is requested); one that failed ends them.
+    done: watch::Receiver<Loaded>,
+    task: JoinHandle<()>,
+    /// The last generation requested.
+    generation: u64,
+    /// Held sessions, with the generation whose load lets their packets through.
+    held: BTreeMap<u32, u64>,
+}
+
+/// A firewall table load that [`load_tables`] finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Loaded {
+    generation: u64,
+    ok: bool,
+}
+
+impl Tables {
+    /// Starts the loading task for `guard`.
+    fn start(guard: Arc<Mutex<Guard>>) -> Self {
+        let (requests, rx) = watch::channel((0, firewall::Policy::default()));
+        let (tx, done) = watch::channel(Loaded {
+            generation: 0,
+            ok: true,
+        });
+        Self {
+            requests,
+            done,
+            task: tokio::spawn(load_tables(guard, rx, tx)),
+            generation: 0,
+            held: BTreeMap::new(),
+        }
+    }
+
+    /// Ends the task once the load that runs (if any) is done.
+    async fn stop(self) {
+        let Self { requests, task, .. } = self;
+        drop(requests);
+        let _ = task.await;
+    }
+}
+
+/// Loads the firewall table for each policy `requests` carries (the latest, when several came
+/// during a load), and says in `done` how it went. A failed load switches forwarding off (the
+/// watcher restores the table and switches it on again). The kernel's listing of a loaded table
+/// (for the watcher, which waits for the lock) is taken after `done` is told: another `nft`
+/// run that the held packets need not wait for.
+async fn load_tables(
+    guard: Arc<Mutex<Guard>>,
+    mut requests: watch::Receiver<(u64, firewall::Policy)>,
+    done: watch::Sender<Loaded>,
+) {
+    while requests.changed().await.is_ok() {
+        let (generation, policy) = requests.borrow_and_update().clone();
+        let started = Instant::now();
+        let mut g = guard.lock().await;
+        let ok = match g.firewall.load(&policy).await {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
+                if let Err(e) = g.domain.set_forwarding(false) {
+                    error!(error = %e, "cannot switch forwarding off");
+                }
+                false
+            }
+        };
+        debug!(
+            generation,
+            ok,
+            took_us = started.elapsed().as_micros() as u64,
+            "firewall table load done"
+        );
+        done.send_replace(Loaded { generation, ok });
+        if ok && let Err(e) = g.firewall.record_applied().await {
+            // The watcher finds the table changed, switches forwarding off and applies it again.
+            error!(error = %e, "cannot list the firewall table");
+        }
+    }
+}
+
+/// The next finished table load; without a firewall, waits forever (a `select!` branch that
+/// never fires).
+async fn next_loaded(tables: &mut Option<Tables>) -> Option<Loaded> {
+    match tables {
+        Some(t) => match t.done.changed().await {
+            Ok(()) => Some(*t.done.borrow_and_update()),
+            // The task ended (only at exit).
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Checks the firewall table every [`FIREWALL_CHECK`]; while it is missing or changed,
@@ -391,13 +497,17 @@ impl SiteAgent {
             let (tx, rx) = mpsc::channel(FIREWALL_REPORTS);
             self.reports = Some(rx);
             watcher = Some(tokio::spawn(watch_firewall(guard.clone(), tx)));
+            self.plane.tables = Some(Tables::start(guard.clone()));
             self.plane.guard = Some(guard);
             self.plane.fwd.set_tun_offload(tun.offload());
             self.plane.tun = Some(tun);
         }
-        self.sync_plane().await;
+        self.sync_plane();
         let result = self.main_loop(&mut signals).await;
         self.plane.fwd.clear();
+        if let Some(t) = self.plane.tables.take() {
+            t.stop().await;
+        }
         if let Some(w) = watcher {
             w.abort();
         }
@@ -572,48 +682,74 @@ impl SiteAgent {
                 "gateway link gone: closing every session"
             );
             self.plane.fwd.clear();
-            self.sync_plane().await;
+            self.sync_plane();
+        }
+        if let Some(t) = &mut self.plane.tables {
+            t.held.clear();
         }
         Ok(outcome)
     }
 
-    /// Applies the sessions to the firewall and the light.
-    async fn sync_plane(&mut self) {
-        self.plane.sync_due = false;
-        let started = Instant::now();
+    /// Applies the sessions to the light, and asks for their firewall table ([`Tables`]);
+    /// returns the generation of that table's load (`None` without a firewall).
+    fn sync_plane(&mut self) -> Option<u64> {
         let active = !self.plane.fwd.is_empty();
-        if let Some(guard) = &self.plane.guard {
-            let mut g = guard.clone().lock_owned().await;
-            match g.firewall.load(&self.plane.fwd.policy()).await {
-                // The table filters now. Its listing (for the watcher, which waits for this
-                // lock) is taken off the session's way: another `nft` run that the handshake
-                // and the first packets need not wait for.
-                Ok(()) => {
-                    tokio::spawn(async move {
-                        if let Err(e) = g.firewall.record_applied().await {
-                            // The watcher finds the table changed, switches forwarding off and
-                            // applies it again.
-                            error!(error = %e, "cannot list the firewall table");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Fail closed; the watcher retries every second.
-                    error!(error = %e, "cannot update the firewall; forwarding off until it is restored");
-                    if let Err(e) = g.domain.set_forwarding(false) {
-                        error!(error = %e, "cannot switch forwarding off");
-                    }
-                }
-            }
-        }
-        debug!(
-            took_us = started.elapsed().as_micros() as u64,
-            "firewall table applied"
-        );
         if self.plane.light_on != Some(active) {
             self.plane.light_on = Some(active);
             info!(active, "remote access light");
             light::set(self.config.light.as_ref(), active);
+        }
+        let t = self.plane.tables.as_mut()?;
+        t.generation += 1;
+        t.requests
+            .send_replace((t.generation, self.plane.fwd.policy()));
+        Some(t.generation)
+    }
+
+    /// A firewall table load finished: the sessions it was for are released, or, if it
+    /// failed, ended with what they held.
+    fn table_loaded(&mut self, core: &mut SiteCore, loaded: Loaded) {
+        let Some(t) = &mut self.plane.tables else {
+            return;
+        };
+        let mut due = Vec::new();
+        t.held.retain(|session, generation| {
+            let now_due = *generation <= loaded.generation;
+            if now_due {
+                due.push(*session);
+            }
+            !now_due
+        });
+        if loaded.ok {
+            for session in due {
+                let packets = self.plane.fwd.release(session);
+                debug!(
+                    session,
+                    packets, "firewall table loaded: the session's held packets go on"
+                );
+            }
+            return;
+        }
+        let mut ended = false;
+        for session in due {
+            if !self.plane.fwd.contains(session) {
+                continue;
+            }
+            error!(
+                session,
+                "the firewall table for this session did not load: ending the session (nothing of it reached the device network)"
+            );
+            self.plane.fwd.close(session, None);
+            core.close_session(
+                session,
+                None,
+                "the site could not load its firewall table for this session",
+                Instant::now(),
+            );
+            ended = true;
+        }
+        if ended {
+            self.sync_plane();
         }
     }
 
@@ -654,9 +790,14 @@ impl SiteAgent {
             Ok(site_key) => {
                 info!(session, agent = %a.name, device = %a.address, "session opened");
                 core.session_opened(session, &site_key, a, now);
-                // The answer is sent before the table is applied (the driver writes it before
-                // it waits again); the table comes at once after, and before any datagram.
-                self.plane.sync_due = true;
+                // The answer goes out at once; the table loads meanwhile, and the session's
+                // packets toward the devices wait for it (its handshake does not).
+                if let Some(generation) = self.sync_plane() {
+                    self.plane.fwd.hold(session);
+                    if let Some(t) = &mut self.plane.tables {
+                        t.held.insert(session, generation);
+                    }
+                }
             }
             Err(reason) => core.session_refused(session, &reason.to_string(), now),
         }
@@ -733,8 +874,8 @@ impl Handler for Enrollment<'_> {
 /// What the site's own inputs produced, while a link is up.
 enum Wake {
     Tun(std::io::Result<usize>),
-    /// Sessions changed: apply the firewall table now.
-    Sync,
+    /// A firewall table load finished.
+    Loaded(Loaded),
     EngineTick,
     /// The firewall table was restored: tell the gateway.
     Report(FirewallChange),
@@ -803,7 +944,7 @@ impl<'a> SiteLink<'a> {
                 );
             }
         }
-        self.agent.sync_plane().await;
+        self.agent.sync_plane();
         core.update_agents(self.agent.config.agents.clone(), Instant::now());
         None
     }
@@ -841,14 +982,14 @@ impl Handler for SiteLink<'_> {
                 agent: name,
             } => {
                 info!(session, agent = ?name, %reason, "session closed by the gateway");
-                agent.plane.fwd.close(session, name.as_deref());
-                agent.sync_plane().await;
+                if agent.plane.fwd.close(session, name.as_deref())
+                    && let Some(t) = &mut agent.plane.tables
+                {
+                    t.held.remove(&session);
+                }
+                agent.sync_plane();
             }
             SiteEvent::Data { session, datagram } => {
-                if agent.plane.sync_due {
-                    // A session's packets only after the table that lets them through.
-                    agent.sync_plane().await;
-                }
                 let now = Instant::now();
                 agent.plane.fwd.handle_datagram(session, &datagram, now);
                 core.recycle_datagram(datagram);
@@ -871,17 +1012,13 @@ impl Handler for SiteLink<'_> {
         None
     }
 
-    /// Returns [`Wake::Sync`] at once while the firewall is due: the driver calls this only
-    /// after it wrote what the events queued (a session's answer), and before it reads more.
     async fn wait(&mut self) -> Wake {
-        if self.agent.plane.sync_due {
-            return Wake::Sync;
-        }
         let tun = self.agent.plane.tun.as_ref();
         tokio::select! {
             n = pinhole_adapter::tun::recv_or_wait(tun, &mut self.tun_buf) => Wake::Tun(n),
             _ = self.engine_tick.tick() => Wake::EngineTick,
             Some(change) = next_report(&mut self.agent.reports), if self.worked => Wake::Report(change),
+            Some(loaded) = next_loaded(&mut self.agent.plane.tables) => Wake::Loaded(loaded),
             _ = self.switch_tick.tick() => Wake::SwitchTick,
             sig = self.signals.next() => Wake::Signal(sig),
         }
@@ -905,7 +1042,10 @@ impl Handler for SiteLink<'_> {
                 plane.flush(core, now).await;
             }
             Wake::Tun(Err(_)) => {}
-            Wake::Sync => self.agent.sync_plane().await,
+            Wake::Loaded(loaded) => {
+                self.agent.table_loaded(core, loaded);
+                self.agent.plane.flush(core, Instant::now()).await;
+            }
             Wake::EngineTick => {
                 let now = Instant::now();
                 plane.fwd.handle_timeout(now);

@@ -106,6 +106,24 @@ impl Forwarder {
         Ok(key)
     }
 
+    /// Whether `session` is open.
+    pub fn contains(&self, session: u32) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
+    /// Holds `session`'s packets toward the device network (those its filter passed) until
+    /// [`Forwarder::release`], in order and bounded ([`Engine::hold`]); its handshakes,
+    /// keepalives and the device's answers go on. Closing the session drops them.
+    pub fn hold(&mut self, session: u32) -> bool {
+        self.engine.hold(TunnelId(session))
+    }
+
+    /// Ends `session`'s hold: what it held goes to the TUN, in order, with the next
+    /// [`Forwarder::poll_transmit`]s. Returns how many packets it held.
+    pub fn release(&mut self, session: u32) -> usize {
+        self.engine.release(TunnelId(session))
+    }
+
     /// Closes a session, or one agent of it. Returns true if the session is gone.
     pub fn close(&mut self, session: u32, agent: Option<&str>) -> bool {
         let Some(s) = self.sessions.get_mut(&session) else {

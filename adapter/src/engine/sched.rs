@@ -73,11 +73,27 @@ pub(crate) struct Sched {
     old: VecDeque<usize>,
     len: usize,
     bytes: usize,
+    /// While set ([`Sched::capture`]), pushes land here in their order instead of the queues.
+    captured: Option<Vec<(u64, Transmit)>>,
 }
 
 impl Sched {
+    /// From now until [`Sched::captured`], [`Sched::push`] sets transmits aside (with their
+    /// flow) instead of queueing them: the engine holds some of them back.
+    pub(crate) fn capture(&mut self) {
+        self.captured = Some(Vec::new());
+    }
+
+    /// What was pushed since [`Sched::capture`], in order; pushes queue again.
+    pub(crate) fn captured(&mut self) -> Vec<(u64, Transmit)> {
+        self.captured.take().unwrap_or_default()
+    }
+
     /// Queues `t` behind the other packets of flow `key`.
     pub(crate) fn push(&mut self, key: u64, t: Transmit) {
+        if let Some(c) = self.captured.as_mut() {
+            return c.push((key, t));
+        }
         let i = match self.by_key.get(&key) {
             Some(&i) => i,
             None => {

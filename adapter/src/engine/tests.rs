@@ -378,6 +378,124 @@ fn the_site_accepts_only_its_technician_and_its_devices() {
     assert!(rig.tun_in(&other).far.is_empty());
 }
 
+/// A site engine with one session (tunnel 5, technician TECH, PLC tcp/102 and udp/161) and
+/// the technician's end of it; the handshake not done yet.
+fn site_rig() -> Rig {
+    let tech_key = Keypair::from_secret([7; 32]);
+    let site_key = Keypair::from_secret([8; 32]);
+    let mut engine = Engine::new(Side::Site);
+    let peer = Peer::new(&site_key, &tech_key.public_hex(), 5).expect("peer");
+    engine
+        .add_tunnel(TunnelId(5), peer, Some(TECH.into()))
+        .expect("tunnel");
+    engine
+        .connect(
+            TunnelId(5),
+            "plc",
+            PLC.into(),
+            [Port::tcp(102), Port::udp(161)].into_iter().collect(),
+        )
+        .expect("plc");
+    let mut far = BTreeMap::new();
+    far.insert(
+        TunnelId(5),
+        Peer::new(&tech_key, &site_key.public_hex(), 6).expect("far"),
+    );
+    Rig {
+        engine,
+        far,
+        now: Instant::now(),
+        offloads: Vec::new(),
+        rests: Vec::new(),
+    }
+}
+
+impl Rig {
+    /// The technician's end starts the handshake; returns what came out (the response went
+    /// back to the far end, which is then established).
+    fn far_initiates(&mut self, id: TunnelId) -> Out {
+        let mut buf = vec![0u8; wg::BUFFER];
+        let init = self
+            .far
+            .get_mut(&id)
+            .expect("far")
+            .initiate(&mut buf)
+            .expect("init")
+            .to_vec();
+        self.engine.handle_datagram(id, &init, self.now);
+        self.pump()
+    }
+}
+
+#[test]
+fn a_held_tunnel_shakes_hands_and_keeps_its_packets_until_released_in_order() {
+    let mut rig = site_rig();
+    let id = TunnelId(5);
+    assert!(rig.engine.hold(id));
+    assert!(!rig.engine.hold(TunnelId(99)), "no such tunnel");
+    // The handshake is answered while held: the far end can encrypt afterwards.
+    rig.far_initiates(id);
+    let first = tcp(TECH, 40000, PLC, 102);
+    let second = udp(TECH, 40001, PLC, 161, b"get");
+    assert!(rig.site_in(id, &first).tun.is_empty(), "held");
+    assert!(rig.site_in(id, &second).tun.is_empty(), "held");
+    // The other way is not held: the device's answer to a flow goes to the technician.
+    let reply = tcp_ack(PLC, 102, TECH, 40000);
+    assert_eq!(rig.tun_in(&reply).far, vec![(id, reply)]);
+    // What the filter refuses is not held either: it is dropped as before.
+    assert!(rig.site_in(id, &tcp(TECH, 40002, PLC, 22)).tun.is_empty());
+    assert_eq!(rig.drops(DropReason::PortNotAllowed), 1);
+    assert_eq!(rig.engine.release(id), 2);
+    assert!(!rig.engine.is_held(id));
+    assert_eq!(
+        rig.pump().tun,
+        vec![first, second],
+        "in order, once released"
+    );
+    assert_eq!(rig.engine.release(id), 0);
+    let third = udp(TECH, 40001, PLC, 161, b"again");
+    assert_eq!(
+        rig.site_in(id, &third).tun,
+        vec![third],
+        "not held any more"
+    );
+}
+
+#[test]
+fn a_hold_is_bounded_and_a_removed_tunnel_drops_what_it_held() {
+    let mut rig = site_rig();
+    let id = TunnelId(5);
+    rig.far_initiates(id);
+    rig.engine.hold(id);
+    // Bounded in packets...
+    for i in 0..HOLD_PACKETS + 3 {
+        let p = udp(TECH, 40000, PLC, 161, &(i as u32).to_be_bytes());
+        assert!(rig.site_in(id, &p).tun.is_empty());
+    }
+    assert_eq!(rig.drops(DropReason::HoldFull), 3);
+    assert_eq!(rig.engine.release(id), HOLD_PACKETS);
+    let out = rig.pump().tun;
+    assert_eq!(out.len(), HOLD_PACKETS);
+    assert_eq!(
+        &out[0][out[0].len() - 4..],
+        &0u32.to_be_bytes(),
+        "the first are kept"
+    );
+    // ... and in bytes.
+    rig.engine.hold(id);
+    let big = udp(TECH, 40000, PLC, 161, &vec![7u8; 8000]);
+    let fits = HOLD_BYTES / big.len();
+    for _ in 0..fits + 2 {
+        rig.site_in(id, &big);
+    }
+    assert_eq!(rig.drops(DropReason::HoldFull), 3 + 2);
+    // A tunnel removed while held: nothing of it reaches the TUN.
+    rig.engine.remove_tunnel(id);
+    assert_eq!(rig.drops(DropReason::HeldDiscarded), fits as u64);
+    assert_eq!(rig.engine.release(id), 0);
+    assert!(rig.pump().tun.is_empty());
+}
+
 impl Rig {
     /// A super-packet read from the TUN with its metadata.
     fn tun_in_offload(&mut self, p: &[u8], o: Offload) -> Out {

@@ -1050,8 +1050,9 @@ impl<H: Clone> Hub<H> {
             "session requested",
             format!("{account} asked for {site}/{agent}"),
         );
-        // Flushed to disk with the request's outcome (`session opened` or refused), before the
-        // technician hears of it: one disk flush less on the way to a connected device.
+        // Flushed to disk in the background while the site works on it, and with the request's
+        // outcome (`session opened` or refused) at the latest, before the technician hears of
+        // it: no disk flush of its own on the way to a connected device.
         if registry.record_pending(&[requested]).is_err() {
             out.push(refused(
                 link,
