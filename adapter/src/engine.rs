@@ -816,8 +816,7 @@ impl Engine {
             Ok(()) => {
                 self.passed += 1;
                 if from_tun {
-                    let flow = flow_key(&self.hasher, s);
-                    self.send_tunnel(id, packet, wire, offload, flow);
+                    self.send_tunnel(id, packet, wire, offload);
                 } else if offload.is_gso() {
                     let c = &mut self.offload_counters;
                     c.received += 1;
@@ -870,16 +869,9 @@ impl Engine {
     /// Encrypts a packet that passed from the TUN into tunnel `id`: `wire` (the packet and its
     /// trailer) when the tunnel agreed on super-packets of its size; else the packet itself
     /// if it has no metadata, or its segments (checksums complete, no trailer).
-    fn send_tunnel(
-        &mut self,
-        id: TunnelId,
-        packet: &[u8],
-        wire: &[u8],
-        offload: Offload,
-        flow: u64,
-    ) {
+    fn send_tunnel(&mut self, id: TunnelId, packet: &[u8], wire: &[u8], offload: Offload) {
         if offload.is_none() {
-            return self.encapsulate(id, packet, flow);
+            return self.encapsulate(id, packet);
         }
         let send = self.tunnels.get(&id).and_then(|t| t.offload.send);
         if send.is_some_and(|max| wire.len() + wg::OVERHEAD <= max) {
@@ -888,7 +880,7 @@ impl Engine {
                 c.sent += 1;
                 c.sent_bytes += packet.len() as u64;
             }
-            return self.encapsulate(id, wire, flow);
+            return self.encapsulate(id, wire);
         }
         let Some(segments) = self.cut(packet, offload) else {
             return;
@@ -897,12 +889,12 @@ impl Engine {
             self.offload_counters.split += 1;
         }
         for s in segments {
-            self.encapsulate(id, &s, flow);
+            self.encapsulate(id, &s);
             self.recycle(s);
         }
     }
 
-    fn encapsulate(&mut self, id: TunnelId, packet: &[u8], flow: u64) {
+    fn encapsulate(&mut self, id: TunnelId, packet: &[u8]) {
         let Some(t) = self.tunnels.get_mut(&id) else {
             return;
         };
@@ -921,7 +913,7 @@ impl Engine {
         }
         buf.truncate(n);
         t.bytes_out += n as u64;
-        self.out.push(flow, Transmit::new(Dest::Tunnel(id), buf));
+        self.out.push(NO_FLOW, Transmit::new(Dest::Tunnel(id), buf));
     }
 
     /// Writes a packet to the TUN; an IPv4 datagram larger than the TUN's MTU that may be

@@ -2,17 +2,23 @@
 //! without its AQM), so that an interactive flow's packet is not written behind a bulk flow's
 //! burst.
 //!
-//! A burst read from the TUN can hold megabytes of one bulk transfer's super-packets; written
-//! in the order they were read, a request of an interactive protocol read late in the burst
-//! waits for all of it (milliseconds at the link's rate). Here every transmit is queued by its
-//! flow (a hash of the 5-tuple the engine already parsed, [`flow_key`]); [`Sched::pop`] takes
-//! from the flows in turn, each allowed [`QUANTUM`] bytes per round, and a flow that had
-//! nothing queued goes ahead of the flows that did (RFC 8290 §4.1.1's new flows). A small
-//! flow's packet therefore waits for at most one packet of at most [`QUANTUM`] bytes per other
-//! flow, and never for a super-packet that was queued before it. One flow's packets keep their
-//! order (one FIFO per flow); packets of different flows may change places, which WireGuard's
-//! replay window (1 024 messages, far more than a burst) and the TUN both accept. Packets
-//! without a flow (WireGuard handshakes and keepalives) are one flow of their own.
+//! A burst can hold megabytes of one bulk transfer's (super-)packets; written in the order they
+//! came, a request of an interactive protocol that came late in the burst waits for all of it
+//! (milliseconds at the link's rate). Here every packet toward the TUN is queued by its flow (a
+//! hash of the 5-tuple the engine already parsed, [`flow_key`]); [`Sched::pop`] takes from the
+//! flows in turn, each allowed [`QUANTUM`] bytes per round, and a flow that had nothing queued
+//! goes ahead of the flows that did (RFC 8290 §4.1.1's new flows). A small flow's packet
+//! therefore waits for at most one packet of at most [`QUANTUM`] bytes per other flow, and
+//! never for a super-packet that was queued before it. One flow's packets keep their order
+//! (one FIFO per flow).
+//!
+//! WireGuard messages into a tunnel are **not** reordered: each tunnel is one flow here
+//! ([`Sched::push`]). A message's counter is fixed when it is encrypted, and the receiver drops
+//! one more than its replay window below the highest counter it has seen (RFC 6479's window;
+//! 1 024 messages in boringtun, `N_BITS`; the WireGuard paper §5.4.6): one burst without
+//! offload encrypts thousands of segments, so moving a small flow's message ahead of them
+//! would have the peer drop the bulk flow's messages. Between tunnels and toward the TUN the
+//! flows take turns as above.
 //!
 //! Nothing is dropped here: the queue holds what one burst produced and the caller drains it
 //! before it reads more, so its bytes are bounded by what one burst reads.
@@ -20,14 +26,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 
-use super::{QUANTUM, Transmit};
+use super::{Dest, QUANTUM, Transmit};
 use crate::packet::{L4, Summary};
 
-/// The flow of packets that have none (handshakes, keepalives, cookie replies).
+/// The key given with messages into a tunnel (data, handshakes, keepalives, cookie replies):
+/// their flow is the tunnel's whatever the key ([`Sched::push`]).
 pub(crate) const NO_FLOW: u64 = 0;
 
+/// The flows of messages into a tunnel: this bit and the tunnel's id. [`flow_key`] never sets it.
+const TUNNEL_FLOWS: u64 = 1 << 63;
+
 /// The flow `s` belongs to: its protocol, addresses and ports (ICMP echo: its id), hashed, and
-/// never [`NO_FLOW`]. Both directions of a connection get different keys, which is fine: the
+/// never [`NO_FLOW`] nor a tunnel's. Both directions of a connection get different keys, which is fine: the
 /// queue of one engine carries each direction separately (to the TUN, into a tunnel).
 pub(crate) fn flow_key(hasher: &impl BuildHasher, s: &Summary) -> u64 {
     let mut h = hasher.build_hasher();
@@ -44,7 +54,7 @@ pub(crate) fn flow_key(hasher: &impl BuildHasher, s: &Summary) -> u64 {
         L4::Error(q) => (q.src, q.dst, q.proto, q.src_port, q.dst_port).hash(&mut h),
         L4::OtherIcmp | L4::Other(_) => {}
     }
-    h.finish().max(1)
+    (h.finish() & !TUNNEL_FLOWS).max(1)
 }
 
 #[derive(Debug, Default)]
@@ -89,8 +99,13 @@ impl Sched {
         self.captured.take().unwrap_or_default()
     }
 
-    /// Queues `t` behind the other packets of flow `key`.
+    /// Queues `t` behind the other packets of flow `key`; a message into a tunnel behind the
+    /// tunnel's other messages, whatever `key` (see the module documentation).
     pub(crate) fn push(&mut self, key: u64, t: Transmit) {
+        let key = match t.dest {
+            Dest::Tunnel(id) => TUNNEL_FLOWS | u64::from(id.0),
+            Dest::Tun => key,
+        };
         if let Some(c) = self.captured.as_mut() {
             return c.push((key, t));
         }
@@ -179,7 +194,35 @@ mod tests {
     fn t(tag: u8, len: usize) -> Transmit {
         let mut bytes = vec![0u8; len];
         bytes[0] = tag;
-        Transmit::new(Dest::Tunnel(TunnelId(1)), bytes)
+        Transmit::new(Dest::Tun, bytes)
+    }
+
+    #[test]
+    fn messages_into_one_tunnel_keep_their_order_whatever_their_keys() {
+        let mut s = Sched::default();
+        let msg =
+            |tunnel: u32, tag: u8| Transmit::new(Dest::Tunnel(TunnelId(tunnel)), vec![tag; 1400]);
+        for k in 0..20u8 {
+            s.push(u64::from(k % 4) + 1, msg(1, k));
+            s.push(u64::from(k % 3) + 7, msg(2, k));
+        }
+        let mut seen: Vec<(u32, u8)> = Vec::new();
+        while let Some(t) = s.pop() {
+            let Dest::Tunnel(id) = t.dest else {
+                panic!("a tunnel's")
+            };
+            seen.push((id.0, t.bytes[0]));
+        }
+        for tunnel in [1, 2] {
+            let tags: Vec<u8> = seen
+                .iter()
+                .filter(|(id, _)| *id == tunnel)
+                .map(|(_, t)| *t)
+                .collect();
+            assert_eq!(tags, (0..20).collect::<Vec<u8>>(), "tunnel {tunnel}");
+        }
+        // The two tunnels take turns.
+        assert_ne!(seen[..20].iter().filter(|(id, _)| *id == 1).count(), 20);
     }
 
     #[test]
