@@ -472,8 +472,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Disconnects `agent` from tunnel `id`: only its ports go (and the flows on them). Returns
-    /// the device if this was its last agent (the caller removes the host route).
+    /// Disconnects `agent` from tunnel `id`: only its ports go (and the flows on them). If the
+    /// tunnel is held, what it held is dropped (`held-discarded`): it was let through while the
+    /// agent was connected. Returns the device if this was its last agent (the caller removes
+    /// the host route).
     pub fn disconnect(&mut self, id: TunnelId, agent: &str) -> Option<IpAddr> {
         let t = self.tunnels.get_mut(&id)?;
         let device = t
@@ -487,6 +489,12 @@ impl Engine {
                 self.owners.remove(&device);
             }
         }
+        // What a held tunnel keeps was let through while the agent was connected: none of it
+        // may reach a device after the agent is gone, and a hold does not tell agents apart.
+        let discarded = t.held.as_mut().map(|h| {
+            h.bytes = 0;
+            std::mem::take(&mut h.packets)
+        });
         let devices = &t.devices;
         t.flows.retain(|k| match devices.get(&k.device) {
             None => false,
@@ -495,6 +503,12 @@ impl Engine {
                     || d.allows(k.proto, k.device_port)
             }
         });
+        if let Some(held) = discarded.filter(|p| !p.is_empty()) {
+            self.drop_packet(DropReason::HeldDiscarded, held.len() as u64);
+            for (_, p) in held {
+                self.recycle(p.bytes);
+            }
+        }
         gone.then_some(device)
     }
 

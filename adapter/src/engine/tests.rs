@@ -462,6 +462,39 @@ fn a_held_tunnel_shakes_hands_and_keeps_its_packets_until_released_in_order() {
 }
 
 #[test]
+fn an_agent_disconnected_while_held_gets_nothing_of_what_was_held() {
+    let mut rig = site_rig();
+    let id = TunnelId(5);
+    rig.engine
+        .connect(
+            id,
+            "drive",
+            DRIVE.into(),
+            [Port::tcp(502)].into_iter().collect(),
+        )
+        .expect("drive");
+    rig.far_initiates(id);
+    rig.engine.hold(id);
+    // Let through while "drive" was connected, held while the site's table loads...
+    assert!(
+        rig.site_in(id, &tcp(TECH, 40000, DRIVE, 502))
+            .tun
+            .is_empty()
+    );
+    // ... then the gateway withdraws the agent before the load is done.
+    rig.engine.disconnect(id, "drive");
+    assert_eq!(rig.drops(DropReason::HeldDiscarded), 1);
+    assert_eq!(rig.engine.release(id), 0);
+    assert!(
+        rig.pump().tun.is_empty(),
+        "nothing reaches the withdrawn device"
+    );
+    // The session goes on for the agent that stays.
+    let plc = tcp(TECH, 40001, PLC, 102);
+    assert_eq!(rig.site_in(id, &plc).tun, vec![plc]);
+}
+
+#[test]
 fn a_hold_is_bounded_and_a_removed_tunnel_drops_what_it_held() {
     let mut rig = site_rig();
     let id = TunnelId(5);
