@@ -23,26 +23,47 @@ pub const TRIM_AFTER_LINKS: u64 = 64;
 /// restart of 100 000 sites lasts a minute).
 pub const TRIM_DURING_BURST: u64 = 4096;
 
+/// Looks ([`TRIM_CHECK`]) that must pass between two trims: a trim holds the arenas' locks for
+/// milliseconds, and whoever can open TLS links (anyone, for enrolment) could otherwise have
+/// one every other second.
+pub const TRIM_MIN_CHECKS: u64 = 30;
+
 /// When to trim, from the running count of links opened, read every [`TRIM_CHECK`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Trimmer {
     /// The count at the last look.
     seen: u64,
     /// The count at the last trim.
     trimmed: u64,
+    /// Looks since the last trim.
+    checks: u64,
+}
+
+impl Default for Trimmer {
+    fn default() -> Self {
+        Self {
+            seen: 0,
+            trimmed: 0,
+            checks: TRIM_MIN_CHECKS,
+        }
+    }
 }
 
 impl Trimmer {
     /// Whether to trim now, given the count of links opened so far (`opened` never falls).
     /// True when at least [`TRIM_AFTER_LINKS`] were opened since the last trim and none since
-    /// the last look (the burst settled), or [`TRIM_DURING_BURST`] were.
+    /// the last look (the burst settled), or [`TRIM_DURING_BURST`] were; never within
+    /// [`TRIM_MIN_CHECKS`] looks of the last trim.
     pub fn due(&mut self, opened: u64) -> bool {
         let settled = opened == self.seen;
         self.seen = opened;
+        self.checks = self.checks.saturating_add(1);
         let since = opened.saturating_sub(self.trimmed);
-        let due = (settled && since >= TRIM_AFTER_LINKS) || since >= TRIM_DURING_BURST;
+        let due = self.checks > TRIM_MIN_CHECKS
+            && ((settled && since >= TRIM_AFTER_LINKS) || since >= TRIM_DURING_BURST);
         if due {
             self.trimmed = opened;
+            self.checks = 0;
         }
         due
     }
@@ -95,18 +116,41 @@ mod tests {
         assert!(!t.due(1000), "still arriving");
         assert!(t.due(1000), "settled");
         assert!(!t.due(1000), "once");
-        assert!(!t.due(1010));
-        assert!(!t.due(1010), "too few since the last trim");
-        // A long burst: a trim every TRIM_DURING_BURST links, and one when it ends.
+        // A long burst: a trim every TRIM_DURING_BURST links, at most one per TRIM_MIN_CHECKS
+        // looks.
         let mut trims = 0;
-        for k in 1..=20 {
-            if t.due(1000 + k * 1000) {
+        let mut opened = 1000;
+        for _ in 0..20 * (TRIM_MIN_CHECKS + 1) {
+            opened += 1000;
+            if t.due(opened) {
                 trims += 1;
             }
         }
-        assert_eq!(trims, 20_000 / TRIM_DURING_BURST as usize);
-        assert!(!t.due(21_500), "still arriving");
-        assert!(t.due(21_500), "the end of the burst");
+        assert_eq!(trims, 20);
+        assert!(!t.due(opened), "settled, but trimmed a moment ago");
+        for _ in 0..TRIM_MIN_CHECKS {
+            t.due(opened);
+        }
+        assert!(!t.due(opened), "nothing opened since");
+    }
+
+    #[test]
+    fn handshakes_in_waves_trim_at_most_once_per_min_checks() {
+        // An outsider opens 64 links, waits a look, and again: a trim each time before.
+        let mut t = Trimmer::default();
+        let mut opened = 0;
+        let mut trims = 0;
+        let looks = 20 * (TRIM_MIN_CHECKS + 1);
+        for _ in 0..looks / 2 {
+            opened += TRIM_AFTER_LINKS;
+            for _ in 0..2 {
+                if t.due(opened) {
+                    trims += 1;
+                }
+            }
+        }
+        // Each wave settles, so each was trimmed before: 310 trims in 620 looks.
+        assert_eq!(trims, 20, "one per {} looks", TRIM_MIN_CHECKS + 1);
     }
 
     #[test]
