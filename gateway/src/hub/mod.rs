@@ -616,7 +616,10 @@ impl<H: Clone> Hub<H> {
                                 sites,
                                 update: false,
                             }),
-                            Err(e) => warn!(error = %e, "inventory"),
+                            Err(e) => {
+                                warn!(error = %e, "inventory");
+                                self.owe_again(link, now);
+                            }
                         }
                     } else {
                         let mut views = BTreeMap::new();
@@ -1540,6 +1543,18 @@ impl<H: Clone> Hub<H> {
         });
     }
 
+    /// An inventory for `link` could not be built (the registry failed): it is owed the whole
+    /// one, tried again at the next coalesced push. Its client takes only changes after its
+    /// first inventory, so a change lost here would stay wrong in its view until it logs in
+    /// again.
+    fn owe_again(&mut self, link: LinkId, now: Instant) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.owe_all();
+            self.dirty.insert(link);
+            self.dirty_since.get_or_insert(now);
+        }
+    }
+
     fn inventory_of(
         &self,
         registry: &mut dyn Registry,
@@ -1871,6 +1886,7 @@ impl<H: Clone> Hub<H> {
             self.dirty_since = None;
             // Each changed site's view is read once, whatever the technicians it concerns.
             let mut views = BTreeMap::new();
+            let mut failed = Vec::new();
             for id in std::mem::take(&mut self.dirty) {
                 let Some(l) = self.links.get_mut(&id) else {
                     continue;
@@ -1890,8 +1906,14 @@ impl<H: Clone> Hub<H> {
                         sites,
                         update: true,
                     }),
-                    Err(e) => warn!(error = %e, "inventory"),
+                    Err(e) => {
+                        warn!(error = %e, "inventory");
+                        failed.push(id);
+                    }
                 }
+            }
+            for id in failed {
+                self.owe_again(id, now);
             }
         }
         if self.seen_flushed.is_none_or(|t| now >= t + SEEN_FLUSH) {
