@@ -914,18 +914,21 @@ impl<'a> SiteLink<'a> {
             return None;
         }
         let after = &self.agent.config;
+        // `offload` is announced in the link's hello: a change needs a new link.
         if (
             &before.name,
             &before.gateways,
             &before.device_interface,
             &before.proxy,
+            before.offload,
         ) != (
             &after.name,
             &after.gateways,
             &after.device_interface,
             &after.proxy,
+            after.offload,
         ) {
-            info!("name, gateway, device interface or proxy changed: reconnecting");
+            info!("name, gateway, device interface, proxy or offload changed: reconnecting");
             return Some(Outcome::Lost { worked: true });
         }
         // Agents removed or changed end their sessions.
