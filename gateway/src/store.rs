@@ -425,8 +425,26 @@ impl Store {
     /// frames are on disk: `synchronous=FULL` syncs the log at every commit, this syncs the
     /// frames of many commits at once (SQLite's "WAL mode" documentation, `synchronous`). Needs
     /// no lock: the log stays while any connection (the server's) is open.
+    ///
+    /// A failure sticks for the life of the process: after a failed `fsync` Linux marks the
+    /// pages clean and reports the error only once, to descriptors open at the time, so a later
+    /// `fsync` on a new descriptor may succeed with the lost frames never written ("fsyncgate";
+    /// PostgreSQL's answer is the same: no retry). Every later call fails too; a log that cannot
+    /// be opened fails this call only.
     pub fn sync_wal(wal: &Path) -> Result<()> {
-        Ok(std::fs::File::open(wal).and_then(|f| f.sync_data())?)
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static FAILED: AtomicBool = AtomicBool::new(false);
+        if FAILED.load(Ordering::Acquire) {
+            return Err(std::io::Error::other(
+                "an earlier sync of the database's log failed: restart the gateway",
+            )
+            .into());
+        }
+        let synced = std::fs::File::open(wal)?.sync_data();
+        if synced.is_err() {
+            FAILED.store(true, Ordering::Release);
+        }
+        Ok(synced?)
     }
 
     /// Changes when another connection (the CLI) commits: the server polls it to act on
@@ -453,8 +471,9 @@ impl Store {
     /// commits written so far become durable while the caller goes on (relays a session
     /// request to its site, say), instead of after ([`Store::unflushed`] alone) or before (a
     /// `synchronous=FULL` commit, on the caller's way). Requests made while one runs are
-    /// served by one more `fsync`. A failure is logged: the next `synchronous=FULL` commit
-    /// syncs the same frames again and reports its own failure to its caller.
+    /// served by one more `fsync`. A failure is logged and sticks ([`Store::sync_wal`]): the
+    /// group commit of site hellos fails from then on; SQLite's own `synchronous=FULL` commits
+    /// report their own failures to their callers.
     pub(crate) fn sync_wal_soon(&self) {
         let Some(wal) = self.wal_path() else {
             return;
