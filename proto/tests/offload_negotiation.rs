@@ -84,6 +84,11 @@ fn negotiate(
     while let Some(b) = client.poll_transmit() {
         gc.handle_input(&b, now, &mut no_data());
     }
+    // Its subscription to inventory changes (sent right after the welcome) comes first.
+    assert!(matches!(
+        gc.poll_event(),
+        Some(GatewayEvent::List { changes: true })
+    ));
     assert!(matches!(
         gc.poll_event(),
         Some(GatewayEvent::SessionOpen { .. })
